@@ -1,0 +1,507 @@
+"""The steps of the per-category cascade (the paper's loop), each a plain function over the storage.
+
+Every step reads what earlier steps wrote and writes its own output at a fixed place in the layout;
+a step whose output already exists returns it instead of redoing the work, so a run that crashed or
+was restarted goes on from the last completed step, and nothing is sent to people twice.
+
+    start        -> iteration-0 manifest (everything unlabeled)
+    sample       -> samples/<c>/iteration=k        (train + calibration images for people)
+    publish      -> labels/<c>/requests/iteration-k (people are asked)
+    collect      -> labels/<c>/aggregated/...       (answers aggregated with Dawid-Skene)
+    train        -> models/<c>/iteration=k
+    score        -> scores/<c>/iteration=k          (every still-unlabeled image, on Dask)
+    calibrate    -> calibration/<c>/iteration=k     (thresholds from held-out labels)
+    split        -> manifests/<c>/iteration=k       (positive / negative / unlabeled)
+    finish       -> datasets/<c>/dataset.parquet, summary.json
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import labels as labels_lib
+from . import model as model_lib
+from . import report
+from .calibration import Interval, Thresholds, choose_thresholds
+from .cluster import dask_client
+from .config import CascadeParams, validate
+from .ingest import read_pool
+from .manifest import (
+    BY_HUMAN,
+    BY_MODEL,
+    NEGATIVE,
+    POSITIVE,
+    ROLE_CALIBRATION,
+    ROLE_REMAINDER,
+    ROLE_TRAIN,
+    UNLABELED,
+    CascadeState,
+    check_transition,
+    manifest_iterations,
+    read_manifest,
+    write_manifest,
+)
+from .progress import Progress
+from .sampling import Sample, draw_sample
+from .scoring import score_candidates
+from .split import Funnel, apply_human_labels, apply_thresholds, stop_reason
+from .storage import (
+    Storage,
+    aggregated_key,
+    calibration_key,
+    dataset_key,
+    manifest_key,
+    model_key,
+    report_key,
+    sample_key,
+)
+
+REMAINDER = "remainder"
+
+
+def request_id_for(iteration: int) -> str:
+    return f"iteration-{iteration}"
+
+
+# ---- start ----------------------------------------------------------------------------------------
+def preflight(
+    storage: Storage, category: str, params: CascadeParams, dask_address: str | None = None, need_pool: bool = True
+) -> None:
+    """Check everything a run needs before any work starts; raise an error naming the fix."""
+    validate(category, params)
+    storage.check_writable()
+    if need_pool:
+        read_pool(storage, columns=["image_id"])
+    if dask_address:
+        with dask_client(dask_address):
+            pass
+
+
+def start(storage: Storage, category: str, params: CascadeParams) -> int:
+    """Validate the settings and the storage, write the iteration-0 manifest if missing.
+
+    Returns the last iteration whose manifest exists (0 for a new cascade), so a restarted run
+    continues after it.
+    """
+    preflight(storage, category, params, need_pool=False)
+    done = manifest_iterations(storage, category)
+    if not done:
+        pool = read_pool(storage, columns=["image_id"])
+        if pool.num_rows == 0:
+            raise ValueError(f"the pool at {storage.url} is empty: ingest images first")
+        write_manifest(storage, category, 0, CascadeState.initial(pool.column("image_id").combine_chunks()))
+        return 0
+    return done[-1]
+
+
+def _state(storage: Storage, category: str, iteration: int) -> CascadeState:
+    return read_manifest(storage, category, iteration)
+
+
+# ---- sample and ask people ---------------------------------------------------------------------------
+def sample(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Sample:
+    """The images people label at ``iteration`` (drawn once; the stored draw is reused after)."""
+    key = storage.path(sample_key(category, iteration))
+    if storage.exists(key):
+        table = storage.read_table(key)
+        idx = table.column("row").to_numpy()
+        role = table.column("role").to_numpy(zero_copy_only=False)
+        return Sample(train=idx[role == "train"], calibration=idx[role == "calibration"])
+    state = _state(storage, category, iteration - 1)
+    spent = int(np.sum(state.decided_by == BY_HUMAN))
+    budget_left = None if params.human_budget is None else params.human_budget - spent
+    drawn = draw_sample(
+        state.unlabeled_index(),
+        n_train=params.train_sample,
+        n_calibration=params.calibration_sample,
+        max_fraction=params.max_sample_fraction,
+        seed=params.seed,
+        iteration=iteration,
+        budget_left=budget_left,
+    )
+    rows = np.concatenate([drawn.train, drawn.calibration])
+    table = pa.table(
+        {
+            "row": pa.array(rows, pa.int64()),
+            "image_id": pc.take(state.image_id, pa.array(rows)),
+            "role": ["train"] * len(drawn.train) + ["calibration"] * len(drawn.calibration),
+        }
+    )
+    storage.write_table(key, table)
+    return drawn
+
+
+def publish_iteration(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, flow_run_id: str | None = None
+) -> labels_lib.LabelRequest:
+    """Ask people to label the iteration's sample (train and calibration images, mixed)."""
+    drawn = sample(storage, category, params, iteration)
+    rows = np.concatenate([drawn.train, drawn.calibration])
+    return publish(storage, category, request_id_for(iteration), iteration, rows, flow_run_id)
+
+
+def publish_remainder(
+    storage: Storage, category: str, iteration: int, flow_run_id: str | None = None
+) -> labels_lib.LabelRequest | None:
+    """Ask people to label every image still unlabeled after ``iteration``; None if there is none."""
+    rows = remainder_rows(storage, category, iteration)
+    if len(rows) == 0:
+        return None
+    return publish(storage, category, REMAINDER, iteration + 1, rows, flow_run_id)
+
+
+def publish(
+    storage: Storage, category: str, request_id: str, iteration: int, rows: np.ndarray, flow_run_id: str | None
+) -> labels_lib.LabelRequest:
+    """Publish the images at pool ``rows`` to people as request ``request_id`` (shuffled order)."""
+    pool = read_pool(storage, columns=["image_id", "uri"])
+    order = np.random.default_rng([iteration, len(rows)]).permutation(len(rows))
+    images = pool.take(pa.array(np.asarray(rows)[order], pa.int64()))
+    return labels_lib.publish_request(storage, category, request_id, iteration, images, flow_run_id)
+
+
+def labels_complete(storage: Storage, category: str, request_id: str) -> bool:
+    """True when every image of the request has at least one yes/no answer stored."""
+    try:
+        labels_lib.collect(storage, category, request_id)
+        return True
+    except labels_lib.LabelError:
+        return False
+
+
+def _aggregated(storage: Storage, category: str, request_id: str) -> dict[str, float]:
+    key = storage.path(aggregated_key(category, request_id))
+    table = storage.read_table(key) if storage.exists(key) else labels_lib.collect(storage, category, request_id)
+    return dict(zip(table.column("image_id").to_pylist(), table.column("p_positive").to_pylist(), strict=True))
+
+
+def _p_for(storage: Storage, category: str, request_id: str, state: CascadeState, rows: np.ndarray) -> np.ndarray:
+    agg = _aggregated(storage, category, request_id)
+    ids = pc.take(state.image_id, pa.array(rows, pa.int64())).to_pylist()
+    return np.array([agg[i] for i in ids], np.float32)
+
+
+# ---- train ---------------------------------------------------------------------------------------------
+def _read_images(storage: Storage, rows: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    uris = pc.take(read_pool(storage, columns=["uri"]).column("uri"), pa.array(rows, pa.int64())).to_pylist()
+    from .scoring import _read_batch
+
+    images = np.zeros((len(rows), size, size, 3), np.uint8)
+    ok = np.zeros(len(rows), bool)
+    for start in range(0, len(uris), 512):
+        imgs, good, _ = _read_batch(uris[start : start + 512], storage.options, size)
+        images[start : start + len(good)], ok[start : start + len(good)] = imgs, good
+    return images, ok
+
+
+def train(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, progress: Progress | None = None
+) -> str:
+    """Train on every human label so far except this iteration's calibration sample; return the model path."""
+    path = storage.path(model_key(category, iteration))
+    if storage.exists(path):
+        return path
+    state = _state(storage, category, iteration - 1)
+    drawn = sample(storage, category, params, iteration)
+    earlier = np.flatnonzero(state.decided_by == BY_HUMAN)
+    rows = np.concatenate([earlier, drawn.train])
+    targets = np.concatenate(
+        [state.p_positive[earlier], _p_for(storage, category, request_id_for(iteration), state, drawn.train)]
+    )
+    images, ok = _read_images(storage, rows, params.model.image_size)
+    net = model_lib.train(images[ok], targets[ok], params.model, seed=params.seed + iteration, progress=progress)
+    storage.write_bytes(path, model_lib.save(net))
+    return path
+
+
+# ---- score ---------------------------------------------------------------------------------------------
+def candidates(state: CascadeState, drawn: Sample) -> np.ndarray:
+    """Pool rows the model scores at this iteration: unlabeled ones not in its training sample."""
+    mask = state.state == UNLABELED
+    mask[drawn.train] = False
+    return np.flatnonzero(mask)
+
+
+def score(
+    storage: Storage,
+    category: str,
+    params: CascadeParams,
+    iteration: int,
+    *,
+    dask_address: str | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Score every candidate of ``iteration`` on Dask; return how many were scored."""
+    state = _state(storage, category, iteration - 1)
+    rows = candidates(state, sample(storage, category, params, iteration))
+    pool = read_pool(storage, columns=["image_id", "uri"]).take(pa.array(rows, pa.int64()))
+    with dask_client(dask_address, n_workers=params.dask_workers) as client:
+        scores = score_candidates(
+            storage,
+            category,
+            iteration,
+            pool,
+            model_key_path(storage, category, iteration),
+            client=client,
+            partition_size=params.score_partition,
+            batch_size=params.score_batch,
+            progress=progress,
+        )
+    return int(pc.sum(pc.is_valid(scores.column("score"))).as_py() or 0)
+
+
+def model_key_path(storage: Storage, category: str, iteration: int) -> str:
+    return storage.path(model_key(category, iteration))
+
+
+def _scores(storage: Storage, category: str, iteration: int, n: int) -> np.ndarray:
+    from .storage import scores_dir
+
+    paths = storage.glob(storage.path(scores_dir(category, iteration), "part-*.parquet"))
+    table = pa.concat_tables([storage.read_table(p, columns=["score"]) for p in paths])
+    if table.num_rows != n:
+        raise RuntimeError(
+            f"iteration {iteration}: {table.num_rows} scores for {n} candidates; run the score step again"
+        )
+    return table.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
+
+
+# ---- calibrate -----------------------------------------------------------------------------------------
+def calibrate(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Thresholds:
+    """Thresholds from the calibration sample's human labels (never trained on) and its scores."""
+    key = storage.path(calibration_key(category, iteration))
+    if storage.exists(key):
+        return thresholds_from_dict(storage.read_json(key))
+    state = _state(storage, category, iteration - 1)
+    drawn = sample(storage, category, params, iteration)
+    rows = candidates(state, drawn)
+    all_scores = _scores(storage, category, iteration, len(rows))
+    cal_scores = all_scores[np.searchsorted(rows, drawn.calibration)]
+    cal_p = _p_for(storage, category, request_id_for(iteration), state, drawn.calibration)
+    thresholds = choose_thresholds(
+        cal_scores,
+        cal_p,
+        target_precision=params.target_precision,
+        target_false_omission=params.target_false_omission,
+        confidence=params.confidence,
+        min_region=params.min_region,
+    )
+    storage.write_json(key, thresholds.to_dict())
+    png = report.score_histogram(category, iteration, all_scores, cal_scores, cal_p, thresholds)
+    storage.write_bytes(storage.path(report_key(category, f"scores-iteration={iteration}.png")), png)
+    return thresholds
+
+
+def thresholds_from_dict(d: dict) -> Thresholds:
+    return Thresholds(
+        positive=d["positive"],
+        negative=d["negative"],
+        precision=Interval(**d["precision"]) if d.get("precision") else None,
+        false_omission=Interval(**d["false_omission"]) if d.get("false_omission") else None,
+        n_calibration=d["n_calibration"],
+        n_positive_region=d["n_positive_region"],
+        n_negative_region=d["n_negative_region"],
+        confidence=d["confidence"],
+    )
+
+
+# ---- split ---------------------------------------------------------------------------------------------
+def split(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Funnel:
+    """Write the iteration's manifest: people's labels, then the model's decisions beyond the thresholds."""
+    funnel_path = storage.path(report_key(category, f"funnel/iteration={iteration}.json"))
+    if storage.exists(storage.path(manifest_key(category, iteration))) and storage.exists(funnel_path):
+        return Funnel(**storage.read_json(funnel_path))
+    before = _state(storage, category, iteration - 1)
+    drawn = sample(storage, category, params, iteration)
+    rows = candidates(before, drawn)
+    scores = _scores(storage, category, iteration, len(rows))
+    thresholds = calibrate(storage, category, params, iteration)
+    rid = request_id_for(iteration)
+    after = before.copy()
+    apply_human_labels(after, drawn.train, _p_for(storage, category, rid, before, drawn.train), ROLE_TRAIN, iteration)
+    apply_human_labels(
+        after, drawn.calibration, _p_for(storage, category, rid, before, drawn.calibration), ROLE_CALIBRATION, iteration
+    )
+    model_pos, model_neg = apply_thresholds(after, rows, scores, thresholds, iteration)
+    check_transition(before, after)
+    human_rows = np.concatenate([drawn.train, drawn.calibration])
+    funnel = Funnel(
+        iteration=iteration,
+        unlabeled_before=int(np.sum(before.state == UNLABELED)),
+        human_labeled=len(human_rows),
+        human_positive=int(np.sum(after.state[human_rows] == POSITIVE)),
+        scored=int(np.isfinite(scores).sum()),
+        model_positive=model_pos,
+        model_negative=model_neg,
+        unlabeled_after=int(np.sum(after.state == UNLABELED)),
+        threshold_positive=thresholds.positive,
+        threshold_negative=thresholds.negative,
+        precision=thresholds.precision.estimate if thresholds.precision else None,
+        precision_low=thresholds.precision.low if thresholds.precision else None,
+        false_omission=thresholds.false_omission.estimate if thresholds.false_omission else None,
+        false_omission_high=thresholds.false_omission.high if thresholds.false_omission else None,
+    )
+    write_manifest(storage, category, iteration, after)
+    storage.write_json(funnel_path, funnel.to_dict())
+    return funnel
+
+
+def should_stop(storage: Storage, category: str, params: CascadeParams, iteration: int) -> str | None:
+    state = _state(storage, category, iteration)
+    return stop_reason(
+        unlabeled=int(np.sum(state.state == UNLABELED)),
+        pool=len(state),
+        iteration=iteration,
+        human_labeled=int(np.sum(state.decided_by == BY_HUMAN)),
+        max_iterations=params.max_iterations,
+        stop_unlabeled=params.stop_unlabeled,
+        stop_unlabeled_fraction=params.stop_unlabeled_fraction,
+        human_budget=params.human_budget,
+    )
+
+
+def funnels(storage: Storage, category: str) -> list[Funnel]:
+    paths = storage.glob(storage.path(report_key(category, "funnel/iteration=*.json")))
+    out = [Funnel(**storage.read_json(p)) for p in paths]
+    return sorted(out, key=lambda f: f.iteration)
+
+
+# ---- the remainder -----------------------------------------------------------------------------------
+def remainder_rows(storage: Storage, category: str, iteration: int) -> np.ndarray:
+    return _state(storage, category, iteration).unlabeled_index()
+
+
+def finish_remainder(storage: Storage, category: str, iteration: int) -> Funnel:
+    """Record people's labels for every image left unlabeled after ``iteration`` as iteration+1."""
+    final_it = iteration + 1
+    funnel_path = storage.path(report_key(category, f"funnel/iteration={final_it}.json"))
+    if storage.exists(storage.path(manifest_key(category, final_it))) and storage.exists(funnel_path):
+        return Funnel(**storage.read_json(funnel_path))
+    before = _state(storage, category, iteration)
+    rows = before.unlabeled_index()
+    after = before.copy()
+    p = _p_for(storage, category, REMAINDER, before, rows)
+    apply_human_labels(after, rows, p, ROLE_REMAINDER, final_it)
+    check_transition(before, after)
+    funnel = Funnel(
+        final_it,
+        len(rows),
+        len(rows),
+        int(np.sum(p >= 0.5)),
+        0,
+        0,
+        0,
+        int(np.sum(after.state == UNLABELED)),
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+    write_manifest(storage, category, final_it, after)
+    storage.write_json(funnel_path, funnel.to_dict())
+    return funnel
+
+
+# ---- finish --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Summary:
+    category: str
+    pool: int
+    positive: int
+    negative: int
+    unresolved: int
+    decided_by_model: int
+    human_labeled_images: int
+    human_labeled_share: float
+    human_answers: int
+    estimated_precision: float | None
+    estimated_precision_low: float | None
+    amplification: float
+    iterations: int
+    stop_reason: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        est = (
+            "-"
+            if self.estimated_precision is None
+            else (f"{self.estimated_precision:.3f} (lower bound {self.estimated_precision_low:.3f})")
+        )
+        return (
+            f"{self.category}: pool {self.pool:,}; positive {self.positive:,}, negative {self.negative:,}, "
+            f"unresolved {self.unresolved:,}\n"
+            f"  decided by the model: {self.decided_by_model:,}; labeled by people: {self.human_labeled_images:,} "
+            f"images ({self.human_labeled_share:.1%} of the pool), {self.human_answers:,} answers\n"
+            f"  estimated precision of the positive set: {est}\n"
+            f"  amplification: {self.amplification:.1f} images decided per image people labeled; "
+            f"{self.iterations} iteration(s); stopped: {self.stop_reason}"
+        )
+
+
+def finish(storage: Storage, category: str, stop: str | None = None) -> Summary:
+    """Write the dataset manifest (every pool image, final label, provenance) and the summary."""
+    last = manifest_iterations(storage, category)[-1]
+    state = _state(storage, category, last)
+    pool = read_pool(storage, columns=["image_id", "uri"])
+    label = np.array(["unresolved", "positive", "negative"])[state.state]
+    table = (
+        pa.table(
+            {
+                "image_id": state.image_id,
+                "uri": pool.column("uri"),
+                "label": pa.array(label).dictionary_encode(),
+            }
+        )
+        .append_column("decided_by", state.to_table().column("decided_by"))
+        .append_column("decided_iteration", state.to_table().column("decided_iteration"))
+        .append_column("score", pa.array(state.score, from_pandas=True))
+        .append_column("p_positive", pa.array(state.p_positive, from_pandas=True))
+    )
+    storage.write_table(storage.path(dataset_key(category)), table)
+
+    # Estimated precision of the positive set: people's positives by their posterior, the model's by
+    # each iteration's calibration estimate (and its lower bound), weighted by count.
+    pos = state.state == POSITIVE
+    human_pos = pos & (state.decided_by == BY_HUMAN)
+    est, low = float(np.nansum(state.p_positive[human_pos])), float(np.nansum(state.p_positive[human_pos]))
+    for f in funnels(storage, category):
+        if f.model_positive and f.precision is not None:
+            est += f.model_positive * f.precision
+            low += f.model_positive * (f.precision_low or 0.0)
+    n_pos = int(pos.sum())
+    human = int(np.sum(state.decided_by == BY_HUMAN))
+    decided = int(np.sum(state.state != UNLABELED))
+    summary = Summary(
+        category=category,
+        pool=len(state),
+        positive=n_pos,
+        negative=int(np.sum(state.state == NEGATIVE)),
+        unresolved=int(np.sum(state.state == UNLABELED)),
+        decided_by_model=int(np.sum(state.decided_by == BY_MODEL)),
+        human_labeled_images=human,
+        human_labeled_share=human / max(1, len(state)),
+        human_answers=labels_lib.human_votes_spent(storage, category),
+        estimated_precision=est / n_pos if n_pos else None,
+        estimated_precision_low=low / n_pos if n_pos else None,
+        amplification=decided / max(1, human),
+        iterations=last,
+        stop_reason=stop,
+    )
+    storage.write_json(storage.path(dataset_key(category, "summary.json")), summary.to_dict())
+    fs = funnels(storage, category)
+    if fs:
+        storage.write_bytes(
+            storage.path(report_key(category, "funnel.png")), report.funnel_plot(category, fs, len(state))
+        )
+        storage.write_bytes(
+            storage.path(report_key(category, "funnel.md")), report.funnel_markdown(category, fs).encode()
+        )
+    return summary

@@ -1,0 +1,299 @@
+"""``lsun-hitl``: import data, build the pool, run the cascade, deliver labels, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from typing import Any
+
+from .cluster import ClusterError
+from .config import ARCHITECTURES, CascadeParams, ConfigError, ModelParams
+from .storage import Storage, StorageError, dataset_key, groundtruth_key, storage_options_from_env
+
+CATEGORY_DIRS = ("samples", "labels", "models", "scores", "calibration", "manifests", "reports", "datasets")
+
+
+def _storage(args: argparse.Namespace) -> Storage:
+    options = storage_options_from_env()
+    if getattr(args, "storage_options", None):
+        try:
+            options = json.loads(args.storage_options)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--storage-options is not a JSON object ({exc})") from exc
+    return Storage(args.root, options)
+
+
+def _params(args: argparse.Namespace) -> CascadeParams:
+    model = ModelParams(arch=args.arch, image_size=args.image_size, epochs=args.epochs, weights=args.weights)
+    return CascadeParams(
+        train_sample=args.train_sample,
+        calibration_sample=args.calibration_sample,
+        target_precision=args.target_precision,
+        target_false_omission=args.target_false_omission,
+        confidence=args.confidence,
+        max_iterations=args.max_iterations,
+        stop_unlabeled=args.stop_unlabeled,
+        human_budget=args.human_budget,
+        remainder=args.remainder,
+        seed=args.seed,
+        label_timeout_s=args.label_timeout,
+        dask_workers=args.dask_workers,
+        model=model,
+    )
+
+
+def _add_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default="lsun-data", help="storage root: a folder or fsspec URL (s3://bucket/prefix)")
+    p.add_argument("--storage-options", help="fsspec storage options as JSON (else LSUN_HITL_STORAGE_OPTIONS)")
+
+
+def _add_cascade(p: argparse.ArgumentParser) -> None:
+    d, m = CascadeParams(), ModelParams()
+    p.add_argument("--category", default="sneaker")
+    p.add_argument("--dask-address", help="scheduler of an existing Dask cluster (default: a LocalCluster)")
+    p.add_argument("--dask-workers", type=int, help="LocalCluster worker processes (default: min(2, cores))")
+    p.add_argument("--train-sample", type=int, default=d.train_sample)
+    p.add_argument("--calibration-sample", type=int, default=d.calibration_sample)
+    p.add_argument("--target-precision", type=float, default=d.target_precision)
+    p.add_argument("--target-false-omission", type=float, default=d.target_false_omission)
+    p.add_argument("--confidence", type=float, default=d.confidence)
+    p.add_argument("--max-iterations", type=int, default=d.max_iterations)
+    p.add_argument("--stop-unlabeled", type=int, default=d.stop_unlabeled)
+    p.add_argument("--human-budget", type=int, default=d.human_budget)
+    p.add_argument("--remainder", choices=("people", "unresolved"), default=d.remainder)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--label-timeout", type=int, default=d.label_timeout_s, help="seconds a run waits for people")
+    p.add_argument("--arch", choices=ARCHITECTURES, default=m.arch)
+    p.add_argument("--image-size", type=int, default=m.image_size)
+    p.add_argument("--epochs", type=int, default=m.epochs)
+    p.add_argument("--weights", help="local file with pretrained torchvision weights for --arch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lsun-hitl", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import-fashion-mnist", help="write Fashion-MNIST as PNGs + ground truth under the root")
+    _add_root(p)
+    p.add_argument("--source-dir", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--limit", type=int, help="import a seeded random subset of this many images")
+
+    p = sub.add_parser("ingest", help="build the pool manifest from an image prefix or a list of URLs")
+    _add_root(p)
+    p.add_argument("--images", required=True, help="URL prefix holding the images, or @file with one URL a line")
+    p.add_argument("--dask-address")
+
+    p = sub.add_parser("run", help="run the cascade flow for one category (waits for people's labels)")
+    _add_root(p)
+    _add_cascade(p)
+
+    p = sub.add_parser("resume", help="store a label file for a request and resume the waiting run")
+    _add_root(p)
+    p.add_argument("--category", required=True)
+    p.add_argument("--request", required=True, help="request id, e.g. iteration-1")
+    p.add_argument("--labels", help="CSV or JSONL with image_id, labeler, answer (yes/no/unsure)")
+
+    p = sub.add_parser("crowd", help="serve label requests with a simulated crowd (Fashion-MNIST truth)")
+    _add_root(p)
+    p.add_argument("--category", default="sneaker")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("evaluate", help="compare a finished category with Fashion-MNIST ground truth")
+    _add_root(p)
+    p.add_argument("--category", default="sneaker")
+
+    p = sub.add_parser("demo", help="import Fashion-MNIST, build the pool, run the cascade with a simulated crowd")
+    _add_root(p)
+    _add_cascade(p)
+    p.add_argument("--limit", type=int, help="use a seeded random subset of this many images (default: all 70,000)")
+    p.add_argument("--keep", action="store_true", help="continue the category's earlier run instead of starting over")
+    return parser
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from .fashion_mnist import import_fashion_mnist
+    from .progress import Bar
+
+    storage = _storage(args)
+    storage.check_writable()
+    prefix = import_fashion_mnist(storage, source_dir=args.source_dir, limit=args.limit, progress=Bar("import", "img"))
+    print(f"images under {prefix}; ground truth in {storage.url_of(groundtruth_key('fashion-mnist'))}")
+
+
+def ingest(storage: Storage, images: str, dask_address: str | None = None) -> None:
+    from .cluster import dask_client
+    from .ingest import build_pool
+    from .progress import Bar
+
+    sources: Any = images
+    if images.startswith("@"):
+        with open(images[1:]) as f:
+            sources = [line.strip() for line in f if line.strip()]
+    with dask_client(dask_address) as client:
+        report = build_pool(storage, sources, client=client, progress=Bar("ingest", "chunk"))
+    print(f"pool: {report}")
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    storage = _storage(args)
+    storage.check_writable()
+    ingest(storage, args.images, args.dask_address)
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .cascade import preflight
+    from .runner import run_cascade
+
+    storage = _storage(args)
+    preflight(storage, args.category, _params(args), args.dask_address)
+    summary = run_cascade(
+        args.category,
+        storage.url,
+        params=_params(args),
+        dask_address=args.dask_address,
+        storage_options=storage.options,
+    )
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_resume(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from .labels import submit_votes
+    from .runner import resume
+
+    storage = _storage(args)
+    if args.labels:
+        path = args.labels
+        try:
+            frame = pd.read_json(path, lines=True) if path.endswith((".jsonl", ".ndjson")) else pd.read_csv(path)
+        except Exception as exc:  # noqa: BLE001 - pandas raises many kinds for malformed files
+            raise ConfigError(
+                f"cannot parse label file {path!r} ({exc}); give a CSV or JSONL file with "
+                "columns image_id, labeler, answer"
+            ) from exc
+        import hashlib
+
+        submission = "file-" + hashlib.blake2b(open(path, "rb").read(), digest_size=8).hexdigest()
+        stored = submit_votes(storage, args.category, args.request, frame, submission)
+        print(f"{len(frame)} labels {'stored' if stored else 'were already stored'} for {args.request}")
+    run_id = resume(storage, args.category, args.request)
+    print(f"resumed flow run {run_id}")
+
+
+def _crowd_thread(storage: Storage, category: str, seed: int) -> tuple[threading.Event, threading.Thread]:
+    from .crowd import CrowdParams, SimulatedCrowd, serve
+    from .fashion_mnist import read_truth
+    from .runner import resume
+
+    crowd = SimulatedCrowd(read_truth(storage, category), CrowdParams(seed=seed))
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=serve,
+        name="simulated-crowd",
+        daemon=True,
+        args=(storage, category, crowd, lambda req: resume(storage, category, req.request_id), stop),
+    )
+    thread.start()
+    return stop, thread
+
+
+def cmd_crowd(args: argparse.Namespace) -> None:
+    storage = _storage(args)
+    stop, thread = _crowd_thread(storage, args.category, args.seed)
+    print(f"simulated crowd serving label requests for {args.category!r} under {storage.url}; Ctrl-C to stop")
+    try:
+        while thread.is_alive():
+            thread.join(1.0)
+    except KeyboardInterrupt:
+        stop.set()
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluation import evaluate
+
+    print(evaluate(_storage(args), args.category))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .evaluation import evaluate
+    from .fashion_mnist import check_category, import_fashion_mnist
+    from .progress import Bar
+    from .runner import run_cascade
+
+    started = time.time()
+    check_category(args.category)
+    params = _params(args)
+    from .cascade import preflight
+
+    storage = _storage(args)
+    preflight(storage, args.category, params, args.dask_address, need_pool=False)
+    if not storage.exists(storage.path(groundtruth_key("fashion-mnist"))) or not storage.exists(
+        storage.path("pool/images.parquet")
+    ):
+        print("== importing Fashion-MNIST and building the pool")
+        prefix = import_fashion_mnist(storage, limit=args.limit, progress=Bar("import", "img"))
+        ingest(storage, prefix, args.dask_address)
+    if not args.keep:
+        for d in CATEGORY_DIRS:
+            path = storage.path(d, args.category)
+            if storage.exists(path):
+                storage.fs.rm(path, recursive=True)
+    print(f"== cascade for {args.category!r}: the simulated crowd answers label requests as they are published")
+    stop, thread = _crowd_thread(storage, args.category, args.seed)
+    try:
+        summary = run_cascade(
+            args.category, storage.url, params=params, dask_address=args.dask_address, storage_options=storage.options
+        )
+    finally:
+        stop.set()
+        thread.join(10)
+    evaluation = evaluate(storage, args.category)
+    wall = time.time() - started
+    from .cascade import Summary
+
+    print("\n== final summary")
+    print(Summary(**summary))
+    print(evaluation)
+    print(f"  wall time: {wall:.0f} s")
+    storage.write_json(
+        storage.path(dataset_key(args.category, "demo.json")),
+        {"summary": summary, "evaluation": evaluation.to_dict(), "wall_s": wall},
+    )
+
+
+COMMANDS = {
+    "import-fashion-mnist": cmd_import,
+    "ingest": cmd_ingest,
+    "run": cmd_run,
+    "resume": cmd_resume,
+    "crowd": cmd_crowd,
+    "evaluate": cmd_evaluate,
+    "demo": cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    # No telemetry from the embedded Prefect server (machines may have no internet).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = build_parser().parse_args(argv)
+    level = logging.INFO if args.verbose else logging.WARNING
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", logging.getLevelName(level).lower())
+    logging.basicConfig(level=level)
+    try:
+        COMMANDS[args.command](args)
+    except (ConfigError, StorageError, ClusterError, FileNotFoundError, ValueError) as exc:
+        print(f"lsun-hitl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

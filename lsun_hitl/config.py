@@ -1,0 +1,142 @@
+"""The cascade's settings, validated before any work starts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+CATEGORY_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+ARCHITECTURES = (
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "shufflenet_v2_x0_5",
+    "shufflenet_v2_x1_0",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "efficientnet_b0",
+    "convnext_tiny",
+)
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the setting and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """The classifier trained at each iteration (a torchvision architecture, binary head)."""
+
+    arch: str = "mobilenet_v3_small"
+    image_size: int = 64
+    epochs: int = 10
+    max_steps: int = 500  # caps training time as the labels grow
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    weights: str | None = None  # local file with pretrained weights (a torchvision state dict)
+    threads: int = 2
+
+
+@dataclass(frozen=True)
+class CascadeParams:
+    """Everything that tunes the per-category cascade (the paper's loop).
+
+    Sample sizes are images sent to people per iteration; each is capped at ``max_sample_fraction``
+    of the images still unlabeled. Thresholds are chosen on the calibration sample only, so that the
+    positive set meets ``target_precision`` and the negative set ``target_false_omission``, each
+    with a one-sided Clopper-Pearson bound at ``confidence``.
+    """
+
+    train_sample: int = 2500
+    calibration_sample: int = 1500
+    max_sample_fraction: float = 0.25
+    target_precision: float = 0.95
+    target_false_omission: float = 0.01
+    confidence: float = 0.95
+    min_region: int = 30
+    max_iterations: int = 5
+    stop_unlabeled: int = 1000
+    stop_unlabeled_fraction: float = 0.02
+    human_budget: int | None = None
+    remainder: Literal["people", "unresolved"] = "people"
+    seed: int = 0
+    label_timeout_s: int = 7 * 24 * 3600
+    label_poll_s: int = 2
+    score_partition: int = 4000
+    score_batch: int = 256
+    dask_workers: int | None = None
+    model: ModelParams = field(default_factory=ModelParams)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> CascadeParams:
+        data = dict(data or {})
+        model = data.pop("model", None)
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(
+                f"unknown cascade setting(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}"
+            )
+        if isinstance(model, dict):
+            bad = set(model) - set(ModelParams.__dataclass_fields__)
+            if bad:
+                raise ConfigError(
+                    f"unknown model setting(s) {sorted(bad)}; known: {sorted(ModelParams.__dataclass_fields__)}"
+                )
+            model = ModelParams(**model)
+        return cls(**data, model=model or ModelParams())
+
+
+def validate(category: str, params: CascadeParams) -> None:
+    """Raise ConfigError naming the first setting that cannot work, and how to fix it."""
+    if not CATEGORY_RE.match(category or ""):
+        raise ConfigError(
+            f"category {category!r} is not a valid name: use lower-case letters, digits, "
+            "'-' or '_' (for example 'sneaker')"
+        )
+    checks = [
+        (0.5 < params.target_precision < 1, "target_precision", "a number between 0.5 and 1, e.g. 0.95"),
+        (0 < params.target_false_omission < 0.5, "target_false_omission", "a number between 0 and 0.5, e.g. 0.01"),
+        (0.5 <= params.confidence < 1, "confidence", "a number in [0.5, 1), e.g. 0.95"),
+        (params.train_sample >= 10, "train_sample", "at least 10 images"),
+        (params.calibration_sample >= 50, "calibration_sample", "at least 50 images"),
+        (0 < params.max_sample_fraction <= 1, "max_sample_fraction", "a fraction in (0, 1]"),
+        (params.max_iterations >= 1, "max_iterations", "at least 1"),
+        (params.stop_unlabeled >= 0, "stop_unlabeled", "zero or more images"),
+        (0 <= params.stop_unlabeled_fraction < 1, "stop_unlabeled_fraction", "a fraction in [0, 1)"),
+        (params.human_budget is None or params.human_budget > 0, "human_budget", "a positive number or None"),
+        (params.remainder in ("people", "unresolved"), "remainder", "'people' or 'unresolved'"),
+        (params.label_timeout_s > 0, "label_timeout_s", "a positive number of seconds"),
+        (params.score_partition >= 1 and params.score_batch >= 1, "score_partition/score_batch", "positive"),
+        (params.model.arch in ARCHITECTURES, "model.arch", f"one of {', '.join(ARCHITECTURES)}"),
+        (16 <= params.model.image_size <= 1024, "model.image_size", "between 16 and 1024 pixels"),
+        (params.model.epochs >= 1, "model.epochs", "at least 1"),
+    ]
+    for ok, name, fix in checks:
+        if not ok:
+            raise ConfigError(f"setting {name} = {_value(params, name)!r} cannot work; use {fix}")
+    # A calibration sample this small cannot certify the targets even with zero errors.
+    need = _min_n_for_bound(params.target_false_omission, params.confidence)
+    if params.calibration_sample < need:
+        raise ConfigError(
+            f"calibration_sample = {params.calibration_sample} cannot show a false-omission rate "
+            f"<= {params.target_false_omission} at confidence {params.confidence}: even with no error "
+            f"the bound needs >= {need} negatives. Raise calibration_sample or target_false_omission."
+        )
+
+
+def _value(params: CascadeParams, name: str) -> object:
+    obj: object = params
+    for part in name.split("/")[0].split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _min_n_for_bound(rate: float, confidence: float) -> int:
+    """Smallest n with zero events whose one-sided upper bound on the rate is <= ``rate``."""
+    import math
+
+    return math.ceil(math.log(1 - confidence) / math.log(1 - rate))

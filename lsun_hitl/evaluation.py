@@ -1,0 +1,72 @@
+"""Evaluation against ground truth (never used by the pipeline itself)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .calibration import clopper_pearson
+from .fashion_mnist import read_truth
+from .storage import Storage, dataset_key
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    category: str
+    positives: int
+    negatives: int
+    unresolved: int
+    precision: float
+    false_omission: float
+    recall: float
+    model_precision: float | None
+    model_false_omission: float | None
+    human_label_accuracy: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        def f(v: float | None) -> str:
+            return "-" if v is None else f"{v:.4f}"
+
+        return (
+            f"against ground truth: positive-set precision {self.precision:.4f}, negative-set false omission "
+            f"{self.false_omission:.4f}, recall {self.recall:.4f}\n"
+            f"  model-decided only: precision {f(self.model_precision)}, false omission "
+            f"{f(self.model_false_omission)}; aggregated human labels {self.human_label_accuracy:.4f} accurate"
+        )
+
+
+def evaluate(storage: Storage, category: str) -> Evaluation:
+    """Compare the final dataset of ``category`` with the Fashion-MNIST ground truth."""
+    table = storage.read_table(storage.path(dataset_key(category)), columns=["uri", "label", "decided_by"])
+    truth_map = read_truth(storage, category)
+    truth = np.array([truth_map[u] for u in table.column("uri").to_pylist()], bool)
+    label = np.array(table.column("label").to_pylist())
+    by = np.array(table.column("decided_by").to_pylist(), dtype=object)
+    pos, neg = label == "positive", label == "negative"
+    model, human = by == "model", by == "human"
+
+    def rate(mask: np.ndarray, value: bool) -> float | None:
+        return float(np.mean(truth[mask] == value)) if mask.any() else None
+
+    return Evaluation(
+        category=category,
+        positives=int(pos.sum()),
+        negatives=int(neg.sum()),
+        unresolved=int((label == "unresolved").sum()),
+        precision=rate(pos, True) or 0.0,
+        false_omission=rate(neg, True) or 0.0,
+        recall=float(np.mean(pos[truth])) if truth.any() else 0.0,
+        model_precision=rate(pos & model, True),
+        model_false_omission=rate(neg & model, True),
+        human_label_accuracy=float(np.mean(truth[human] == pos[human])) if human.any() else 0.0,
+    )
+
+
+def interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Two-sided Clopper-Pearson interval for a measured rate (for audit reports)."""
+    lo, hi = clopper_pearson(n - successes, n, 1 - (1 - confidence) / 2)
+    return 1 - hi, 1 - lo

@@ -1,0 +1,173 @@
+"""Ingest: build the pool manifest from every image under a URL prefix, or from a list of URLs.
+
+Each candidate image gets an id from a content hash (BLAKE2b-128 of its bytes), so exact duplicates
+collapse to one pool row; the others are counted and listed in the rejects manifest. Files that are
+not usable images go to the rejects manifest with the reason. Listing is done once; reading, hashing
+and decoding run in parallel on Dask, in chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from distributed import Client
+from fsspec.core import url_to_fs
+
+from .cluster import run_on_dask
+from .images import ImageError, probe
+from .progress import Progress
+from .storage import POOL, REJECTS, Storage
+
+POOL_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("bytes", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("format", pa.string()),
+    ]
+)
+REJECT_SCHEMA = pa.schema([("uri", pa.string()), ("reason", pa.string())])
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp", ".jfif")
+
+
+def image_id(data: bytes) -> str:
+    """The content id of an image file: 32 hex digits of BLAKE2b-128 over its bytes."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    files: int
+    images: int
+    duplicates: int
+    rejected: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.files} files -> {self.images} pool images, {self.duplicates} exact duplicates "
+            f"removed, {self.rejected} rejected"
+        )
+
+
+def list_prefix(prefix: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Every file under ``prefix`` (recursively) as a full URL, sorted; hidden files skipped."""
+    fs, path = url_to_fs(prefix, **(storage_options or {}))
+    if not fs.exists(path):
+        raise FileNotFoundError(
+            f"image prefix {prefix!r} does not exist; pass a folder or URL prefix that holds the candidate images"
+        )
+    files = fs.find(path)
+    urls = [fs.unstrip_protocol(p) for p in files if not p.rsplit("/", 1)[-1].startswith(".")]
+    return sorted(urls)
+
+
+def probe_chunk(urls: Sequence[str], storage_options: dict[str, Any] | None = None) -> tuple[pa.Table, pa.Table]:
+    """Read, hash and fully decode each URL (runs on a Dask worker).
+
+    Returns ``(images, rejects)`` tables with POOL_SCHEMA and REJECT_SCHEMA; never raises for a bad
+    file: the reason is recorded instead.
+    """
+    rows: dict[str, list] = {name: [] for name in POOL_SCHEMA.names}
+    rejects: dict[str, list] = {"uri": [], "reason": []}
+    if not urls:
+        return pa.Table.from_pydict(rows, POOL_SCHEMA), pa.Table.from_pydict(rejects, REJECT_SCHEMA)
+    fs, _ = url_to_fs(urls[0], **(storage_options or {}))
+    paths = [url_to_fs(u, **(storage_options or {}))[1] for u in urls]
+    contents = fs.cat(paths, on_error="return")
+    if not isinstance(contents, dict):  # a single path returns bytes
+        contents = {paths[0]: contents}
+    for url, path in zip(urls, paths, strict=True):
+        data = contents.get(path)
+        if isinstance(data, BaseException) or data is None:
+            rejects["uri"].append(url)
+            rejects["reason"].append(f"unreadable: {type(data).__name__}: {data}")
+            continue
+        try:
+            info = probe(data)
+        except ImageError as exc:
+            rejects["uri"].append(url)
+            rejects["reason"].append(str(exc))
+            continue
+        rows["image_id"].append(image_id(data))
+        rows["uri"].append(url)
+        rows["bytes"].append(len(data))
+        rows["width"].append(info.width)
+        rows["height"].append(info.height)
+        rows["format"].append(info.format)
+    return pa.Table.from_pydict(rows, POOL_SCHEMA), pa.Table.from_pydict(rejects, REJECT_SCHEMA)
+
+
+def dedupe(images: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Keep one row per image_id (the lexicographically first uri); return ``(pool, duplicates)``.
+
+    The pool comes back sorted by image_id; duplicates are reject rows naming the kept uri.
+    """
+    images = images.sort_by([("image_id", "ascending"), ("uri", "ascending")])
+    ids = images.column("image_id").to_numpy(zero_copy_only=False)
+    first = np.ones(len(ids), dtype=bool)
+    if len(ids):
+        first[1:] = ids[1:] != ids[:-1]
+    pool = images.filter(pa.array(first))
+    dup_rows = images.filter(pa.array(~first))
+    if dup_rows.num_rows:
+        kept_index = np.maximum.accumulate(np.where(first, np.arange(len(ids)), 0))[~first]
+        kept_uri = pc.take(images.column("uri"), pa.array(kept_index))
+        reasons = pc.binary_join_element_wise("exact duplicate of ", kept_uri, "")
+        dups = pa.table({"uri": dup_rows.column("uri"), "reason": reasons}, schema=REJECT_SCHEMA)
+    else:
+        dups = REJECT_SCHEMA.empty_table()
+    return pool, dups
+
+
+def build_pool(
+    storage: Storage,
+    sources: str | Sequence[str],
+    *,
+    client: Client | None = None,
+    source_options: dict[str, Any] | None = None,
+    chunk_size: int = 1000,
+    progress: Progress | None = None,
+) -> IngestReport:
+    """Build ``pool/images.parquet`` and ``pool/rejects.parquet`` under ``storage``.
+
+    Parameters
+    ----------
+    sources
+        A URL prefix (every file under it is a candidate) or a list of file URLs.
+    client
+        Dask client that probes chunks in parallel; None probes in this process.
+    source_options
+        fsspec options for the sources (defaults to the storage root's options).
+    """
+    options = storage.options if source_options is None else source_options
+    urls = list_prefix(sources, options) if isinstance(sources, str) else sorted(set(sources))
+    if not urls:
+        raise ValueError(f"no files found in {sources!r}: nothing to ingest")
+    chunks = [urls[i : i + chunk_size] for i in range(0, len(urls), chunk_size)]
+    results = run_on_dask(client, probe_chunk, chunks, progress=progress, storage_options=options)
+    images = pa.concat_tables([r[0] for r in results])
+    rejects = pa.concat_tables([r[1] for r in results])
+    pool, dups = dedupe(images)
+    all_rejects = pa.concat_tables([rejects, dups]).sort_by("uri")
+    storage.write_table(storage.path(REJECTS), all_rejects)
+    storage.write_table(storage.path(POOL), pool)
+    return IngestReport(files=len(urls), images=pool.num_rows, duplicates=dups.num_rows, rejected=rejects.num_rows)
+
+
+def read_pool(storage: Storage, columns: list[str] | None = None) -> pa.Table:
+    """The pool manifest; a clear error if it has not been built yet."""
+    path = storage.path(POOL)
+    if not storage.exists(path):
+        raise FileNotFoundError(
+            f"no pool manifest at {storage.url_of(POOL)}; build it first with "
+            "`lsun-hitl ingest --root ROOT --images PREFIX` (or `lsun-hitl import-fashion-mnist`)"
+        )
+    return storage.read_table(path, columns=columns)

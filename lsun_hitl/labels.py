@@ -1,0 +1,252 @@
+"""Human labels: label requests, append-only answer files, and their aggregation.
+
+People answer "Is this a <category>?" with ``yes``, ``no`` or ``unsure``. Every submission is
+stored as its own Parquet file under ``labels/<category>/votes/request=<id>/``; a submission id
+names the file, so sending the same submission twice stores it once. Answers from several people
+are aggregated per image with Dawid-Skene (crowd-kit), which learns each labeler's confusion
+matrix and down-weights spammers; the result is ``p_positive``, the posterior that the image is a
+positive.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from .storage import Storage, aggregated_key, request_key, votes_dir
+
+ANSWERS = ("yes", "no", "unsure")
+VOTE_SCHEMA = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("image_id", pa.string()),
+        ("labeler", pa.string()),
+        ("answer", pa.string()),
+        ("submitted_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+AGG_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("p_positive", pa.float32()),
+        ("n_yes", pa.int16()),
+        ("n_no", pa.int16()),
+        ("n_unsure", pa.int16()),
+    ]
+)
+_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class LabelError(ValueError):
+    """Malformed or inconsistent labels; nothing is stored when this is raised."""
+
+
+@dataclass(frozen=True)
+class LabelRequest:
+    """A batch of images published to people; ``flow_run_id`` is the run waiting for the answers."""
+
+    category: str
+    request_id: str
+    iteration: int
+    n_images: int
+    flow_run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "category": self.category,
+            "request_id": self.request_id,
+            "iteration": self.iteration,
+            "n_images": self.n_images,
+            "flow_run_id": self.flow_run_id,
+        }
+
+
+def publish_request(
+    storage: Storage,
+    category: str,
+    request_id: str,
+    iteration: int,
+    images: pa.Table,
+    flow_run_id: str | None = None,
+) -> LabelRequest:
+    """Write the request (``image_id``, ``uri``) and its metadata. Idempotent.
+
+    If the request already exists its images are kept as they were (people may be labeling them);
+    only the waiting ``flow_run_id`` is updated, so a restarted run picks up the same request.
+    """
+    _check_id(request_id, "request id")
+    table_path = storage.path(request_key(category, request_id))
+    if not storage.exists(table_path):
+        storage.write_table(table_path, images.select(["image_id", "uri"]))
+        n = images.num_rows
+    else:
+        n = storage.read_table(table_path, columns=["image_id"]).num_rows
+    request = LabelRequest(category, request_id, iteration, n, flow_run_id)
+    meta = request.to_dict() | {"published_at": time.time()}
+    storage.write_json(storage.path(request_key(category, request_id, "json")), meta)
+    return request
+
+
+def read_request(storage: Storage, category: str, request_id: str) -> tuple[LabelRequest, pa.Table]:
+    meta_path = storage.path(request_key(category, request_id, "json"))
+    if not storage.exists(meta_path):
+        raise LabelError(f"no label request {request_id!r} for category {category!r} under {storage.url}")
+    meta = storage.read_json(meta_path)
+    request = LabelRequest(
+        meta["category"], meta["request_id"], meta["iteration"], meta["n_images"], meta.get("flow_run_id")
+    )
+    return request, storage.read_table(storage.path(request_key(category, request_id)))
+
+
+def list_requests(storage: Storage, category: str) -> list[LabelRequest]:
+    out = []
+    for path in storage.glob(storage.path(f"labels/{category}/requests/*.json")):
+        meta = storage.read_json(path)
+        out.append(
+            LabelRequest(
+                meta["category"], meta["request_id"], meta["iteration"], meta["n_images"], meta.get("flow_run_id")
+            )
+        )
+    return out
+
+
+def _check_id(value: str, what: str) -> None:
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise LabelError(f"{what} {value!r} is invalid: use 1-128 letters, digits, '.', '_' or '-'")
+
+
+def validate_votes(votes: pa.Table | pd.DataFrame, requested_ids: Iterable[str], request_id: str) -> pa.Table:
+    """Check a submission against its request; return it in VOTE_SCHEMA or raise LabelError."""
+    df = votes.to_pandas() if isinstance(votes, pa.Table) else votes.copy()
+    missing = {"image_id", "labeler", "answer"} - set(df.columns)
+    if missing:
+        raise LabelError(
+            f"labels are missing column(s) {sorted(missing)}; each row needs image_id, labeler "
+            "and answer (yes/no/unsure)"
+        )
+    if df.empty:
+        raise LabelError("the submission holds no labels")
+    df["answer"] = df["answer"].astype(str).str.strip().str.lower()
+    df["answer"] = df["answer"].replace({"1": "yes", "true": "yes", "0": "no", "false": "no"})
+    bad = df.loc[~df["answer"].isin(ANSWERS), "answer"]
+    if len(bad):
+        raise LabelError(f"unknown answer(s) {sorted(set(bad))[:5]}; answers must be yes, no or unsure")
+    if df["labeler"].isna().any() or (df["labeler"].astype(str).str.len() == 0).any():
+        raise LabelError("every label needs a labeler")
+    if "request_id" in df.columns and (df["request_id"].astype(str) != request_id).any():
+        raise LabelError(f"labels name another request than {request_id!r}")
+    known = set(requested_ids)
+    unknown = sorted(set(df["image_id"].astype(str)) - known)
+    if unknown:
+        raise LabelError(f"{len(unknown)} image id(s) were not in request {request_id!r}, e.g. {unknown[:3]}")
+    if "submitted_at" not in df.columns:
+        df["submitted_at"] = pd.Timestamp.now(tz="UTC")
+    try:
+        df["submitted_at"] = pd.to_datetime(df["submitted_at"], utc=True).dt.floor("ms")
+    except (ValueError, TypeError) as exc:
+        raise LabelError(f"submitted_at holds values that are not times ({exc}); use ISO 8601") from exc
+    df["request_id"] = request_id
+    df["labeler"] = df["labeler"].astype(str)
+    df["image_id"] = df["image_id"].astype(str)
+    df = df.drop_duplicates(["image_id", "labeler"], keep="first")
+    return pa.Table.from_pandas(df[VOTE_SCHEMA.names], schema=VOTE_SCHEMA, preserve_index=False)
+
+
+def submit_votes(
+    storage: Storage, category: str, request_id: str, votes: pa.Table | pd.DataFrame, submission_id: str
+) -> bool:
+    """Validate and store one submission; return False if that submission was already stored."""
+    _check_id(submission_id, "submission id")
+    _, request = read_request(storage, category, request_id)
+    table = validate_votes(votes, request.column("image_id").to_pylist(), request_id)
+    path = storage.path(votes_dir(category, request_id), f"{submission_id}.parquet")
+    if storage.exists(path):
+        return False
+    storage.write_table(path, table)
+    return True
+
+
+def read_votes(storage: Storage, category: str, request_id: str | None = None) -> pa.Table:
+    """All stored answers (of one request, or of every request), each (image, labeler) counted once."""
+    pattern = votes_dir(category, request_id or "*") + "/*.parquet"
+    paths = storage.glob(storage.path(pattern))
+    if not paths:
+        return VOTE_SCHEMA.empty_table()
+    table = pa.concat_tables([storage.read_table(p).cast(VOTE_SCHEMA) for p in paths])
+    df = table.to_pandas().drop_duplicates(["request_id", "image_id", "labeler"], keep="first")
+    return pa.Table.from_pandas(df, schema=VOTE_SCHEMA, preserve_index=False)
+
+
+def aggregate(votes: pa.Table, *, n_iter: int = 100) -> pa.Table:
+    """Aggregate yes/no answers per image with Dawid-Skene; ``unsure`` answers carry no vote.
+
+    Returns AGG_SCHEMA rows for every image with at least one answer; ``p_positive`` is NaN for
+    images that only got ``unsure``. When the answers cannot identify a two-class model (a single
+    class seen, or a single labeler), each answer counts as from a 90%-accurate labeler.
+    """
+    df = votes.select(["image_id", "labeler", "answer"]).to_pandas()
+    if df.empty:
+        return AGG_SCHEMA.empty_table()
+    counts = pd.crosstab(df["image_id"], df["answer"]).reindex(columns=list(ANSWERS), fill_value=0)
+    decisive = df[df["answer"] != "unsure"]
+    p = pd.Series(np.nan, index=counts.index)
+    if not decisive.empty:
+        frame = pd.DataFrame(
+            {
+                "task": decisive["image_id"],
+                "worker": decisive["labeler"],
+                "label": (decisive["answer"] == "yes").astype(int),
+            }
+        )
+        if frame["label"].nunique() == 2 and frame["worker"].nunique() >= 2:
+            from crowdkit.aggregation import DawidSkene
+
+            proba = DawidSkene(n_iter=n_iter).fit_predict_proba(frame)
+            p.loc[proba.index] = proba[1].to_numpy()
+        else:
+            diff = counts["yes"] - counts["no"]
+            one_coin = 1.0 / (1.0 + np.power(9.0, -diff.astype(float)))
+            has = (counts["yes"] + counts["no"]) > 0
+            p.loc[has] = one_coin[has]
+    return pa.table(
+        {
+            "image_id": pa.array(counts.index.astype(str)),
+            "p_positive": pa.array(p.to_numpy(np.float32), from_pandas=True),
+            "n_yes": pa.array(counts["yes"].to_numpy(np.int16)),
+            "n_no": pa.array(counts["no"].to_numpy(np.int16)),
+            "n_unsure": pa.array(counts["unsure"].to_numpy(np.int16)),
+        },
+        schema=AGG_SCHEMA,
+    )
+
+
+def collect(storage: Storage, category: str, request_id: str) -> pa.Table:
+    """Aggregate the answers to one request (Dawid-Skene fit on all of the category's answers).
+
+    Raises LabelError naming the missing images if some requested image has no decisive answer.
+    The result is stored under ``labels/<category>/aggregated/<request>.parquet``.
+    """
+    _, request = read_request(storage, category, request_id)
+    agg = aggregate(read_votes(storage, category))
+    df = request.select(["image_id"]).to_pandas().merge(agg.to_pandas(), on="image_id", how="left")
+    missing = df.loc[df["p_positive"].isna(), "image_id"]
+    if len(missing):
+        raise LabelError(
+            f"request {request_id!r}: {len(missing)} of {len(df)} images have no yes/no answer yet "
+            f"(e.g. {list(missing[:3])})"
+        )
+    out = pa.Table.from_pandas(df[AGG_SCHEMA.names], schema=AGG_SCHEMA, preserve_index=False)
+    storage.write_table(storage.path(aggregated_key(category, request_id)), out)
+    return out
+
+
+def human_votes_spent(storage: Storage, category: str) -> int:
+    """Every stored answer of the category (redundant answers counted)."""
+    return read_votes(storage, category).num_rows

@@ -1,0 +1,194 @@
+"""The classifier: a torchvision architecture with a one-logit head, trained on human labels.
+
+Inputs are uint8 images ``(N, H, W, 3)``; normalisation (ImageNet mean/std) lives inside the model,
+so a saved model scores raw decoded images. Pretrained weights come from a local file (for example
+torchvision's ``~/.cache/torch/hub/checkpoints/mobilenet_v3_small-047dcff4.pth``): every tensor
+whose name and shape match is loaded, the classifier head is trained from scratch.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from .config import ModelParams
+from .images import ImageError, load_for_model
+from .progress import Progress
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+class Classifier(nn.Module):
+    """uint8 NHWC images in, one logit per image out."""
+
+    def __init__(self, arch: str, image_size: int) -> None:
+        super().__init__()
+        self.arch, self.image_size = arch, image_size
+        self.net = getattr(torchvision.models, arch)(weights=None, num_classes=1)
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float()
+        x = (x - self.mean) / self.std
+        return self.net(x).squeeze(1)
+
+
+def build(params: ModelParams) -> Classifier:
+    model = Classifier(params.arch, params.image_size)
+    if params.weights:
+        load_pretrained(model, params.weights)
+    return model
+
+
+def load_pretrained(model: Classifier, path: str) -> int:
+    """Load matching tensors from a local torchvision state dict; return how many were loaded."""
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rb") as f:
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"pretrained weights {path!r} not found; pass a local state-dict file "
+            "(e.g. from ~/.cache/torch/hub/checkpoints) or leave model.weights unset"
+        ) from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    own = model.net.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ValueError(f"no tensor in {path!r} matches architecture {model.arch!r}; check model.arch")
+    model.net.load_state_dict(usable, strict=False)
+    return len(usable)
+
+
+def save(model: Classifier) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"arch": model.arch, "image_size": model.image_size, "state_dict": model.state_dict()}, buf)
+    return buf.getvalue()
+
+
+def load(data: bytes) -> Classifier:
+    blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    model = Classifier(blob["arch"], blob["image_size"])
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()
+
+
+def decode_many(blobs: Sequence[bytes], size: int, threads: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Decode image bytes in threads; return ``(images (N, size, size, 3) uint8, ok mask (N,))``."""
+
+    def one(data: bytes) -> np.ndarray | None:
+        try:
+            return load_for_model(data, size)
+        except ImageError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        decoded = list(pool.map(one, blobs))
+    ok = np.array([d is not None for d in decoded], bool)
+    out = np.zeros((len(blobs), size, size, 3), np.uint8)
+    for i, d in enumerate(decoded):
+        if d is not None:
+            out[i] = d
+    return out, ok
+
+
+def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and a random crop from a 4-pixel reflection pad (uint8 NHWC)."""
+    n, h, w, _ = batch.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    batch = torch.where(flip.view(n, 1, 1, 1), batch.flip(2), batch)
+    pad = max(2, h // 16)
+    padded = nn.functional.pad(batch.permute(0, 3, 1, 2).float(), (pad, pad, pad, pad), mode="reflect")
+    dx, dy = torch.randint(0, 2 * pad + 1, (2,), generator=generator).tolist()
+    return padded[:, :, dy : dy + h, dx : dx + w].permute(0, 2, 3, 1)
+
+
+def train(
+    images: np.ndarray,
+    targets: np.ndarray,
+    params: ModelParams,
+    *,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> Classifier:
+    """Train a classifier on ``images`` (N, H, W, 3) uint8 and ``targets`` (N,) in [0, 1].
+
+        Targets may be soft (the aggregated human posterior), so label noise the crowd model knows of
+        is not learned as certainty. AdamW with a one-cycle schedule, ``params.epochs`` passes (fewer when
+    they would exceed ``params.max_steps``).
+    """
+    if len(images) != len(targets) or len(images) == 0:
+        raise ValueError(f"need equally many images and targets, got {len(images)} and {len(targets)}")
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, params.threads))
+    generator = torch.Generator().manual_seed(seed)
+    model = build(params).train()
+    x = torch.from_numpy(images)
+    y = torch.from_numpy(np.asarray(targets, np.float32))
+    steps_per_epoch = math.ceil(len(x) / params.batch_size)
+    epochs = max(1, min(params.epochs, params.max_steps // max(1, steps_per_epoch)))
+    total = steps_per_epoch * epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=params.learning_rate, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params.learning_rate, total_steps=total, pct_start=0.15)
+    loss_fn = nn.BCEWithLogitsLoss()
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), params.batch_size):
+            idx = order[start : start + params.batch_size]
+            if len(idx) < 2:  # batch norm needs two samples
+                continue
+            logits = model(_augment(x[idx], generator))
+            loss = loss_fn(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if progress:
+                progress(step, total)
+    refresh_batchnorm(model, x, params.batch_size)
+    return model.eval()
+
+
+@torch.no_grad()
+def refresh_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int) -> None:
+    """Recompute batch-norm running statistics as exact averages over ``images``.
+
+    torchvision's MobileNet uses momentum 0.01, so after a few hundred steps the running statistics
+    still mostly hold their initial values and the model in eval mode scores every image alike.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        if len(batch) > 1:
+            model(batch)
+    for m, momentum in zip(norms, saved, strict=True):
+        m.momentum = momentum
+
+
+@torch.inference_mode()
+def predict(model: Classifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Scores in [0, 1] (sigmoid of the logit), shape (N,), float32."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        out.append(torch.sigmoid(model(torch.from_numpy(images[start : start + batch_size]))))
+    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)

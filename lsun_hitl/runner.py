@@ -1,0 +1,79 @@
+"""The one adapter from the library to Prefect: start a cascade run, resume a waiting one."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from .config import CascadeParams
+from .labels import LabelError, read_request
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+def run_cascade(
+    category: str,
+    root: str,
+    *,
+    params: CascadeParams | None = None,
+    dask_address: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> dict:
+    """Run the per-category cascade flow in this process (Prefect's local server unless configured)."""
+    from flows.cascade import category_cascade
+
+    return category_cascade(
+        category=category, root=root, dask_address=dask_address, params=params, storage_options=storage_options
+    )
+
+
+def resume(storage: Storage, category: str, request_id: str, *, wait_s: float = 300.0) -> str:
+    """Resume the flow run waiting for ``request_id``, once its labels are all stored.
+
+    Validates before resuming (a run resumed with bad input would not ask again): raises LabelError
+    if the request is unknown or some of its images have no answer yet. Waits up to ``wait_s`` for
+    the run to reach its pause (labels may arrive before the run pauses). Returns the run id.
+    """
+    from prefect.exceptions import ObjectNotFound
+    from prefect.flow_runs import resume_flow_run
+    from prefect.states import StateType
+
+    from .cascade import labels_complete
+
+    request, _ = read_request(storage, category, request_id)
+    if not request.flow_run_id:
+        raise LabelError(f"request {request_id!r} names no waiting flow run")
+    if not labels_complete(storage, category, request_id):
+        raise LabelError(f"request {request_id!r} is not fully labeled yet; store every image's answer first")
+    deadline = time.monotonic() + wait_s
+    while True:
+        state = _run_state(request.flow_run_id)
+        if state is not None and state.is_paused():
+            try:
+                resume_flow_run(request.flow_run_id, run_input={"request_id": request_id})
+                log.info("resumed flow run %s with %s", request.flow_run_id, request_id)
+                return request.flow_run_id
+            except (RuntimeError, ObjectNotFound) as exc:
+                log.info("resume of %s not accepted yet (%s)", request.flow_run_id, exc)
+        elif state is not None and state.type in (
+            StateType.COMPLETED,
+            StateType.FAILED,
+            StateType.CRASHED,
+            StateType.CANCELLED,
+        ):
+            raise LabelError(
+                f"flow run {request.flow_run_id} waiting for {request_id!r} has ended ({state.name}); "
+                "start the cascade again and it will pick up the stored labels"
+            )
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"flow run {request.flow_run_id} did not pause for {request_id!r} within {wait_s} s")
+        time.sleep(1.0)
+
+
+def _run_state(flow_run_id: str) -> Any:
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state

@@ -1,0 +1,55 @@
+"""Sampling: which still-unlabeled images go to people at each iteration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Pool row indices sent to people: ``train`` for the model, ``calibration`` held out."""
+
+    train: np.ndarray
+    calibration: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return len(self.train) + len(self.calibration)
+
+
+def draw_sample(
+    unlabeled: np.ndarray,
+    *,
+    n_train: int,
+    n_calibration: int,
+    max_fraction: float,
+    seed: int,
+    iteration: int,
+    budget_left: int | None = None,
+) -> Sample:
+    """Draw disjoint uniform random train and calibration samples from ``unlabeled``.
+
+    Parameters
+    ----------
+    unlabeled : array of int, shape (n,)
+        Pool row indices still unlabeled at the start of the iteration.
+    n_train, n_calibration
+        Wanted sizes; each is capped at ``max_fraction * n``, and both together at ``budget_left``
+        (calibration is kept whole first: thresholds without it are worthless).
+    seed, iteration
+        The draw is a pure function of (seed, iteration, unlabeled).
+    """
+    n = len(unlabeled)
+    cap = int(max_fraction * n)
+    n_cal = min(n_calibration, cap)
+    n_tr = min(n_train, cap)
+    if budget_left is not None:
+        n_cal = min(n_cal, max(budget_left, 0))
+        n_tr = min(n_tr, max(budget_left - n_cal, 0))
+    rng = np.random.default_rng([seed, iteration])
+    chosen = rng.permutation(n)[: n_cal + n_tr]
+    cal = np.sort(unlabeled[chosen[:n_cal]])
+    train = np.sort(unlabeled[chosen[n_cal:]])
+    return Sample(train=train, calibration=cal)

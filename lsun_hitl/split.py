@@ -1,0 +1,106 @@
+"""Split: apply an iteration's human labels and calibrated thresholds to the cascade state.
+
+Pure functions over the state arrays; decided images never flip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .calibration import Thresholds
+from .manifest import (
+    BY_HUMAN,
+    BY_MODEL,
+    NEGATIVE,
+    POSITIVE,
+    UNLABELED,
+    CascadeState,
+)
+
+
+@dataclass(frozen=True)
+class Funnel:
+    """One iteration of the cascade in numbers (what the UI table and the plots show)."""
+
+    iteration: int
+    unlabeled_before: int
+    human_labeled: int
+    human_positive: int
+    scored: int
+    model_positive: int
+    model_negative: int
+    unlabeled_after: int
+    threshold_positive: float | None
+    threshold_negative: float | None
+    precision: float | None
+    precision_low: float | None
+    false_omission: float | None
+    false_omission_high: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def apply_human_labels(
+    state: CascadeState, index: np.ndarray, p_positive: np.ndarray, role: int, iteration: int
+) -> None:
+    """Decide ``index`` rows by people (in place): positive where ``p_positive >= 0.5``."""
+    if np.any(state.state[index] != UNLABELED):
+        raise ValueError("people labeled an image that was already decided")
+    p = np.asarray(p_positive, np.float32)
+    state.p_positive[index] = p
+    state.state[index] = np.where(p >= 0.5, POSITIVE, NEGATIVE)
+    state.decided_iteration[index] = iteration
+    state.decided_by[index] = BY_HUMAN
+    state.human_role[index] = role
+
+
+def apply_thresholds(
+    state: CascadeState, index: np.ndarray, scores: np.ndarray, thresholds: Thresholds, iteration: int
+) -> tuple[int, int]:
+    """Record ``scores`` of ``index`` rows and decide the unlabeled ones beyond the thresholds.
+
+    Only images still unlabeled are decided; NaN scores (unreadable images) stay unlabeled.
+    Returns (model positives, model negatives).
+    """
+    scores = np.asarray(scores, np.float32)
+    state.score[index] = scores
+    open_ = state.state[index] == UNLABELED
+    finite = np.isfinite(scores)
+    pos = np.zeros(len(index), bool)
+    neg = np.zeros(len(index), bool)
+    if thresholds.positive is not None:
+        pos = open_ & finite & (scores >= thresholds.positive)
+    if thresholds.negative is not None:
+        neg = open_ & finite & (scores <= thresholds.negative) & ~pos
+    for mask, code in ((pos, POSITIVE), (neg, NEGATIVE)):
+        rows = index[mask]
+        state.state[rows] = code
+        state.decided_iteration[rows] = iteration
+        state.decided_by[rows] = BY_MODEL
+    return int(pos.sum()), int(neg.sum())
+
+
+def stop_reason(
+    *,
+    unlabeled: int,
+    pool: int,
+    iteration: int,
+    human_labeled: int,
+    max_iterations: int,
+    stop_unlabeled: int,
+    stop_unlabeled_fraction: float,
+    human_budget: int | None,
+) -> str | None:
+    """Why the loop should stop after ``iteration``, or None to go on."""
+    if unlabeled == 0:
+        return "every image is decided"
+    if unlabeled <= max(stop_unlabeled, stop_unlabeled_fraction * pool):
+        return f"{unlabeled} images left unlabeled (<= {max(stop_unlabeled, int(stop_unlabeled_fraction * pool))})"
+    if human_budget is not None and human_labeled >= human_budget:
+        return f"human-label budget spent ({human_labeled} >= {human_budget})"
+    if iteration >= max_iterations:
+        return f"iteration limit reached ({max_iterations})"
+    return None

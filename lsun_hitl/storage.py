@@ -1,0 +1,223 @@
+"""One storage root (any fsspec URL) holding everything, in one documented layout.
+
+Layout under the root (see README, "Storage layout")::
+
+    pool/images.parquet                          pool manifest: image_id, uri, bytes, width, height, format
+    pool/rejects.parquet                         files that are not usable images, with the reason
+    groundtruth/<dataset>.parquet                evaluation only: never read by the pipeline
+    samples/<category>/iteration=<k>.parquet     which images were sent to people, and in which role
+    labels/<category>/requests/<request>.parquet label requests published to people (image_id, uri)
+    labels/<category>/requests/<request>.json    request metadata (flow run waiting for it, counts)
+    labels/<category>/votes/request=<request>/<submission>.parquet   append-only raw human answers
+    labels/<category>/aggregated/<request>.parquet  aggregated answers (p_positive per image)
+    models/<category>/iteration=<k>/model.pt     the classifier trained at iteration k
+    scores/<category>/iteration=<k>/part-<i>.parquet  model scores of the candidates
+    calibration/<category>/iteration=<k>.json    thresholds with confidence intervals
+    manifests/<category>/iteration=<k>/manifest.parquet  every pool image's state after iteration k
+    reports/<category>/...                       funnel tables and plots
+    datasets/<category>/dataset.parquet          the final labeled dataset; summary.json beside it
+
+Every write is atomic: a reader sees the old object or the new one, never a torn one. Local files are
+written to a temporary name in the same directory and renamed; object stores get one PUT per object,
+which they apply atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+
+class StorageError(RuntimeError):
+    """A storage root that cannot be used, or an object that cannot be read or written."""
+
+
+def storage_options_from_env() -> dict[str, Any]:
+    """Storage options from ``LSUN_HITL_STORAGE_OPTIONS`` (a JSON object), else ``{}``.
+
+    S3 credentials and endpoint otherwise come from the standard AWS environment and config files
+    (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``~/.aws/config``), which s3fs reads itself.
+    """
+    raw = os.environ.get("LSUN_HITL_STORAGE_OPTIONS", "").strip()
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise StorageError(
+            f"LSUN_HITL_STORAGE_OPTIONS is not valid JSON ({exc}); set it to a JSON object such as "
+            '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\''
+        ) from exc
+    if not isinstance(value, dict):
+        raise StorageError("LSUN_HITL_STORAGE_OPTIONS must be a JSON object")
+    return value
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A storage root: an fsspec URL (local path, ``file://``, ``s3://bucket/prefix``, ...).
+
+    Instances are small and picklable; the filesystem object is looked up (and cached by fsspec)
+    in whichever process uses it, so Dask tasks never ship an s3fs instance.
+    """
+
+    url: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        url = self.url
+        if "://" not in url:
+            url = os.path.abspath(os.path.expanduser(url))
+        object.__setattr__(self, "url", url.rstrip("/"))
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return url_to_fs(self.url, **self.options)[0]
+
+    @property
+    def root(self) -> str:
+        return url_to_fs(self.url, **self.options)[1].rstrip("/")
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        """The filesystem path of a key under the root."""
+        return "/".join([self.root, *[p.strip("/") for p in parts if p]])
+
+    def url_of(self, *parts: str) -> str:
+        """The full URL (with protocol, ``file://`` for local files) of a key, usable by any process."""
+        return self.fs.unstrip_protocol(self.path(*parts))
+
+    # -- checks ---------------------------------------------------------------------------------
+    def check_writable(self) -> None:
+        """Fail early, naming the root, if it cannot be created or written."""
+        probe = self.path("_write_probe")
+        try:
+            self.write_bytes(probe, b"ok")
+            self.fs.rm(probe)
+        except Exception as exc:  # noqa: BLE001 - any failure here means the same thing
+            raise StorageError(
+                f"storage root {self.url!r} cannot be written ({type(exc).__name__}: {exc}). "
+                "Pass a writable local folder or an s3:// URL whose bucket exists and whose "
+                "credentials allow writes (AWS_* environment or LSUN_HITL_STORAGE_OPTIONS)."
+            ) from exc
+
+    # -- reads ----------------------------------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def read_bytes(self, path: str) -> bytes:
+        try:
+            return self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise StorageError(f"cannot read {path!r} from {self.url!r}: {exc}") from exc
+
+    def read_json(self, path: str) -> Any:
+        return json.loads(self.read_bytes(path))
+
+    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    def glob(self, pattern: str) -> list[str]:
+        return sorted(self.fs.glob(pattern))
+
+    # -- atomic writes --------------------------------------------------------------------------
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` atomically (old or new content is visible, never a torn file)."""
+        fs = self.fs
+        if isinstance(fs, LocalFileSystem):
+            directory = os.path.dirname(path)
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+        else:
+            # Object stores apply a single PUT (or a completed multipart upload) atomically.
+            fs.pipe_file(path, data)
+
+    def write_json(self, path: str, value: Any) -> None:
+        self.write_bytes(path, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
+
+    def write_table(self, path: str, table: pa.Table, row_group_size: int = 1 << 20) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=row_group_size, compression="zstd")
+        self.write_bytes(path, buf.getvalue())
+
+    def write_if_absent(self, path: str, data: bytes) -> bool:
+        """Write once: return False (and change nothing) if ``path`` already exists."""
+        if self.exists(path):
+            return False
+        self.write_bytes(path, data)
+        return True
+
+
+# ---- the layout, in one place -------------------------------------------------------------------
+POOL = "pool/images.parquet"
+REJECTS = "pool/rejects.parquet"
+
+
+def groundtruth_key(dataset: str) -> str:
+    return f"groundtruth/{dataset}.parquet"
+
+
+def sample_key(category: str, iteration: int) -> str:
+    return f"samples/{category}/iteration={iteration}.parquet"
+
+
+def request_key(category: str, request_id: str, suffix: str = "parquet") -> str:
+    return f"labels/{category}/requests/{request_id}.{suffix}"
+
+
+def votes_dir(category: str, request_id: str) -> str:
+    return f"labels/{category}/votes/request={request_id}"
+
+
+def aggregated_key(category: str, request_id: str) -> str:
+    return f"labels/{category}/aggregated/{request_id}.parquet"
+
+
+def model_key(category: str, iteration: int) -> str:
+    return f"models/{category}/iteration={iteration}/model.pt"
+
+
+def scores_dir(category: str, iteration: int) -> str:
+    return f"scores/{category}/iteration={iteration}"
+
+
+def calibration_key(category: str, iteration: int) -> str:
+    return f"calibration/{category}/iteration={iteration}.json"
+
+
+def manifest_key(category: str, iteration: int) -> str:
+    return f"manifests/{category}/iteration={iteration}/manifest.parquet"
+
+
+def report_key(category: str, name: str) -> str:
+    return f"reports/{category}/{name}"
+
+
+def dataset_key(category: str, name: str = "dataset.parquet") -> str:
+    return f"datasets/{category}/{name}"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the linter and the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+ruff check .
+exec python -m pytest -q "$@"

@@ -1,0 +1,114 @@
+"""Prefect tasks: the library's cascade steps with retries, caching and progress in the UI."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+from lsun_hitl import cascade
+from lsun_hitl.calibration import Thresholds
+from lsun_hitl.config import CascadeParams
+from lsun_hitl.labels import LabelRequest, collect
+from lsun_hitl.progress import Bar, fan_out
+from lsun_hitl.report import funnel_markdown
+from lsun_hitl.split import Funnel
+from lsun_hitl.storage import Storage
+
+
+def ui_progress(description: str) -> Callable[[int, int], None]:
+    """A progress artifact in the Prefect UI, updated at most once a second."""
+    artifact_id = create_progress_artifact(progress=0.0, description=description)
+    last = [0.0]
+
+    def update(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done >= total or now - last[0] >= 1.0:
+            last[0] = now
+            update_progress_artifact(artifact_id=artifact_id, progress=100.0 * done / max(1, total))
+
+    return update
+
+
+@task(retries=2, retry_delay_seconds=5)
+def start_cascade(storage: Storage, category: str, params: CascadeParams) -> int:
+    return cascade.start(storage, category, params)
+
+
+@task(retries=2, retry_delay_seconds=5)
+def draw_sample(storage: Storage, category: str, params: CascadeParams, iteration: int) -> dict[str, int]:
+    drawn = cascade.sample(storage, category, params, iteration)
+    return {"train": len(drawn.train), "calibration": len(drawn.calibration)}
+
+
+@task(retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+def publish_labels(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, flow_run_id: str | None
+) -> LabelRequest:
+    return cascade.publish_iteration(storage, category, params, iteration, flow_run_id)
+
+
+@task(retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+def publish_remainder(storage: Storage, category: str, iteration: int, flow_run_id: str | None) -> LabelRequest | None:
+    return cascade.publish_remainder(storage, category, iteration, flow_run_id)
+
+
+@task(cache_policy=NO_CACHE)
+def labels_complete(storage: Storage, category: str, request_id: str) -> bool:
+    return cascade.labels_complete(storage, category, request_id)
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def collect_labels(storage: Storage, category: str, request_id: str) -> int:
+    return collect(storage, category, request_id).num_rows
+
+
+@task(retries=1, retry_delay_seconds=5)
+def train_model(storage: Storage, category: str, params: CascadeParams, iteration: int) -> str:
+    progress = fan_out(Bar(f"train it{iteration}", "step"), ui_progress(f"{category}: training, iteration {iteration}"))
+    return cascade.train(storage, category, params, iteration, progress=progress)
+
+
+@task(retries=2, retry_delay_seconds=10)
+def score_pool(storage: Storage, category: str, params: CascadeParams, iteration: int, dask_address: str | None) -> int:
+    progress = fan_out(Bar(f"score it{iteration}", "part"), ui_progress(f"{category}: scoring, iteration {iteration}"))
+    return cascade.score(storage, category, params, iteration, dask_address=dask_address, progress=progress)
+
+
+@task(retries=2, retry_delay_seconds=5)
+def calibrate_thresholds(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Thresholds:
+    return cascade.calibrate(storage, category, params, iteration)
+
+
+@task(retries=2, retry_delay_seconds=5)
+def split_pool(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Funnel:
+    return cascade.split(storage, category, params, iteration)
+
+
+@task(cache_policy=NO_CACHE)
+def check_stop(storage: Storage, category: str, params: CascadeParams, iteration: int) -> str | None:
+    return cascade.should_stop(storage, category, params, iteration)
+
+
+@task(retries=2, retry_delay_seconds=5)
+def label_remainder(storage: Storage, category: str, iteration: int) -> Funnel:
+    return cascade.finish_remainder(storage, category, iteration)
+
+
+@task(cache_policy=NO_CACHE)
+def report_funnel(storage: Storage, category: str) -> str:
+    markdown = funnel_markdown(category, cascade.funnels(storage, category))
+    create_markdown_artifact(markdown=markdown, key=f"funnel-{category}", description=f"{category}: cascade funnel")
+    return markdown
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def finish_dataset(storage: Storage, category: str, stop: str | None) -> cascade.Summary:
+    summary = cascade.finish(storage, category, stop)
+    create_markdown_artifact(
+        markdown=f"```\n{summary}\n```", key=f"summary-{category}", description=f"{category}: final dataset summary"
+    )
+    return summary

@@ -1,0 +1,80 @@
+"""Shared fixtures: real components only (Dask LocalCluster, moto's S3 server, Prefect's harness)."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+from lsun_hitl.fashion_mnist import load_arrays  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fashion() -> tuple[np.ndarray, np.ndarray]:
+    """The 60,000 Fashion-MNIST training images (N, 28, 28) and labels (Debian dataset-fashion-mnist)."""
+    (_, images, labels), _ = load_arrays()
+    return images, labels
+
+
+def png_bytes(pixels: np.ndarray, mode: str = "L") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 API server on loopback; yields fsspec storage options for s3fs."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    options = {"key": "testing", "secret": "testing", "endpoint_url": f"http://127.0.0.1:{port}"}
+    yield options
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server, request):
+    """A fresh bucket on the moto server; yields (url, storage options)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3_server, skip_instance_cache=True)
+    name = "test-" + request.node.name.lower().replace("_", "-")[:40].strip("-")
+    fs.mkdir(name)
+    return f"s3://{name}", s3_server
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """A real two-process Dask LocalCluster shared by the tests."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness: a temporary API server with its own database."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,100 @@
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from lsun_hitl import labels
+from lsun_hitl.crowd import CrowdParams, SimulatedCrowd, deliver
+from lsun_hitl.storage import Storage
+
+
+def request(n=400, seed=0, base_rate=0.3):
+    rng = np.random.default_rng(seed)
+    uris = [f"mem://img/{i}.png" for i in range(n)]
+    truth = dict(zip(uris, rng.random(n) < base_rate, strict=True))
+    table = pa.table({"image_id": [f"id{i:05d}" for i in range(n)], "uri": uris})
+    return table, truth
+
+
+def test_crowd_asks_more_where_people_disagree():
+    table, truth = request()
+    crowd = SimulatedCrowd(truth, CrowdParams(seed=1, min_margin=3))
+    votes = crowd.answer(table)
+    per_image = votes.groupby("image_id").size()
+    assert per_image.min() >= 3 and per_image.max() <= 7 and per_image.mean() > 3.1
+    assert crowd.spammer.sum() == 3  # 10% of 30
+    decisive = votes[votes.answer != "unsure"]
+    for image_id, group in list(decisive.groupby("image_id"))[:50]:
+        counts = group.answer.value_counts()
+        margin = abs(counts.get("yes", 0) - counts.get("no", 0))
+        assert margin >= 3 or len(votes[votes.image_id == image_id]) == 7
+
+
+def test_dawid_skene_beats_a_single_labeler_with_spammers():
+    table, truth = request(n=1500, seed=3, base_rate=0.15)
+    crowd = SimulatedCrowd(truth, CrowdParams(seed=3, spammer_share=0.2, accuracy=0.85))
+    votes = crowd.answer(table)
+    votes["request_id"] = "r"
+    votes["submitted_at"] = pd.Timestamp.now(tz="UTC")
+    agg = labels.aggregate(pa.Table.from_pandas(votes))
+    y = {
+        i: truth[u] for i, u in zip(table.column("image_id").to_pylist(), table.column("uri").to_pylist(), strict=True)
+    }
+    p = dict(zip(agg.column("image_id").to_pylist(), agg.column("p_positive").to_pylist(), strict=True))
+    aggregated_acc = np.mean([(p[i] >= 0.5) == y[i] for i in y])
+    single = votes[votes.answer != "unsure"]
+    single_acc = np.mean([(a == "yes") == y[i] for i, a in zip(single.image_id, single.answer, strict=True)])
+    # a plain majority over the same answers, for comparison
+    yes = votes[votes.answer == "yes"].groupby("image_id").size()
+    no = votes[votes.answer == "no"].groupby("image_id").size()
+    majority_acc = np.mean([(yes.get(i, 0) > no.get(i, 0)) == y[i] for i in y])
+    assert single_acc < 0.82
+    assert aggregated_acc > 0.95 and aggregated_acc > single_acc + 0.15
+    assert aggregated_acc >= majority_acc
+
+
+@pytest.fixture()
+def published(tmp_path):
+    storage = Storage(str(tmp_path))
+    table, truth = request(n=50)
+    labels.publish_request(storage, "cat", "iteration-1", 1, table, "run-1")
+    return storage, table, truth
+
+
+def test_submission_is_idempotent_and_append_only(published):
+    storage, table, truth = published
+    crowd = SimulatedCrowd(truth)
+    assert deliver(storage, "cat", crowd, "iteration-1") is True
+    n = labels.read_votes(storage, "cat").num_rows
+    assert deliver(storage, "cat", crowd, "iteration-1") is False
+    frame = pd.DataFrame({"image_id": ["id00000"], "labeler": ["alice"], "answer": ["Yes"]})
+    assert labels.submit_votes(storage, "cat", "iteration-1", frame, "alice-1") is True
+    assert labels.submit_votes(storage, "cat", "iteration-1", frame, "alice-1") is False
+    assert labels.read_votes(storage, "cat").num_rows == n + 1
+    agg = labels.collect(storage, "cat", "iteration-1")
+    assert agg.num_rows == 50 and not np.isnan(agg.column("p_positive").to_numpy()).any()
+
+
+@pytest.mark.parametrize(
+    "frame, message",
+    [
+        (pd.DataFrame({"image_id": ["id00000"], "answer": ["yes"]}), "missing column"),
+        (pd.DataFrame({"image_id": ["id00000"], "labeler": ["a"], "answer": ["maybe"]}), "unknown answer"),
+        (pd.DataFrame({"image_id": ["nope"], "labeler": ["a"], "answer": ["no"]}), "not in request"),
+        (pd.DataFrame({"image_id": [], "labeler": [], "answer": []}), "no labels"),
+    ],
+    ids=["missing-column", "bad-answer", "unknown-image", "empty"],
+)
+def test_malformed_labels_are_refused_and_nothing_is_stored(published, frame, message):
+    storage, _, _ = published
+    with pytest.raises(labels.LabelError, match=message):
+        labels.submit_votes(storage, "cat", "iteration-1", frame, "bad")
+    assert labels.read_votes(storage, "cat").num_rows == 0
+
+
+def test_incomplete_request_names_missing_images(published):
+    storage, _, _ = published
+    frame = pd.DataFrame({"image_id": ["id00001"], "labeler": ["a"], "answer": ["no"]})
+    labels.submit_votes(storage, "cat", "iteration-1", frame, "partial")
+    with pytest.raises(labels.LabelError, match="49 of 50 images have no yes/no answer"):
+        labels.collect(storage, "cat", "iteration-1")

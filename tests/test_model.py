@@ -1,0 +1,43 @@
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from lsun_hitl import model as model_lib
+from lsun_hitl.config import ModelParams
+
+
+def prep(images, size):
+    return np.stack([np.asarray(Image.fromarray(im).convert("RGB").resize((size, size))) for im in images])
+
+
+def test_small_model_learns_a_category_from_scratch(fashion):
+    images, classes = fashion
+    params = ModelParams(arch="mobilenet_v3_small", image_size=32, epochs=6, batch_size=64, threads=2)
+    x_train, y_train = prep(images[:1500], 32), (classes[:1500] == 7).astype(np.float32)
+    x_test, y_test = prep(images[50000:51000], 32), classes[50000:51000] == 7
+    net = model_lib.train(x_train, y_train, params, seed=0)
+    scores = model_lib.predict(net, x_test)
+    assert scores.shape == (1000,) and np.all((scores >= 0) & (scores <= 1))
+    assert roc_auc_score(y_test, scores) > 0.95
+    # save / load gives the same scores
+    again = model_lib.predict(model_lib.load(model_lib.save(net)), x_test)
+    np.testing.assert_allclose(scores, again, atol=1e-5)
+
+
+def test_pretrained_weights_from_a_local_file(tmp_path):
+    reference = torchvision.models.mobilenet_v3_small(weights=None)  # ImageNet-shaped: 1000 classes
+    path = tmp_path / "mobilenet_v3_small-local.pth"
+    torch.save(reference.state_dict(), path)
+    net = model_lib.build(ModelParams(arch="mobilenet_v3_small", weights=str(path)))
+    first = "features.0.0.weight"
+    assert torch.equal(net.net.state_dict()[first], reference.state_dict()[first])
+    assert net.net.classifier[-1].out_features == 1  # the head is new
+
+
+def test_missing_weights_file_names_the_path(tmp_path):
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="nothing-here.pth"):
+        model_lib.build(ModelParams(weights=str(tmp_path / "nothing-here.pth")))

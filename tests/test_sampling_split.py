@@ -1,0 +1,87 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lsun_hitl.calibration import Thresholds
+from lsun_hitl.manifest import (
+    BY_HUMAN,
+    BY_MODEL,
+    NEGATIVE,
+    POSITIVE,
+    ROLE_TRAIN,
+    UNLABELED,
+    CascadeState,
+    check_transition,
+)
+from lsun_hitl.sampling import draw_sample
+from lsun_hitl.split import apply_human_labels, apply_thresholds, stop_reason
+
+
+def test_sample_is_seeded_disjoint_and_capped():
+    unl = np.arange(0, 10_000, 2)
+    a = draw_sample(unl, n_train=300, n_calibration=200, max_fraction=0.25, seed=7, iteration=1)
+    b = draw_sample(unl, n_train=300, n_calibration=200, max_fraction=0.25, seed=7, iteration=1)
+    c = draw_sample(unl, n_train=300, n_calibration=200, max_fraction=0.25, seed=7, iteration=2)
+    assert np.array_equal(a.train, b.train) and not np.array_equal(a.train, c.train)
+    assert len(np.intersect1d(a.train, a.calibration)) == 0
+    assert set(a.train) <= set(unl) and set(a.calibration) <= set(unl)
+    small = draw_sample(unl[:400], n_train=300, n_calibration=200, max_fraction=0.25, seed=0, iteration=1)
+    assert len(small.train) == 100 and len(small.calibration) == 100
+    budget = draw_sample(unl, n_train=300, n_calibration=200, max_fraction=0.25, seed=0, iteration=1, budget_left=250)
+    assert len(budget.calibration) == 200 and len(budget.train) == 50
+
+
+def state(n=10):
+    return CascadeState.initial(pa.array([f"{i:04d}" for i in range(n)]))
+
+
+def test_split_decides_only_unlabeled_and_never_flips():
+    s = state()
+    apply_human_labels(s, np.array([0, 1]), np.array([0.9, 0.1]), ROLE_TRAIN, 1)
+    before = s.copy()
+    th = Thresholds(0.8, 0.2, None, None, 0, 0, 0, 0.95)
+    scores = np.array([0.1, 0.95, 0.5, 0.05, np.nan, 0.9], np.float32)
+    pos, neg = apply_thresholds(s, np.array([0, 1, 2, 3, 4, 5]), scores, th, 2)
+    assert (pos, neg) == (1, 1)  # rows 5 and 3; rows 0, 1 were already decided by people
+    assert s.state[0] == POSITIVE and s.decided_by[0] == BY_HUMAN
+    assert s.state[5] == POSITIVE and s.decided_by[5] == BY_MODEL and s.decided_iteration[5] == 2
+    assert s.state[3] == NEGATIVE and s.state[2] == UNLABELED and s.state[4] == UNLABELED
+    check_transition(before, s)
+    with pytest.raises(ValueError):
+        apply_human_labels(s, np.array([5]), np.array([0.1]), ROLE_TRAIN, 3)
+    flipped = s.copy()
+    flipped.state[5] = NEGATIVE
+    with pytest.raises(AssertionError):
+        check_transition(s, flipped)
+
+
+def test_manifest_table_roundtrip():
+    s = state()
+    apply_human_labels(s, np.array([2]), np.array([0.7]), ROLE_TRAIN, 1)
+    apply_thresholds(
+        s, np.array([3, 4]), np.array([0.99, 0.01], np.float32), Thresholds(0.9, 0.1, None, None, 0, 0, 0, 0.95), 1
+    )
+    t = s.to_table()
+    assert t.column("state").to_pylist()[2:5] == ["positive", "positive", "negative"]
+    assert t.column("decided_by").to_pylist()[2:5] == ["human", "model", "model"]
+    assert t.column("decided_iteration").to_pylist()[0] is None
+    back = CascadeState.from_table(t)
+    for name in ("state", "decided_iteration", "decided_by", "human_role"):
+        assert np.array_equal(getattr(back, name), getattr(s, name)), name
+
+
+def test_stop_rules():
+    kw = dict(
+        pool=10_000,
+        iteration=1,
+        human_labeled=100,
+        max_iterations=5,
+        stop_unlabeled=100,
+        stop_unlabeled_fraction=0.02,
+        human_budget=None,
+    )
+    assert stop_reason(unlabeled=5000, **kw) is None
+    assert "left unlabeled" in stop_reason(unlabeled=150, **kw)
+    assert "budget" in stop_reason(unlabeled=5000, **kw | {"human_budget": 100})
+    assert "iteration limit" in stop_reason(unlabeled=5000, **kw | {"iteration": 5})
+    assert "every image" in stop_reason(unlabeled=0, **kw)
