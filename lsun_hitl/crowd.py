@@ -119,3 +119,111 @@ def serve(
             except Exception as exc:  # noqa: BLE001 - keep serving; retry on the next poll
                 log.warning("crowd: delivering %s failed (%s); will retry", request.request_id, exc)
         stop.wait(poll_s)
+
+
+# ---- the crowd as clients of the labeling service: the same path as people ------------------------------
+def truth_by_image_id(storage: Storage, category: str) -> dict[str, bool]:
+    """``{image_id: is a <category>}`` for every pool image (pool ids joined with the ground truth)."""
+    from .fashion_mnist import read_truth
+    from .ingest import read_pool
+
+    truth = read_truth(storage, category)
+    pool = read_pool(storage, columns=["image_id", "uri"])
+    return {
+        i: truth[u]
+        for i, u in zip(pool.column("image_id").to_pylist(), pool.column("uri").to_pylist(), strict=True)
+        if u in truth
+    }
+
+
+class HttpLabeler(threading.Thread):
+    """One simulated person: asks the service for a batch, answers it, submits, repeats until ``stop``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        accuracy: float,
+        truth: Mapping[str, bool],
+        stop: threading.Event,
+        *,
+        unsure_rate: float = 0.02,
+        seed: int = 0,
+        poll_s: float = 0.5,
+        fetch_images: bool = False,
+        name: str = "labeler",
+    ) -> None:
+        super().__init__(name=f"http-{name}", daemon=True)
+        self.base_url, self.token, self.accuracy, self.truth = base_url, token, accuracy, truth
+        self.stop, self.unsure_rate, self.poll_s, self.fetch_images = stop, unsure_rate, poll_s, fetch_images
+        self.rng = np.random.default_rng(seed)
+        self.submitted = 0
+        self.flagged = False
+
+    def answer(self, image_id: str) -> str:
+        if self.rng.random() < self.unsure_rate:
+            return "unsure"
+        correct = self.rng.random() < self.accuracy
+        return "yes" if correct == self.truth[image_id] else "no"
+
+    def run(self) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.token}"}
+        with httpx.Client(base_url=self.base_url, headers=headers, timeout=60) as client:
+            while not self.stop.is_set():
+                try:
+                    r = client.post("/api/batches/next")
+                    if r.status_code == 403:
+                        self.flagged = True
+                        return
+                    r.raise_for_status()
+                    batch = r.json()["batch"]
+                    if batch is None:
+                        self.stop.wait(self.poll_s)
+                        continue
+                    answers = []
+                    for item in batch["items"]:
+                        if self.fetch_images:
+                            client.get(f"/api/batches/{batch['batch_id']}/images/{item['index']}").raise_for_status()
+                        answers.append({"index": item["index"], "answer": self.answer(item["image_id"])})
+                    url = f"/api/batches/{batch['batch_id']}/labels"
+                    client.post(url, json={"answers": answers}).raise_for_status()
+                    self.submitted += 1
+                except httpx.HTTPError as exc:
+                    log.warning("%s: %s; retrying", self.name, exc)
+                    self.stop.wait(1.0)
+
+
+def http_crowd(
+    base_url: str,
+    storage: Storage,
+    category: str,
+    stop: threading.Event,
+    params: CrowdParams = CrowdParams(),
+    **kwargs: object,
+) -> list[HttpLabeler]:
+    """Create the simulated labelers (tokens in the storage's registry) and start them against the service."""
+    from .labelers import create_labeler
+
+    truth = truth_by_image_id(storage, category)
+    crowd = SimulatedCrowd({}, params)
+    workers = []
+    for k, name in enumerate(crowd.names):
+        token = create_labeler(storage, name, replace=True)
+        workers.append(
+            HttpLabeler(
+                base_url,
+                token,
+                float(crowd.accuracy[k]),
+                truth,
+                stop,
+                unsure_rate=params.unsure_rate,
+                seed=params.seed * 1000 + k,
+                name=name,
+                **kwargs,  # type: ignore[arg-type]
+            )
+        )
+    for w in workers:
+        w.start()
+    return workers

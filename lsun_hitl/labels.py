@@ -5,7 +5,8 @@ stored as its own Parquet file under ``labels/<category>/votes/request=<id>/``; 
 names the file, so sending the same submission twice stores it once. Answers from several people
 are aggregated per image with Dawid-Skene (crowd-kit), which learns each labeler's confusion
 matrix and down-weights spammers; the result is ``p_positive``, the posterior that the image is a
-positive.
+positive. Answers on gold images and answers of labelers flagged by quality control
+(``lsun_hitl.quality``) are left out of aggregation but kept in storage.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ VOTE_SCHEMA = pa.schema(
         ("labeler", pa.string()),
         ("answer", pa.string()),
         ("submitted_at", pa.timestamp("ms", tz="UTC")),
+        ("batch_id", pa.string()),
+        ("gold", pa.bool_()),
     ]
 )
 AGG_SCHEMA = pa.schema(
@@ -122,8 +125,18 @@ def _check_id(value: str, what: str) -> None:
         raise LabelError(f"{what} {value!r} is invalid: use 1-128 letters, digits, '.', '_' or '-'")
 
 
-def validate_votes(votes: pa.Table | pd.DataFrame, requested_ids: Iterable[str], request_id: str) -> pa.Table:
-    """Check a submission against its request; return it in VOTE_SCHEMA or raise LabelError."""
+def validate_votes(
+    votes: pa.Table | pd.DataFrame,
+    requested_ids: Iterable[str],
+    request_id: str,
+    *,
+    gold_ids: Iterable[str] = (),
+    batch_id: str | None = None,
+) -> pa.Table:
+    """Check a submission against its request; return it in VOTE_SCHEMA or raise LabelError.
+
+    Rows naming one of ``gold_ids`` (gold images mixed into the batch) are kept with ``gold=True``.
+    """
     df = votes.to_pandas() if isinstance(votes, pa.Table) else votes.copy()
     missing = {"image_id", "labeler", "answer"} - set(df.columns)
     if missing:
@@ -142,7 +155,8 @@ def validate_votes(votes: pa.Table | pd.DataFrame, requested_ids: Iterable[str],
         raise LabelError("every label needs a labeler")
     if "request_id" in df.columns and (df["request_id"].astype(str) != request_id).any():
         raise LabelError(f"labels name another request than {request_id!r}")
-    known = set(requested_ids)
+    gold = set(gold_ids)
+    known = set(requested_ids) | gold
     unknown = sorted(set(df["image_id"].astype(str)) - known)
     if unknown:
         raise LabelError(f"{len(unknown)} image id(s) were not in request {request_id!r}, e.g. {unknown[:3]}")
@@ -155,17 +169,28 @@ def validate_votes(votes: pa.Table | pd.DataFrame, requested_ids: Iterable[str],
     df["request_id"] = request_id
     df["labeler"] = df["labeler"].astype(str)
     df["image_id"] = df["image_id"].astype(str)
+    df["batch_id"] = batch_id
+    df["gold"] = df["image_id"].isin(gold)
     df = df.drop_duplicates(["image_id", "labeler"], keep="first")
     return pa.Table.from_pandas(df[VOTE_SCHEMA.names], schema=VOTE_SCHEMA, preserve_index=False)
 
 
 def submit_votes(
-    storage: Storage, category: str, request_id: str, votes: pa.Table | pd.DataFrame, submission_id: str
+    storage: Storage,
+    category: str,
+    request_id: str,
+    votes: pa.Table | pd.DataFrame,
+    submission_id: str,
+    *,
+    gold_ids: Iterable[str] = (),
+    batch_id: str | None = None,
 ) -> bool:
     """Validate and store one submission; return False if that submission was already stored."""
     _check_id(submission_id, "submission id")
     _, request = read_request(storage, category, request_id)
-    table = validate_votes(votes, request.column("image_id").to_pylist(), request_id)
+    table = validate_votes(
+        votes, request.column("image_id").to_pylist(), request_id, gold_ids=gold_ids, batch_id=batch_id
+    )
     path = storage.path(votes_dir(category, request_id), f"{submission_id}.parquet")
     if storage.exists(path):
         return False
@@ -179,9 +204,25 @@ def read_votes(storage: Storage, category: str, request_id: str | None = None) -
     paths = storage.glob(storage.path(pattern))
     if not paths:
         return VOTE_SCHEMA.empty_table()
-    table = pa.concat_tables([storage.read_table(p).cast(VOTE_SCHEMA) for p in paths])
+    table = pa.concat_tables([_as_votes(storage.read_table(p)) for p in paths])
     df = table.to_pandas().drop_duplicates(["request_id", "image_id", "labeler"], keep="first")
     return pa.Table.from_pandas(df, schema=VOTE_SCHEMA, preserve_index=False)
+
+
+def _as_votes(table: pa.Table) -> pa.Table:
+    """A stored answer file in VOTE_SCHEMA (files written before batches and gold get them empty)."""
+    if "batch_id" not in table.column_names:
+        table = table.append_column("batch_id", pa.nulls(table.num_rows, pa.string()))
+    if "gold" not in table.column_names:
+        table = table.append_column("gold", pa.array([False] * table.num_rows, pa.bool_()))
+    return table.select(VOTE_SCHEMA.names).cast(VOTE_SCHEMA)
+
+
+def usable_votes(votes: pa.Table, flagged: Iterable[str] = ()) -> pa.Table:
+    """Answers that count for aggregation: not on gold images, not from flagged labelers."""
+    df = votes.to_pandas()
+    keep = ~df["gold"].fillna(False).astype(bool) & ~df["labeler"].isin(set(flagged))
+    return pa.Table.from_pandas(df[keep], schema=VOTE_SCHEMA, preserve_index=False)
 
 
 def aggregate(votes: pa.Table, *, n_iter: int = 100) -> pa.Table:
@@ -233,8 +274,12 @@ def collect(storage: Storage, category: str, request_id: str) -> pa.Table:
     Raises LabelError naming the missing images if some requested image has no decisive answer.
     The result is stored under ``labels/<category>/aggregated/<request>.parquet``.
     """
+    from .quality import flagged_labelers, read_gold, read_qc
+
     _, request = read_request(storage, category, request_id)
-    agg = aggregate(read_votes(storage, category))
+    votes = read_votes(storage, category)
+    flagged = flagged_labelers(votes, read_gold(storage, category), read_qc(storage))
+    agg = aggregate(usable_votes(votes, flagged))
     df = request.select(["image_id"]).to_pandas().merge(agg.to_pandas(), on="image_id", how="left")
     missing = df.loc[df["p_positive"].isna(), "image_id"]
     if len(missing):
@@ -248,5 +293,5 @@ def collect(storage: Storage, category: str, request_id: str) -> pa.Table:
 
 
 def human_votes_spent(storage: Storage, category: str) -> int:
-    """Every stored answer of the category (redundant answers counted)."""
+    """Every stored answer of the category (redundant, gold and flagged answers counted)."""
     return read_votes(storage, category).num_rows

@@ -183,6 +183,18 @@ def groundtruth_key(dataset: str) -> str:
     return f"groundtruth/{dataset}.parquet"
 
 
+def gold_key(category: str) -> str:
+    return f"gold/{category}.parquet"
+
+
+QC_KEY = "labels/qc.json"
+LABELERS_KEY = "labelers/labelers.json"
+
+
+def batch_key(category: str, batch_id: str) -> str:
+    return f"labels/{category}/batches/{batch_id}.json"
+
+
 def sample_key(category: str, iteration: int) -> str:
     return f"samples/{category}/iteration={iteration}.parquet"
 

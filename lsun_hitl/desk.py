@@ -1,0 +1,439 @@
+"""The labeling desk: hands out batches of open label requests to labelers and takes their answers.
+
+It is the state behind the labeling service (``lsun_hitl.service``), kept free of HTTP so it can be
+tested alone. Everything it knows is rebuilt from the storage root when it starts -- requests,
+batches handed out, answers stored -- so restarting the service loses no accepted answer.
+
+- A *batch* is ``QCParams.batch_size`` images for one labeler: images of the oldest open request
+  that still want answers (see ``quality.votes_wanted``) and that this labeler has not answered,
+  with gold images mixed in at ``gold_rate``. It is written to ``labels/<c>/batches/<id>.json``.
+- Answers to a batch are stored as one append-only Parquet file named by the batch id, so a batch
+  sent twice is stored once.
+- Labelers whose gold accuracy falls below the threshold are flagged: they get no more batches and
+  their answers stop counting, so the images they answered are asked again.
+- When every image of a request is done, ``on_complete(category, request_id)`` is called in a
+  background thread (the service resumes the waiting flow run there).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from .labels import LabelError, list_requests, read_request, read_votes, submit_votes
+from .quality import QCParams, flagged_labelers, image_done, labeler_stats, read_gold, votes_wanted, write_qc
+from .storage import Storage, batch_key, votes_dir
+
+log = logging.getLogger(__name__)
+
+
+class DeskError(LabelError):
+    """A request the desk refuses; ``status`` is the HTTP status the service answers with."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Batch:
+    batch_id: str
+    category: str
+    request_id: str
+    labeler: str
+    image_ids: list[str]
+    uris: list[str]
+    gold: list[bool]
+    created_at: float
+    submitted: bool = False
+
+    def public(self) -> dict[str, Any]:
+        """What the labeler's page sees (which images are gold is not shown)."""
+        return {
+            "batch_id": self.batch_id,
+            "category": self.category,
+            "question": f"Is this a {self.category}?",
+            "items": [{"index": i, "image_id": image_id} for i, image_id in enumerate(self.image_ids)],
+            "submitted": self.submitted,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "submitted"}
+
+
+@dataclass
+class _Request:
+    category: str
+    request_id: str
+    flow_run_id: str | None
+    image_ids: list[str]
+    uris: list[str]
+    order: np.ndarray
+    index: dict[str, int]
+    yes: np.ndarray
+    no: np.ndarray
+    unsure: np.ndarray
+    answered_by: list[set[str]]
+    pending: dict[str, tuple[str, list[int], float]] = field(default_factory=dict)
+    complete: bool = False
+    notified: bool = False
+
+    def done(self, qc: QCParams) -> np.ndarray:
+        return image_done(self.yes, self.no, self.unsure, qc)
+
+
+class LabelingDesk:
+    """Thread-safe assignment and intake of human labels over a storage root."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        qc: QCParams | None = None,
+        *,
+        on_complete: Callable[[str, str], None] | None = None,
+        refresh_s: float = 2.0,
+        seed: int = 0,
+    ) -> None:
+        self.storage = storage
+        self.qc = (qc or QCParams()).validate()
+        self.on_complete = on_complete
+        self.refresh_s = refresh_s
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.RLock()
+        self._batch_locks: dict[str, threading.Lock] = {}
+        self._requests: dict[tuple[str, str], _Request] = {}
+        self._batches: dict[str, Batch] = {}
+        self._votes: dict[str, list[pa.Table]] = {}
+        self._gold: dict[str, pa.Table] = {}
+        self._flagged: dict[str, set[str]] = {}
+        self._scanned = 0.0
+        write_qc(storage, self.qc)
+        self.refresh(force=True)
+
+    # ---- loading ---------------------------------------------------------------------------------
+    def categories(self) -> list[str]:
+        paths = self.storage.glob(self.storage.path("labels/*/requests/*.json"))
+        return sorted({p.split("/")[-3] for p in paths})
+
+    def refresh(self, force: bool = False) -> None:
+        """Pick up requests published since the last look (at most every ``refresh_s``)."""
+        with self._lock:
+            if not force and time.monotonic() - self._scanned < self.refresh_s:
+                return
+            self._scanned = time.monotonic()
+            for category in self.categories():
+                if category not in self._votes:
+                    self._load_category(category)
+                for meta in list_requests(self.storage, category):
+                    key = (category, meta.request_id)
+                    if key not in self._requests:
+                        self._add_request(category, meta.request_id)
+                    elif meta.flow_run_id != self._requests[key].flow_run_id:
+                        # the run was restarted and waits again: make sure it gets resumed
+                        self._requests[key].flow_run_id = meta.flow_run_id
+                        if self._requests[key].complete:
+                            self._notify(category, meta.request_id)
+
+    def _load_category(self, category: str) -> None:
+        self._gold[category] = read_gold(self.storage, category)
+        self._votes[category] = [read_votes(self.storage, category)]
+        self._flagged[category] = flagged_labelers(self._all_votes(category), self._gold[category], self.qc)
+        for path in self.storage.glob(self.storage.path(f"labels/{category}/batches/*.json")):
+            batch = Batch(**self.storage.read_json(path))
+            done = self.storage.path(votes_dir(category, batch.request_id), f"{batch.batch_id}.parquet")
+            batch.submitted = self.storage.exists(done)
+            self._batches[batch.batch_id] = batch
+
+    def _add_request(self, category: str, request_id: str) -> None:
+        meta, table = read_request(self.storage, category, request_id)
+        ids = table.column("image_id").to_pylist()
+        n = len(ids)
+        req = _Request(
+            category=category,
+            request_id=request_id,
+            flow_run_id=meta.flow_run_id,
+            image_ids=ids,
+            uris=table.column("uri").to_pylist(),
+            order=self._rng.permutation(n),
+            index={i: k for k, i in enumerate(ids)},
+            yes=np.zeros(n, np.int32),
+            no=np.zeros(n, np.int32),
+            unsure=np.zeros(n, np.int32),
+            answered_by=[set() for _ in range(n)],
+        )
+        self._requests[(category, request_id)] = req
+        self._recount(req)
+        for batch in self._batches.values():
+            if batch.category == category and batch.request_id == request_id and not batch.submitted:
+                rows = [req.index[i] for i, g in zip(batch.image_ids, batch.gold, strict=True) if not g]
+                req.pending[batch.batch_id] = (batch.labeler, rows, batch.created_at + self.qc.lease_s)
+        if req.complete:
+            self._notify(category, request_id)
+
+    def _all_votes(self, category: str) -> pa.Table:
+        tables = self._votes.get(category) or []
+        if len(tables) > 1:
+            self._votes[category] = tables = [pa.concat_tables(tables)]
+        return tables[0] if tables else read_votes(self.storage, category).slice(0, 0)
+
+    def _recount(self, req: _Request) -> None:
+        """Counts of usable answers (no gold, no flagged labelers) of one request, from the vote log."""
+        votes = self._all_votes(req.category).to_pandas()
+        votes = votes[(votes["request_id"] == req.request_id) & ~votes["gold"].fillna(False).astype(bool)]
+        req.yes[:] = req.no[:] = req.unsure[:] = 0
+        for s in req.answered_by:
+            s.clear()
+        flagged = self._flagged.get(req.category, set())
+        for image_id, labeler, answer in zip(votes["image_id"], votes["labeler"], votes["answer"], strict=True):
+            k = req.index.get(image_id)
+            if k is None:
+                continue
+            req.answered_by[k].add(labeler)
+            if labeler in flagged:
+                continue
+            if answer == "yes":
+                req.yes[k] += 1
+            elif answer == "no":
+                req.no[k] += 1
+            else:
+                req.unsure[k] += 1
+        req.complete = bool(req.done(self.qc).all())
+
+    # ---- assignment --------------------------------------------------------------------------------
+    def is_flagged(self, labeler: str) -> bool:
+        with self._lock:
+            return any(labeler in f for f in self._flagged.values())
+
+    def next_batch(self, labeler: str) -> Batch | None:
+        """The labeler's unsubmitted batch if it has one, else a new one, else None (nothing to do)."""
+        self.refresh()
+        with self._lock:
+            if self.is_flagged(labeler):
+                raise DeskError(
+                    f"labeler {labeler!r} is flagged: its answers on gold images fall below "
+                    f"{self.qc.min_gold_accuracy:.0%}; an admin can review it with `lsun-hitl labelers`",
+                    status=403,
+                )
+            now = time.time()
+            for batch in self._batches.values():
+                if batch.labeler == labeler and not batch.submitted and now < batch.created_at + self.qc.lease_s:
+                    return batch
+            for req in sorted(self._requests.values(), key=lambda r: r.request_id):
+                if req.complete:
+                    continue
+                rows = self._pick(req, labeler, now)
+                if rows:
+                    return self._make_batch(req, labeler, rows, now)
+            return None
+
+    def _pick(self, req: _Request, labeler: str, now: float) -> list[int]:
+        for bid, (_, _, expires) in list(req.pending.items()):
+            if expires < now:
+                del req.pending[bid]
+        n_pending = np.zeros(len(req.image_ids), np.int32)
+        mine: set[int] = set()
+        for who, rows, _ in req.pending.values():
+            np.add.at(n_pending, rows, 1)
+            if who == labeler:
+                mine.update(rows)
+        n = req.yes + req.no + req.unsure
+        want = votes_wanted(req.yes, req.no, req.unsure, self.qc)
+        open_ = ~req.done(self.qc) & (n + n_pending < want)
+        size = self.qc.batch_size - self._n_gold(req.category)
+        out = []
+        for k in req.order:
+            if open_[k] and labeler not in req.answered_by[k] and k not in mine:
+                out.append(int(k))
+                if len(out) == size:
+                    break
+        return out
+
+    def _n_gold(self, category: str) -> int:
+        gold = self._gold.get(category)
+        if gold is None or gold.num_rows == 0 or self.qc.gold_rate == 0:
+            return 0
+        return min(gold.num_rows, max(1, round(self.qc.batch_size * self.qc.gold_rate)))
+
+    def _make_batch(self, req: _Request, labeler: str, rows: list[int], now: float) -> Batch:
+        ids = [req.image_ids[k] for k in rows]
+        uris = [req.uris[k] for k in rows]
+        gold_flags = [False] * len(rows)
+        n_gold = self._n_gold(req.category)
+        if n_gold:
+            gold = self._gold[req.category]
+            seen = set()
+            tables = self._votes.get(req.category) or []
+            for t in tables:
+                df = t.select(["image_id", "labeler", "gold"]).to_pandas()
+                seen |= set(df.loc[df["gold"].fillna(False).astype(bool) & (df["labeler"] == labeler), "image_id"])
+            gids = gold.column("image_id").to_pylist()
+            fresh = [k for k in range(len(gids)) if gids[k] not in seen and gids[k] not in ids]
+            pool = fresh if len(fresh) >= n_gold else [k for k in range(len(gids)) if gids[k] not in ids]
+            for k in self._rng.choice(pool, size=min(n_gold, len(pool)), replace=False):
+                at = int(self._rng.integers(0, len(ids) + 1))
+                ids.insert(at, gids[k])
+                uris.insert(at, gold.column("uri")[k].as_py())
+                gold_flags.insert(at, True)
+        batch = Batch(
+            batch_id=f"b{int(now * 1000):x}-{secrets.token_hex(4)}",
+            category=req.category,
+            request_id=req.request_id,
+            labeler=labeler,
+            image_ids=ids,
+            uris=uris,
+            gold=gold_flags,
+            created_at=now,
+        )
+        self.storage.write_json(self.storage.path(batch_key(req.category, batch.batch_id)), batch.to_json())
+        self._batches[batch.batch_id] = batch
+        req.pending[batch.batch_id] = (labeler, rows, now + self.qc.lease_s)
+        return batch
+
+    # ---- intake ------------------------------------------------------------------------------------
+    def batch_for(self, batch_id: str, labeler: str) -> Batch:
+        """The batch, if it belongs to ``labeler`` (DeskError 404 / 403 otherwise)."""
+        with self._lock:
+            batch = self._batches.get(batch_id)
+        if batch is None:
+            raise DeskError(f"no batch {batch_id!r}", status=404)
+        if batch.labeler != labeler:
+            raise DeskError(f"batch {batch_id!r} is assigned to another labeler", status=403)
+        return batch
+
+    def submit(self, batch_id: str, labeler: str, answers: list[tuple[int, str]]) -> dict[str, Any]:
+        """Store the answers ``[(index, answer), ...]`` to a whole batch; idempotent per batch.
+
+        Returns ``{"stored": bool, "request_complete": bool}``; ``stored`` is False when the batch
+        had already been submitted (nothing changes).
+        """
+        batch = self.batch_for(batch_id, labeler)
+        indices = [i for i, _ in answers]
+        if sorted(indices) != list(range(len(batch.image_ids))):
+            raise DeskError(
+                f"batch {batch_id!r} has {len(batch.image_ids)} images: answer each index 0.."
+                f"{len(batch.image_ids) - 1} exactly once (got {len(answers)} answers)",
+                status=422,
+            )
+        with self._lock:
+            lock = self._batch_locks.setdefault(batch_id, threading.Lock())
+        with lock:
+            if batch.submitted:
+                return {"stored": False, "request_complete": self._complete(batch)}
+            frame = pd.DataFrame(
+                {
+                    "image_id": [batch.image_ids[i] for i, _ in answers],
+                    "labeler": labeler,
+                    "answer": [a for _, a in answers],
+                }
+            )
+            gold_ids = [i for i, g in zip(batch.image_ids, batch.gold, strict=True) if g]
+            stored = submit_votes(
+                self.storage,
+                batch.category,
+                batch.request_id,
+                frame,
+                batch.batch_id,
+                gold_ids=gold_ids,
+                batch_id=batch.batch_id,
+            )
+            batch.submitted = True
+            if stored:
+                path = self.storage.path(votes_dir(batch.category, batch.request_id), f"{batch.batch_id}.parquet")
+                self._take(batch, self.storage.read_table(path))
+        return {"stored": stored, "request_complete": self._complete(batch)}
+
+    def _complete(self, batch: Batch) -> bool:
+        req = self._requests.get((batch.category, batch.request_id))
+        return bool(req and req.complete)
+
+    def _take(self, batch: Batch, table: pa.Table) -> None:
+        from .labels import _as_votes
+
+        with self._lock:
+            category = batch.category
+            self._votes.setdefault(category, []).append(_as_votes(table))
+            req = self._requests.get((category, batch.request_id))
+            if req is not None:
+                req.pending.pop(batch.batch_id, None)
+            recounted = False
+            if any(batch.gold):
+                flagged = flagged_labelers(self._all_votes(category), self._gold[category], self.qc)
+                if flagged != self._flagged.get(category, set()):
+                    log.warning("labelers flagged for %s: %s", category, sorted(flagged))
+                    self._flagged[category] = flagged
+                    for other in self._requests.values():
+                        if other.category == category and not other.complete:
+                            self._recount(other)
+                    recounted = True
+            if req is None or req.complete and not recounted:
+                return
+            if not recounted:
+                counts = batch.labeler not in self._flagged.get(category, set())
+                for image_id, answer in zip(
+                    table.column("image_id").to_pylist(), table.column("answer").to_pylist(), strict=True
+                ):
+                    k = req.index.get(image_id)
+                    if k is None:
+                        continue
+                    req.answered_by[k].add(batch.labeler)
+                    if not counts:
+                        continue
+                    if answer == "yes":
+                        req.yes[k] += 1
+                    elif answer == "no":
+                        req.no[k] += 1
+                    else:
+                        req.unsure[k] += 1
+                req.complete = bool(req.done(self.qc).all())
+            if req.complete and not req.notified:
+                self._notify(category, req.request_id)
+
+    def _notify(self, category: str, request_id: str) -> None:
+        self._requests[(category, request_id)].notified = True
+        if self.on_complete is None:
+            return
+        log.info("request %s/%s is fully labeled", category, request_id)
+
+        def call() -> None:
+            try:
+                self.on_complete(category, request_id)  # type: ignore[misc]
+            except Exception as exc:  # noqa: BLE001 - report and go on; the CLI can resume it later
+                log.warning("resuming the run waiting for %s/%s failed: %s", category, request_id, exc)
+
+        threading.Thread(target=call, name=f"resume-{request_id}", daemon=True).start()
+
+    # ---- reports -----------------------------------------------------------------------------------
+    def progress(self) -> list[dict[str, Any]]:
+        with self._lock:
+            out = []
+            for req in self._requests.values():
+                done = req.done(self.qc)
+                out.append(
+                    {
+                        "category": req.category,
+                        "request_id": req.request_id,
+                        "images": len(req.image_ids),
+                        "done": int(done.sum()),
+                        "answers": int((req.yes + req.no + req.unsure).sum()),
+                        "complete": req.complete,
+                        "outstanding_batches": len(req.pending),
+                    }
+                )
+            return out
+
+    def labeler_figures(self, category: str | None = None) -> pd.DataFrame:
+        with self._lock:
+            frames = []
+            for c in [category] if category else sorted(self._votes):
+                stats = labeler_stats(self._all_votes(c), self._gold.get(c, read_gold(self.storage, c)), self.qc)
+                frames.append(stats.assign(category=c))
+            return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

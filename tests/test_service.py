@@ -1,0 +1,229 @@
+"""The labeling service over HTTP on loopback: access control, payload checks, quality control, and
+50 concurrent labelers with a count audit against the stored files."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lsun_hitl import labels
+from lsun_hitl.crowd import HttpLabeler
+from lsun_hitl.labelers import create_labeler, token_hash
+from lsun_hitl.quality import QCParams, labeler_stats, read_gold, write_gold
+from lsun_hitl.service import ServiceThread, create_app
+from lsun_hitl.storage import LABELERS_KEY, Storage
+
+from .conftest import png_bytes
+
+CATEGORY = "sneaker"
+
+
+def make_root(tmp_path, fashion, n=300, n_request=200, n_gold=40, seed=0) -> tuple[Storage, dict[str, bool]]:
+    """Real Fashion-MNIST PNGs under a local root, one open request, a gold set; returns truth by id."""
+    images, classes = fashion
+    storage = Storage(str(tmp_path / "root"))
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(images), n, replace=False)
+    ids, uris, truth = [], [], {}
+    for k, row in enumerate(rows):
+        key = f"images/{k}.png"
+        storage.write_bytes(storage.path(key), png_bytes(images[row]))
+        ids.append(f"img{k:04d}")
+        uris.append(storage.url_of(key))
+        truth[ids[-1]] = bool(classes[row] == 7)  # 7 = sneaker
+    table = pa.table({"image_id": ids[:n_request], "uri": uris[:n_request]})
+    labels.publish_request(storage, CATEGORY, "iteration-1", 1, table, None)
+    gold = pa.table(
+        {
+            "image_id": ids[n_request : n_request + n_gold],
+            "uri": uris[n_request : n_request + n_gold],
+            "answer": ["yes" if truth[i] else "no" for i in ids[n_request : n_request + n_gold]],
+        }
+    )
+    write_gold(storage, CATEGORY, gold)
+    return storage, truth
+
+
+@pytest.fixture()
+def service(tmp_path, fashion):
+    storage, truth = make_root(tmp_path, fashion)
+    completed: list[tuple[str, str]] = []
+    tokens = {name: create_labeler(storage, name) for name in ("ann", "bob")}
+    tokens["root"] = create_labeler(storage, "root", role="admin")
+    app = create_app(storage, QCParams(batch_size=10), on_complete=lambda c, r: completed.append((c, r)))
+    with ServiceThread(app) as url:
+        yield storage, truth, url, tokens, completed
+
+
+def client(url: str, token: str | None = None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=url, headers=headers, timeout=30)
+
+
+def test_tokens_are_required_hashed_and_scoped(service):
+    storage, _, url, tokens, _ = service
+    assert client(url).post("/api/batches/next").status_code == 401
+    assert client(url, "not-a-token").post("/api/batches/next").status_code == 401
+    stored = storage.read_bytes(storage.path(LABELERS_KEY)).decode()
+    assert all(token not in stored for token in tokens.values())
+    assert token_hash(tokens["ann"]) in stored
+
+    ann, bob = client(url, tokens["ann"]), client(url, tokens["bob"])
+    batch = ann.post("/api/batches/next").json()["batch"]
+    assert len(batch["items"]) == 10 and batch["question"] == "Is this a sneaker?"
+    assert "gold" not in str(batch["items"][0])
+    # the same batch again until it is submitted (a page reload continues it)
+    assert ann.post("/api/batches/next").json()["batch"]["batch_id"] == batch["batch_id"]
+    bid = batch["batch_id"]
+    assert bob.get(f"/api/batches/{bid}").status_code == 403
+    assert bob.get(f"/api/batches/{bid}/images/0").status_code == 403
+    answers = {"answers": [{"index": i, "answer": "no"} for i in range(10)]}
+    assert bob.post(f"/api/batches/{bid}/labels", json=answers).status_code == 403
+    # admin calls need an admin token
+    assert ann.get("/api/admin/labelers").status_code == 403
+    assert client(url, tokens["root"]).get("/api/admin/labelers").status_code == 200
+
+    r = ann.get(f"/api/batches/{bid}/images/0")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:4] == b"\x89PNG"
+    assert ann.get(f"/api/batches/{bid}/images/10").status_code == 404
+
+
+def test_malformed_payloads_get_422_with_a_clear_message(service):
+    storage, _, url, tokens, _ = service
+    ann = client(url, tokens["ann"])
+    bid = ann.post("/api/batches/next").json()["batch"]["batch_id"]
+    path = f"/api/batches/{bid}/labels"
+    r = ann.post(path, json={"answers": [{"index": 0, "answer": "maybe"}]})
+    assert r.status_code == 422 and "yes" in r.text and "answer" in r.text
+    r = ann.post(path, json={"labels": []})
+    assert r.status_code == 422 and "answers" in r.text
+    r = ann.post(path, content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    r = ann.post(path, json={"answers": [{"index": 0, "answer": "yes"}]})
+    assert r.status_code == 422 and "exactly once" in r.json()["detail"]
+    r = ann.post(path, json={"answers": [{"index": 0, "answer": "yes"}] * 10})
+    assert r.status_code == 422
+    r = ann.post(path, content=b"x" * (2 << 20), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+    # nothing was stored by any of these
+    assert labels.read_votes(storage, CATEGORY).num_rows == 0
+
+
+def test_a_batch_sent_twice_is_counted_once(service):
+    storage, truth, url, tokens, _ = service
+    ann = client(url, tokens["ann"])
+    batch = ann.post("/api/batches/next").json()["batch"]
+    answers = {"answers": [{"index": it["index"], "answer": "yes"} for it in batch["items"]]}
+    first = ann.post(f"/api/batches/{batch['batch_id']}/labels", json=answers).json()
+    second = ann.post(f"/api/batches/{batch['batch_id']}/labels", json=answers).json()
+    assert first["stored"] is True and second["stored"] is False
+    votes = labels.read_votes(storage, CATEGORY)
+    assert votes.num_rows == 10
+    assert set(votes.column("batch_id").to_pylist()) == {batch["batch_id"]}
+    # the next batch holds none of the images ann already answered
+    nxt = ann.post("/api/batches/next").json()["batch"]
+    gold = set(read_gold(storage, CATEGORY).column("image_id").to_pylist())
+    answered = {it["image_id"] for it in batch["items"]} - gold
+    assert not answered & {it["image_id"] for it in nxt["items"]}
+
+
+def test_fifty_concurrent_labelers_lose_and_double_count_nothing(tmp_path, fashion):
+    storage, truth = make_root(tmp_path, fashion, n=500, n_request=400, n_gold=100, seed=1)
+    qc = QCParams(batch_size=10, gold_rate=0.5, min_gold_answers=6)
+    completed = threading.Event()
+    rng = np.random.default_rng(5)
+    spammers = {f"w{k:02d}" for k in range(0, 50, 7)}  # 8 spammers
+    stop = threading.Event()
+    admin = create_labeler(storage, "admin", role="admin")
+    names = [f"w{k:02d}" for k in range(50)]
+    tokens = {name: create_labeler(storage, name) for name in names}
+    app = create_app(storage, qc, on_complete=lambda c, r: completed.set())
+    with ServiceThread(app) as url:
+        workers = [
+            HttpLabeler(
+                url,
+                tokens[name],
+                0.5 if name in spammers else float(rng.uniform(0.85, 0.95)),
+                truth,
+                stop,
+                seed=k,
+                poll_s=0.2,
+                name=name,
+                unsure_rate=0.0,
+            )
+            for k, name in enumerate(names)
+        ]
+        for w in workers:
+            w.start()
+        assert completed.wait(180), "the request never completed"
+        stop.set()
+        for w in workers:
+            w.join(30)
+        progress = client(url, admin).get("/api/admin/requests").json()
+
+    # Count audit: every submitted batch is one file holding exactly its answers, no (image, labeler) twice.
+    files = storage.glob(storage.path(f"labels/{CATEGORY}/votes/request=iteration-1/*.parquet"))
+    batches = storage.glob(storage.path(f"labels/{CATEGORY}/batches/*.json"))
+    stored = sum(storage.read_table(f).num_rows for f in files)
+    submitted = sum(w.submitted for w in workers)
+    assert len(files) == submitted
+    votes = labels.read_votes(storage, CATEGORY)
+    assert votes.num_rows == stored
+    df = votes.to_pandas()
+    assert not df.duplicated(["image_id", "labeler"]).any() or df["gold"].any()
+    assert not df[~df["gold"]].duplicated(["image_id", "labeler"]).any()
+    sizes = {b.rsplit("/", 1)[1][:-5]: len(storage.read_json(b)["image_ids"]) for b in batches}
+    assert stored == sum(sizes[f.rsplit("/", 1)[1][:-8]] for f in files)
+    assert progress[0]["complete"] and progress[0]["done"] == 400
+
+    # Quality control: spammers are flagged (and only they), aggregation beats a single labeler.
+    stats = labeler_stats(votes, read_gold(storage, CATEGORY), qc).set_index("labeler")
+    flagged = set(stats.index[stats["flagged"]])
+    assert flagged <= spammers and len(flagged) >= len(spammers) // 2, (flagged, spammers)
+    assert all(w.flagged for w in workers if w.name.removeprefix("http-") in flagged)
+    agg = labels.collect(storage, CATEGORY, "iteration-1").to_pandas()
+    aggregated_acc = np.mean([(p >= 0.5) == truth[i] for i, p in zip(agg.image_id, agg.p_positive, strict=True)])
+    plain = df[~df["gold"] & (df["answer"] != "unsure")]
+    single_acc = np.mean([(a == "yes") == truth[i] for i, a in zip(plain.image_id, plain.answer, strict=True)])
+    print(f"single labeler accuracy {single_acc:.3f}, aggregated {aggregated_acc:.3f}, flagged {sorted(flagged)}")
+    assert aggregated_acc >= 0.98 and aggregated_acc > single_acc + 0.05
+
+
+def test_the_desk_rebuilds_from_storage_after_a_restart(service):
+    storage, truth, url, tokens, _ = service
+    ann = client(url, tokens["ann"])
+    done = ann.post("/api/batches/next").json()["batch"]
+    ann.post(
+        f"/api/batches/{done['batch_id']}/labels",
+        json={"answers": [{"index": i, "answer": "no"} for i in range(len(done["items"]))]},
+    ).raise_for_status()
+    open_batch = ann.post("/api/batches/next").json()["batch"]
+    adm = create_labeler(storage, "adm", role="admin")
+    # a second service over the same root knows both batches
+    with ServiceThread(create_app(storage, QCParams(batch_size=10))) as url2:
+        again = client(url2, tokens["ann"])
+        assert again.post("/api/batches/next").json()["batch"]["batch_id"] == open_batch["batch_id"]
+        r = again.post(
+            f"/api/batches/{done['batch_id']}/labels",
+            json={"answers": [{"index": i, "answer": "no"} for i in range(len(done["items"]))]},
+        )
+        assert r.json()["stored"] is False
+        progress = client(url2, adm).get("/api/admin/requests").json()
+    assert progress[0]["answers"] == len(done["items"]) - _gold_in(storage, done)
+
+
+def _gold_in(storage: Storage, batch: dict) -> int:
+    gold = set(read_gold(storage, CATEGORY).column("image_id").to_pylist())
+    return sum(it["image_id"] in gold for it in batch["items"])
+
+
+def test_page_is_served_without_a_build_step(service):
+    _, _, url, _, _ = service
+    r = httpx.get(url + "/", headers={"Origin": "http://evil.example"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "keydown" in r.text and "/api/batches/next" in r.text and "__PRELOAD__" not in r.text
+    assert "access-control-allow-origin" not in {k.lower() for k in r.headers}
