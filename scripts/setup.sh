@@ -8,9 +8,8 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 need_apt=()
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
-if [ "${LSUN_HITL_BROWSER:-0}" = 1 ]; then
-  command -v chromium >/dev/null || need_apt+=(chromium chromium-driver)
-fi
+# Debian's Chromium for the browser test (Playwright drives it; no browser download)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
