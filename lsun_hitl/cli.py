@@ -12,6 +12,9 @@ from typing import Any
 
 from .cluster import ClusterError
 from .config import ARCHITECTURES, CascadeParams, ConfigError, ModelParams
+from .labelers import LabelerError
+from .labels import LabelError
+from .quality import QCParams, QualityError
 from .storage import Storage, StorageError, dataset_key, groundtruth_key, storage_options_from_env
 
 CATEGORY_DIRS = ("samples", "labels", "models", "scores", "calibration", "manifests", "reports", "datasets")
@@ -73,6 +76,30 @@ def _add_cascade(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="local file with pretrained torchvision weights for --arch")
 
 
+def _add_qc(p: argparse.ArgumentParser) -> None:
+    q = QCParams()
+    p.add_argument("--labels-per-image", type=int, default=q.labels_per_image)
+    p.add_argument("--max-labels-per-image", type=int, default=q.max_labels_per_image)
+    p.add_argument("--min-margin", type=int, default=q.min_margin, help="ask more while |yes - no| is below this")
+    p.add_argument("--gold-rate", type=float, default=q.gold_rate, help="share of each batch that is gold")
+    p.add_argument("--min-gold-accuracy", type=float, default=q.min_gold_accuracy)
+    p.add_argument("--batch-size", type=int, default=q.batch_size)
+
+
+def _qc(args: argparse.Namespace) -> QCParams:
+    try:
+        return QCParams(
+            labels_per_image=args.labels_per_image,
+            max_labels_per_image=args.max_labels_per_image,
+            min_margin=args.min_margin,
+            gold_rate=args.gold_rate,
+            min_gold_accuracy=args.min_gold_accuracy,
+            batch_size=args.batch_size,
+        ).validate()
+    except QualityError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lsun-hitl", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -98,10 +125,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request", required=True, help="request id, e.g. iteration-1")
     p.add_argument("--labels", help="CSV or JSONL with image_id, labeler, answer (yes/no/unsure)")
 
+    p = sub.add_parser("serve", help="run the labeling service: the labeling page and its API")
+    _add_root(p)
+    _add_qc(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8700)
+    p.add_argument("--no-resume", action="store_true", help="do not resume waiting runs when a request is done")
+    p.add_argument("--cors-origin", action="append", help="allow this browser origin (default: none)")
+
+    p = sub.add_parser("labelers", help="create labelers and their tokens, list them, show their figures")
+    _add_root(p)
+    p.add_argument("action", choices=("add", "list", "stats"))
+    p.add_argument("name", nargs="?", help="labeler name (add)")
+    p.add_argument("--admin", action="store_true", help="the new labeler may call admin endpoints")
+    p.add_argument("--replace", action="store_true", help="issue a new token for an existing labeler")
+    p.add_argument("--category", help="stats of one category only")
+
+    p = sub.add_parser("gold", help="store the gold images (known answers) mixed into labelers' batches")
+    _add_root(p)
+    p.add_argument("--category", required=True)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--labels", help="CSV with image_id, answer (yes/no) given by an expert")
+    g.add_argument("--from-fashion-mnist", type=int, metavar="N", help="N Fashion-MNIST images, half positives")
+
     p = sub.add_parser("crowd", help="serve label requests with a simulated crowd (Fashion-MNIST truth)")
     _add_root(p)
     p.add_argument("--category", default="sneaker")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--service", help="URL of the labeling service: answer through it, as people do")
 
     p = sub.add_parser("evaluate", help="compare a finished category with Fashion-MNIST ground truth")
     _add_root(p)
@@ -112,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cascade(p)
     p.add_argument("--limit", type=int, help="use a seeded random subset of this many images (default: all 70,000)")
     p.add_argument("--keep", action="store_true", help="continue the category's earlier run instead of starting over")
+    p.add_argument("--service-port", type=int, default=0, help="port of the labeling service (default: any free)")
     return parser
 
 
@@ -162,28 +214,85 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_resume(args: argparse.Namespace) -> None:
-    import pandas as pd
+    import hashlib
 
-    from .labels import submit_votes
+    from .labelfile import read_label_file
+    from .labels import read_request, submit_votes
     from .runner import resume
 
     storage = _storage(args)
     if args.labels:
-        path = args.labels
-        try:
-            frame = pd.read_json(path, lines=True) if path.endswith((".jsonl", ".ndjson")) else pd.read_csv(path)
-        except Exception as exc:  # noqa: BLE001 - pandas raises many kinds for malformed files
-            raise ConfigError(
-                f"cannot parse label file {path!r} ({exc}); give a CSV or JSONL file with "
-                "columns image_id, labeler, answer"
-            ) from exc
-        import hashlib
-
-        submission = "file-" + hashlib.blake2b(open(path, "rb").read(), digest_size=8).hexdigest()
+        _, request = read_request(storage, args.category, args.request)
+        frame = read_label_file(args.labels, request, args.category)
+        with open(args.labels, "rb") as f:
+            submission = "file-" + hashlib.blake2b(f.read(), digest_size=8).hexdigest()
         stored = submit_votes(storage, args.category, args.request, frame, submission)
         print(f"{len(frame)} labels {'stored' if stored else 'were already stored'} for {args.request}")
     run_id = resume(storage, args.category, args.request)
     print(f"resumed flow run {run_id}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .service import serve
+
+    storage = _storage(args)
+    storage.check_writable()
+    print(f"labeling service on http://{args.host}:{args.port}/ over {storage.url} (Ctrl-C to stop)")
+    serve(storage, _qc(args), host=args.host, port=args.port, resume_runs=not args.no_resume,
+          cors_origins=args.cors_origin)
+
+
+def cmd_labelers(args: argparse.Namespace) -> None:
+    from .labelers import create_labeler, list_labelers
+    from .quality import labeler_stats, read_gold, read_qc
+
+    storage = _storage(args)
+    if args.action == "add":
+        if not args.name:
+            raise ConfigError("labelers add needs a NAME")
+        token = create_labeler(storage, args.name, role="admin" if args.admin else "labeler", replace=args.replace)
+        print(f"labeler {args.name!r} created; its token (shown once, keep it secret):\n{token}")
+        print(f"it opens the page at http://<service>/#token={token}")
+    elif args.action == "list":
+        for who in list_labelers(storage):
+            print(f"{who.name}\t{who.role}")
+    else:
+        from .labels import read_votes
+
+        qc = read_qc(storage)
+        categories = [args.category] if args.category else sorted(
+            {p.split("/")[-3] for p in storage.glob(storage.path("labels/*/requests/*.json"))}
+        )
+        for category in categories:
+            stats = labeler_stats(read_votes(storage, category), read_gold(storage, category), qc)
+            print(f"== {category}")
+            print(stats.to_string(index=False, float_format=lambda x: f"{x:.3f}") if len(stats) else "(no answers)")
+
+
+def cmd_gold(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from .ingest import read_pool
+    from .quality import write_gold
+
+    storage = _storage(args)
+    if args.from_fashion_mnist:
+        from .fashion_mnist import expert_gold
+
+        gold = expert_gold(storage, args.category, args.from_fashion_mnist)
+    else:
+        try:
+            frame = pd.read_csv(args.labels, dtype=str, skipinitialspace=True)
+        except Exception as exc:  # noqa: BLE001 - pandas raises many kinds for malformed files
+            raise ConfigError(
+                f"cannot parse gold file {args.labels!r} ({exc}); give a CSV with image_id, answer"
+            ) from exc
+        pool = read_pool(storage, columns=["image_id", "uri"]).to_pandas()
+        gold = frame.merge(pool, on="image_id", how="left")
+        if gold["uri"].isna().any():
+            raise ConfigError(f"gold file {args.labels!r} names images that are not in the pool, e.g. "
+                              f"{list(gold.loc[gold['uri'].isna(), 'image_id'][:3])}")
+    print(f"{write_gold(storage, args.category, gold)} gold images stored for {args.category!r}")
 
 
 def _crowd_thread(storage: Storage, category: str, seed: int) -> tuple[threading.Event, threading.Thread]:
@@ -205,6 +314,18 @@ def _crowd_thread(storage: Storage, category: str, seed: int) -> tuple[threading
 
 def cmd_crowd(args: argparse.Namespace) -> None:
     storage = _storage(args)
+    if args.service:
+        from .crowd import CrowdParams, http_crowd
+
+        stop = threading.Event()
+        workers = http_crowd(args.service, storage, args.category, stop, CrowdParams(seed=args.seed))
+        print(f"{len(workers)} simulated labelers answering {args.service} for {args.category!r}; Ctrl-C to stop")
+        try:
+            while any(w.is_alive() for w in workers):
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            stop.set()
+        return
     stop, thread = _crowd_thread(storage, args.category, args.seed)
     print(f"simulated crowd serving label requests for {args.category!r} under {storage.url}; Ctrl-C to stop")
     try:
@@ -244,15 +365,29 @@ def cmd_demo(args: argparse.Namespace) -> None:
             path = storage.path(d, args.category)
             if storage.exists(path):
                 storage.fs.rm(path, recursive=True)
-    print(f"== cascade for {args.category!r}: the simulated crowd answers label requests as they are published")
-    stop, thread = _crowd_thread(storage, args.category, args.seed)
-    try:
+    from contextlib import ExitStack
+
+    from .crowd import CrowdParams, http_crowd
+    from .fashion_mnist import expert_gold
+    from .quality import read_gold, write_gold
+    from .service import ServiceThread, create_app, resume_waiting_run
+
+    if read_gold(storage, args.category).num_rows == 0:
+        write_gold(storage, args.category, expert_gold(storage, args.category, 100, seed=args.seed))
+    stop = threading.Event()
+    with ExitStack() as stack:
+        app = create_app(storage, QCParams(), on_complete=resume_waiting_run(storage))
+        url = stack.enter_context(ServiceThread(app, port=args.service_port))
+        print(f"== labeling service on {url}/ (lsun-hitl labelers add NAME --root {storage.url} gives a token)")
+        workers = http_crowd(url, storage, args.category, stop, CrowdParams(seed=args.seed))
+        stack.callback(lambda: [w.join(10) for w in workers])
+        stack.callback(stop.set)
+        print(f"== cascade for {args.category!r}: {len(workers)} simulated labelers answer through the service")
         summary = run_cascade(
             args.category, storage.url, params=params, dask_address=args.dask_address, storage_options=storage.options
         )
-    finally:
-        stop.set()
-        thread.join(10)
+        figures = app.state.desk.labeler_figures(args.category)
+    flagged = sorted(figures.loc[figures["flagged"], "labeler"]) if len(figures) else []
     evaluation = evaluate(storage, args.category)
     wall = time.time() - started
     from .cascade import Summary
@@ -260,10 +395,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print("\n== final summary")
     print(Summary(**summary))
     print(evaluation)
+    print(f"  labelers flagged on gold: {len(flagged)} {flagged}")
     print(f"  wall time: {wall:.0f} s")
     storage.write_json(
         storage.path(dataset_key(args.category, "demo.json")),
-        {"summary": summary, "evaluation": evaluation.to_dict(), "wall_s": wall},
+        {"summary": summary, "evaluation": evaluation.to_dict(), "flagged": flagged, "wall_s": wall},
     )
 
 
@@ -273,6 +409,9 @@ COMMANDS = {
     "run": cmd_run,
     "resume": cmd_resume,
     "crowd": cmd_crowd,
+    "serve": cmd_serve,
+    "labelers": cmd_labelers,
+    "gold": cmd_gold,
     "evaluate": cmd_evaluate,
     "demo": cmd_demo,
 }
@@ -289,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level)
     try:
         COMMANDS[args.command](args)
-    except (ConfigError, StorageError, ClusterError, FileNotFoundError, ValueError) as exc:
+    except (
+        ConfigError, StorageError, ClusterError, LabelError, LabelerError, QualityError, FileNotFoundError, ValueError
+    ) as exc:
         print(f"lsun-hitl {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

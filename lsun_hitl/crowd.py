@@ -177,6 +177,9 @@ class HttpLabeler(threading.Thread):
                     if r.status_code == 403:
                         self.flagged = True
                         return
+                    if r.status_code == 401:  # a token created a moment ago: the service reloads its registry
+                        self.stop.wait(self.poll_s)
+                        continue
                     r.raise_for_status()
                     batch = r.json()["batch"]
                     if batch is None:

@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .labels import LabelError, list_requests, read_request, read_votes, submit_votes
-from .quality import QCParams, flagged_labelers, image_done, labeler_stats, read_gold, votes_wanted, write_qc
+from .quality import QCParams, image_done, is_flagged, labeler_stats, read_gold, votes_wanted, write_qc
 from .storage import Storage, batch_key, votes_dir
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class _Request:
     pending: dict[str, tuple[str, list[int], float]] = field(default_factory=dict)
     complete: bool = False
     notified: bool = False
+    attempts: int = 0
 
     def done(self, qc: QCParams) -> np.ndarray:
         return image_done(self.yes, self.no, self.unsure, qc)
@@ -115,6 +116,9 @@ class LabelingDesk:
         self._votes: dict[str, list[pa.Table]] = {}
         self._gold: dict[str, pa.Table] = {}
         self._flagged: dict[str, set[str]] = {}
+        self._gold_truth: dict[str, dict[str, str]] = {}
+        self._gold_seen: dict[str, dict[str, set[str]]] = {}
+        self._gold_score: dict[str, dict[str, list[int]]] = {}
         self._scanned = 0.0
         write_qc(storage, self.qc)
         self.refresh(force=True)
@@ -139,14 +143,24 @@ class LabelingDesk:
                         self._add_request(category, meta.request_id)
                     elif meta.flow_run_id != self._requests[key].flow_run_id:
                         # the run was restarted and waits again: make sure it gets resumed
-                        self._requests[key].flow_run_id = meta.flow_run_id
-                        if self._requests[key].complete:
+                        req = self._requests[key]
+                        req.flow_run_id, req.attempts = meta.flow_run_id, 0
+                        if req.complete:
                             self._notify(category, meta.request_id)
+            for req in self._requests.values():
+                if req.complete and not req.notified and req.attempts < 5:
+                    self._notify(req.category, req.request_id)  # an earlier resume failed: try again
 
     def _load_category(self, category: str) -> None:
-        self._gold[category] = read_gold(self.storage, category)
-        self._votes[category] = [read_votes(self.storage, category)]
-        self._flagged[category] = flagged_labelers(self._all_votes(category), self._gold[category], self.qc)
+        gold = self._gold[category] = read_gold(self.storage, category)
+        self._gold_truth[category] = dict(
+            zip(gold.column("image_id").to_pylist(), gold.column("answer").to_pylist(), strict=True)
+        )
+        self._gold_seen[category], self._gold_score[category] = {}, {}
+        votes = read_votes(self.storage, category)
+        self._votes[category] = [votes]
+        self._score_gold(category, votes)
+        self._flagged[category] = self._flag(category)
         for path in self.storage.glob(self.storage.path(f"labels/{category}/batches/*.json")):
             batch = Batch(**self.storage.read_json(path))
             done = self.storage.path(votes_dir(category, batch.request_id), f"{batch.batch_id}.parquet")
@@ -178,6 +192,23 @@ class LabelingDesk:
                 req.pending[batch.batch_id] = (batch.labeler, rows, batch.created_at + self.qc.lease_s)
         if req.complete:
             self._notify(category, request_id)
+
+    def _score_gold(self, category: str, votes: pa.Table) -> None:
+        truth = self._gold_truth.get(category, {})
+        seen, score = self._gold_seen[category], self._gold_score[category]
+        for image_id, labeler, answer, gold in zip(
+            *(votes.column(c).to_pylist() for c in ("image_id", "labeler", "answer", "gold")), strict=True
+        ):
+            if not gold:
+                continue
+            seen.setdefault(labeler, set()).add(image_id)
+            if answer != "unsure" and image_id in truth:
+                n_correct = score.setdefault(labeler, [0, 0])
+                n_correct[0] += 1
+                n_correct[1] += answer == truth[image_id]
+
+    def _flag(self, category: str) -> set[str]:
+        return {who for who, (n, c) in self._gold_score[category].items() if is_flagged(n, c, self.qc)}
 
     def _all_votes(self, category: str) -> pa.Table:
         tables = self._votes.get(category) or []
@@ -270,11 +301,7 @@ class LabelingDesk:
         n_gold = self._n_gold(req.category)
         if n_gold:
             gold = self._gold[req.category]
-            seen = set()
-            tables = self._votes.get(req.category) or []
-            for t in tables:
-                df = t.select(["image_id", "labeler", "gold"]).to_pandas()
-                seen |= set(df.loc[df["gold"].fillna(False).astype(bool) & (df["labeler"] == labeler), "image_id"])
+            seen = self._gold_seen[req.category].get(labeler, set())
             gids = gold.column("image_id").to_pylist()
             fresh = [k for k in range(len(gids)) if gids[k] not in seen and gids[k] not in ids]
             pool = fresh if len(fresh) >= n_gold else [k for k in range(len(gids)) if gids[k] not in ids]
@@ -366,7 +393,8 @@ class LabelingDesk:
                 req.pending.pop(batch.batch_id, None)
             recounted = False
             if any(batch.gold):
-                flagged = flagged_labelers(self._all_votes(category), self._gold[category], self.qc)
+                self._score_gold(category, _as_votes(table))
+                flagged = self._flag(category)
                 if flagged != self._flagged.get(category, set()):
                     log.warning("labelers flagged for %s: %s", category, sorted(flagged))
                     self._flagged[category] = flagged
@@ -378,11 +406,11 @@ class LabelingDesk:
                 return
             if not recounted:
                 counts = batch.labeler not in self._flagged.get(category, set())
-                for image_id, answer in zip(
-                    table.column("image_id").to_pylist(), table.column("answer").to_pylist(), strict=True
+                for image_id, answer, gold in zip(
+                    *(table.column(c).to_pylist() for c in ("image_id", "answer", "gold")), strict=True
                 ):
                     k = req.index.get(image_id)
-                    if k is None:
+                    if k is None or gold:  # answers on gold images never count (as in aggregation)
                         continue
                     req.answered_by[k].add(batch.labeler)
                     if not counts:
@@ -398,7 +426,9 @@ class LabelingDesk:
                 self._notify(category, req.request_id)
 
     def _notify(self, category: str, request_id: str) -> None:
-        self._requests[(category, request_id)].notified = True
+        req = self._requests[(category, request_id)]
+        req.notified = True
+        req.attempts += 1
         if self.on_complete is None:
             return
         log.info("request %s/%s is fully labeled", category, request_id)
@@ -406,8 +436,11 @@ class LabelingDesk:
         def call() -> None:
             try:
                 self.on_complete(category, request_id)  # type: ignore[misc]
-            except Exception as exc:  # noqa: BLE001 - report and go on; the CLI can resume it later
-                log.warning("resuming the run waiting for %s/%s failed: %s", category, request_id, exc)
+            except Exception as exc:  # noqa: BLE001 - report, retry on a later refresh; the CLI can resume too
+                log.warning("resuming the run waiting for %s/%s failed (attempt %s): %s",
+                            category, request_id, req.attempts, exc)
+                with self._lock:
+                    req.notified = False
 
         threading.Thread(target=call, name=f"resume-{request_id}", daemon=True).start()
 

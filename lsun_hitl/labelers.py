@@ -72,7 +72,7 @@ def list_labelers(storage: Storage) -> list[Labeler]:
 class TokenIndex:
     """Token hash -> labeler, loaded once from storage (``reload()`` after the registry changes)."""
 
-    def __init__(self, storage: Storage, reload_s: float = 2.0) -> None:
+    def __init__(self, storage: Storage, reload_s: float = 0.5) -> None:
         self.storage = storage
         self.reload_s = reload_s
         self.reload()

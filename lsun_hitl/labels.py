@@ -199,13 +199,17 @@ def submit_votes(
 
 
 def read_votes(storage: Storage, category: str, request_id: str | None = None) -> pa.Table:
-    """All stored answers (of one request, or of every request), each (image, labeler) counted once."""
+    """All stored answers (of one request, or of every request), each (image, labeler) counted once.
+
+    An answer to an image shown as gold and one to the same image shown as a request item are both
+    kept: gold images are pool images and may be sampled for a request too.
+    """
     pattern = votes_dir(category, request_id or "*") + "/*.parquet"
     paths = storage.glob(storage.path(pattern))
     if not paths:
         return VOTE_SCHEMA.empty_table()
     table = pa.concat_tables([_as_votes(storage.read_table(p)) for p in paths])
-    df = table.to_pandas().drop_duplicates(["request_id", "image_id", "labeler"], keep="first")
+    df = table.to_pandas().drop_duplicates(["request_id", "image_id", "labeler", "gold"], keep="first")
     return pa.Table.from_pandas(df, schema=VOTE_SCHEMA, preserve_index=False)
 
 

@@ -156,6 +156,15 @@ def labeler_stats(votes: pa.Table, gold: pa.Table, qc: QCParams) -> pd.DataFrame
     return out.reset_index().rename(columns={"index": "labeler"})[cols]
 
 
+def is_flagged(gold_answers: int, gold_correct: int, qc: QCParams) -> bool:
+    """Whether a labeler with these gold figures is confidently below ``qc.min_gold_accuracy``."""
+    from .calibration import clopper_pearson
+
+    if gold_answers < qc.min_gold_answers:
+        return False
+    return clopper_pearson(gold_correct, gold_answers, qc.flag_confidence)[1] < qc.min_gold_accuracy
+
+
 def read_qc(storage: Storage) -> QCParams:
     """The quality settings stored under ``labels/qc.json`` (written by ``lsun-hitl serve``), or defaults."""
     path = storage.path(QC_KEY)
