@@ -4,15 +4,17 @@
     until few images are left unlabeled, the human budget is spent, or the iteration limit is hit;
     then people label the remainder (or it stays unresolved) and the dataset is written.
 
-While people label, the run is *paused* (``pause_flow_run`` with a ``LabelsDelivered`` input); whoever
-delivers the labels resumes it through the Prefect API (``lsun_hitl.runner.resume``). Run it with
+While people label, the run is *paused* (``pause_flow_run`` with a ``LabelsDelivered`` input), or, when
+it runs from a deployment, *suspended* (its process exits and Prefect reschedules it on resume; every step
+skips work whose output is stored, so it goes on where it stopped). Whoever delivers the labels resumes
+it through the Prefect API (``lsun_hitl.runner.resume``; the labeling service does it by itself). Run it with
 ``lsun-hitl run --category sneaker --root ./lsun-data``, or ``lsun-hitl demo`` with a simulated crowd.
 """
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
-from prefect.flow_runs import pause_flow_run
+from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
 from prefect.runtime import flow_run
 
@@ -54,12 +56,17 @@ def wait_for_labels(storage: Storage, category: str, request: LabelRequest, para
             request.request_id,
             params.label_timeout_s,
         )
-        pause_flow_run(
-            wait_for_input=LabelsDelivered,
-            timeout=params.label_timeout_s,
-            poll_interval=params.label_poll_s,
-            key=f"{request.request_id}-{attempt}",
-        )
+        key = f"{request.request_id}-{attempt}"
+        if params.wait == "suspend" or (params.wait == "auto" and flow_run.deployment_id):
+            # ends this process; Prefect reschedules the run on resume and it goes on from stored outputs
+            suspend_flow_run(wait_for_input=LabelsDelivered, timeout=params.label_timeout_s, key=key)
+        else:
+            pause_flow_run(
+                wait_for_input=LabelsDelivered,
+                timeout=params.label_timeout_s,
+                poll_interval=params.label_poll_s,
+                key=key,
+            )
     return collect_labels(storage, category, request.request_id)
 
 

@@ -63,6 +63,9 @@ class CascadeParams:
     seed: int = 0
     label_timeout_s: int = 7 * 24 * 3600
     label_poll_s: int = 2
+    # how a run waits for people: "pause" keeps the process (embedded default), "suspend" ends it and
+    # Prefect reschedules the run when labels arrive (needs a deployment); "auto": suspend when deployed
+    wait: Literal["auto", "pause", "suspend"] = "auto"
     score_partition: int = 4000
     score_batch: int = 256
     dask_workers: int | None = None
@@ -110,6 +113,7 @@ def validate(category: str, params: CascadeParams) -> None:
         (params.human_budget is None or params.human_budget > 0, "human_budget", "a positive number or None"),
         (params.remainder in ("people", "unresolved"), "remainder", "'people' or 'unresolved'"),
         (params.label_timeout_s > 0, "label_timeout_s", "a positive number of seconds"),
+        (params.wait in ("auto", "pause", "suspend"), "wait", "'auto', 'pause' or 'suspend'"),
         (params.score_partition >= 1 and params.score_batch >= 1, "score_partition/score_batch", "positive"),
         (params.model.arch in ARCHITECTURES, "model.arch", f"one of {', '.join(ARCHITECTURES)}"),
         (16 <= params.model.image_size <= 1024, "model.image_size", "between 16 and 1024 pixels"),

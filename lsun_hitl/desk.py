@@ -193,6 +193,15 @@ class LabelingDesk:
         if req.complete:
             self._notify(category, request_id)
 
+    def resync(self, category: str) -> None:
+        """Rebuild a category's answers and counts from storage (the same view aggregation has)."""
+        with self._lock:
+            log.warning("re-reading the answers of %s from storage", category)
+            self._load_category(category)
+            for req in self._requests.values():
+                if req.category == category:
+                    self._recount(req)
+
     def _score_gold(self, category: str, votes: pa.Table) -> None:
         truth = self._gold_truth.get(category, {})
         seen, score = self._gold_seen[category], self._gold_score[category]
@@ -226,7 +235,7 @@ class LabelingDesk:
         flagged = self._flagged.get(req.category, set())
         for image_id, labeler, answer in zip(votes["image_id"], votes["labeler"], votes["answer"], strict=True):
             k = req.index.get(image_id)
-            if k is None:
+            if k is None or labeler in req.answered_by[k]:  # the first answer of a labeler counts
                 continue
             req.answered_by[k].add(labeler)
             if labeler in flagged:
@@ -412,6 +421,8 @@ class LabelingDesk:
                     k = req.index.get(image_id)
                     if k is None or gold:  # answers on gold images never count (as in aggregation)
                         continue
+                    if batch.labeler in req.answered_by[k]:  # a late batch after its lease: first answer counts
+                        continue
                     req.answered_by[k].add(batch.labeler)
                     if not counts:
                         continue
@@ -441,6 +452,8 @@ class LabelingDesk:
                             category, request_id, req.attempts, exc)
                 with self._lock:
                     req.notified = False
+                if isinstance(exc, LabelError):
+                    self.resync(category)
 
         threading.Thread(target=call, name=f"resume-{request_id}", daemon=True).start()
 

@@ -202,14 +202,17 @@ def read_votes(storage: Storage, category: str, request_id: str | None = None) -
     """All stored answers (of one request, or of every request), each (image, labeler) counted once.
 
     An answer to an image shown as gold and one to the same image shown as a request item are both
-    kept: gold images are pool images and may be sampled for a request too.
+    kept (gold images are pool images and may be sampled for a request too), and every showing of a
+    gold image counts (a labeler may see a gold image again once it has seen them all).
     """
     pattern = votes_dir(category, request_id or "*") + "/*.parquet"
     paths = storage.glob(storage.path(pattern))
     if not paths:
         return VOTE_SCHEMA.empty_table()
     table = pa.concat_tables([_as_votes(storage.read_table(p)) for p in paths])
-    df = table.to_pandas().drop_duplicates(["request_id", "image_id", "labeler", "gold"], keep="first")
+    df = table.to_pandas()
+    showing = df["batch_id"].fillna("").where(df["gold"].fillna(False).astype(bool), "")
+    df = df[~df.assign(showing=showing).duplicated(["request_id", "image_id", "labeler", "gold", "showing"])]
     return pa.Table.from_pandas(df, schema=VOTE_SCHEMA, preserve_index=False)
 
 
