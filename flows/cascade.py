@@ -16,7 +16,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from lsun_hitl.config import CascadeParams
 from lsun_hitl.labels import LabelRequest
@@ -57,7 +57,7 @@ def wait_for_labels(storage: Storage, category: str, request: LabelRequest, para
             params.label_timeout_s,
         )
         key = f"{request.request_id}-{attempt}"
-        if params.wait == "suspend" or (params.wait == "auto" and flow_run.deployment_id):
+        if params.wait == "suspend" or (params.wait == "auto" and deployment.id):
             # ends this process; Prefect reschedules the run on resume and it goes on from stored outputs
             suspend_flow_run(wait_for_input=LabelsDelivered, timeout=params.label_timeout_s, key=key)
         else:

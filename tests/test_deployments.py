@@ -81,7 +81,7 @@ confidence = 0.5
 max_iterations = 1
 stop_unlabeled = 0
 remainder = "unresolved"
-wait = "suspend"
+wait = "auto"
 score_partition = 200
 model = {{ image_size = 32, epochs = 1, batch_size = 32 }}
 [categories.{category}]

@@ -1,0 +1,88 @@
+"""Label files people bring back (CSV, JSONL, Label Studio export), and the admin commands."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+
+from lsun_hitl import labels
+from lsun_hitl.cli import main
+from lsun_hitl.labelfile import label_studio_tasks, read_label_file
+from lsun_hitl.labels import LabelError
+from lsun_hitl.storage import LABELERS_KEY, Storage
+
+REQUEST = pa.table({"image_id": ["a1", "b2", "c3"], "uri": ["s3://x/a.jpg", "s3://x/b.jpg", "s3://x/c.jpg"]})
+
+
+def test_csv_and_jsonl(tmp_path):
+    csv = tmp_path / "l.csv"
+    csv.write_text("image_id, labeler, answer\na1, ann, Yes\nb2, ann, no\n")
+    frame = read_label_file(str(csv), REQUEST, "bag")
+    assert list(frame["answer"]) == ["Yes", "no"]
+    table = labels.validate_votes(frame, REQUEST.column("image_id").to_pylist(), "r1")
+    assert table.column("answer").to_pylist() == ["yes", "no"]
+    jsonl = tmp_path / "l.jsonl"
+    jsonl.write_text('{"image_id": "c3", "labeler": "bob", "answer": "unsure"}\n')
+    assert read_label_file(str(jsonl), REQUEST, "bag").iloc[0]["labeler"] == "bob"
+
+
+def test_label_studio_round_trip(tmp_path):
+    tasks = label_studio_tasks(REQUEST, "bag", scores={"a1": 0.9})
+    assert tasks[0]["predictions"][0]["result"][0]["value"]["choices"] == ["Yes"] and "predictions" not in tasks[1]
+    # what Label Studio exports after people annotated: data by URL, choices, annotator objects
+    export = [
+        {"data": {"image": "s3://x/a.jpg"}, "annotations": [
+            {"completed_by": {"email": "ann@x.org"}, "result": [{"type": "choices", "value": {"choices": ["Yes"]}}]},
+            {"completed_by": 7, "result": [{"type": "choices", "value": {"choices": ["bag"]}}]},
+        ]},
+        {"data": {"image_id": "b2"}, "annotations": [
+            {"completed_by": 7, "result": [{"type": "choices", "value": {"choices": ["No"]}}]},
+            {"completed_by": 8, "was_cancelled": True, "result": []},
+        ]},
+    ]
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(export))
+    frame = read_label_file(str(path), REQUEST, "bag")
+    assert frame.values.tolist() == [
+        ["a1", "label-studio-ann@x.org", "yes"],
+        ["a1", "label-studio-7", "yes"],
+        ["b2", "label-studio-7", "no"],
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("l.csv", "image,who\nx,y\n", "lacks column(s) ['answer', 'image_id', 'labeler']"),
+        ("l.csv", 'image_id,labeler,answer\n"a1,ann\n', "cannot parse label file"),
+        ("l.jsonl", "{not json\n", "cannot parse label file"),
+        ("l.json", '{"tasks": []}', "a JSON list of tasks"),
+        ("l.json", '[{"data": {"image": "s3://elsewhere.jpg"}, "annotations": []}]', "not an image of the request"),
+        ("l.json", '[{"data": {"image_id": "a1"}, "annotations": []}]', "no choice annotations"),
+        ("l.json", "[", "cannot parse label file"),
+    ],
+)
+def test_malformed_label_files_are_named(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(LabelError) as err:
+        read_label_file(str(path), REQUEST, "bag")
+    assert message in str(err.value) and name in str(err.value)
+
+
+def test_labelers_and_gold_commands(tmp_path, capsys):
+    root = str(tmp_path)
+    assert main(["labelers", "add", "alice", "--root", root]) == 0
+    token = capsys.readouterr().out.splitlines()[1]
+    assert len(token) >= 40 and token not in Storage(root).read_bytes(Storage(root).path(LABELERS_KEY)).decode()
+    assert main(["labelers", "add", "alice", "--root", root]) == 2
+    assert "--replace" in capsys.readouterr().err
+    assert main(["labelers", "add", "bad name", "--root", root]) == 2
+    assert main(["labelers", "list", "--root", root]) == 0
+    assert capsys.readouterr().out.strip() == "alice\tlabeler"
+    gold = tmp_path / "gold.csv"
+    gold.write_text("image_id,answer\nnot-in-pool,yes\n")
+    assert main(["gold", "--category", "bag", "--labels", str(gold), "--root", root]) == 2
+    assert "lsun-hitl ingest" in capsys.readouterr().err  # no pool yet: says how to build it
