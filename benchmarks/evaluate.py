@@ -1,0 +1,217 @@
+"""Evaluation harness: the cascade against ground truth and against two baselines, per category and seed.
+
+    python benchmarks/evaluate.py --root /tmp/lsun-eval --categories all --seeds 0 1 2 --out docs/evaluation
+
+For each category x seed it runs the real cascade flow (Prefect, Dask) over the Fashion-MNIST pool with
+a simulated crowd (``--accuracy``, ``--spammer-share``, ``--labels-per-image``), then
+
+- baseline (a): every pool image labeled by the same crowd;
+- baseline (b): one round of threshold auto-labeling with the cascade's human budget (same images
+  count), thresholds from point estimates on a validation split;
+
+and writes ``results.json`` (every figure), ``results.md`` (the table) and PNG plots to ``--out``.
+``--limit`` runs on a seeded subset of the pool (what fits a laptop); the README of docs/evaluation
+records the command that produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from lsun_hitl.baselines import all_by_crowd, single_round
+from lsun_hitl.config import CascadeParams, ModelParams
+from lsun_hitl.crowd import CrowdParams, SimulatedCrowd, serve
+from lsun_hitl.evaluation import evaluate
+from lsun_hitl.fashion_mnist import CLASSES, import_fashion_mnist, read_truth
+from lsun_hitl.ingest import build_pool, read_pool
+from lsun_hitl.runner import resume, run_cascade
+from lsun_hitl.storage import Storage
+
+SHARED = ("images", "pool", "groundtruth")
+
+
+def prepare(base: Path, limit: int | None) -> Storage:
+    storage = Storage(str(base / "data"))
+    if not storage.exists(storage.path("pool/images.parquet")):
+        print(f"== importing Fashion-MNIST ({limit or 'all'} images) and building the pool", flush=True)
+        build_pool(storage, import_fashion_mnist(storage, limit=limit))
+    return storage
+
+
+def run_root(base: Path, data: Storage, seed: int) -> Storage:
+    """A storage root per seed that shares the images, pool and ground truth (symlinks)."""
+    root = base / f"seed={seed}"
+    root.mkdir(parents=True, exist_ok=True)
+    for name in SHARED:
+        link = root / name
+        if not link.exists():
+            os.symlink(Path(data.root) / name, link)
+    return Storage(str(root))
+
+
+def run_cascade_with_crowd(storage: Storage, category: str, params: CascadeParams, crowd: CrowdParams) -> dict:
+    sim = SimulatedCrowd(read_truth(storage, category), crowd)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=serve,
+        args=(storage, category, sim, lambda r: resume(storage, category, r.request_id), stop, 0.5),
+        daemon=True,
+    )
+    thread.start()
+    try:
+        return run_cascade(category, storage.url, params=params)
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="/tmp/lsun-eval")
+    ap.add_argument("--out", default="docs/evaluation")
+    ap.add_argument("--categories", nargs="+", default=["all"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--limit", type=int, help="a seeded subset of the 70,000 images")
+    ap.add_argument("--accuracy", type=float, default=0.9)
+    ap.add_argument("--spammer-share", type=float, default=0.1)
+    ap.add_argument("--labels-per-image", type=int, default=3)
+    ap.add_argument("--target-precision", type=float, default=0.95)
+    ap.add_argument("--target-false-omission", type=float, default=0.01)
+    ap.add_argument("--no-baselines", action="store_true")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    categories = list(CLASSES) if args.categories == ["all"] else args.categories
+    base = Path(args.root)
+    data = prepare(base, args.limit)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else []
+    done = {(r["category"], r["seed"]) for r in results}
+    pool = read_pool(data, columns=["image_id", "uri"])
+    ids, uris = pool.column("image_id").to_pylist(), pool.column("uri").to_pylist()
+    images = None
+    for seed in args.seeds:
+        storage = run_root(base, data, seed)
+        crowd = CrowdParams(
+            accuracy=args.accuracy, spammer_share=args.spammer_share, labels_per_image=args.labels_per_image, seed=seed
+        )
+        params = CascadeParams(
+            seed=seed, target_precision=args.target_precision, target_false_omission=args.target_false_omission
+        )
+        for category in categories:
+            if (category, seed) in done:
+                continue
+            print(f"== {category} seed {seed}", flush=True)
+            started = time.time()
+            summary = run_cascade_with_crowd(storage, category, params, crowd)
+            ev = evaluate(storage, category)
+            row = {
+                "category": category,
+                "seed": seed,
+                "pool": summary["pool"],
+                "cascade": {
+                    **summary,
+                    **{f"eval_{k}": v for k, v in ev.to_dict().items() if k != "category"},
+                    "answers_per_image": summary["human_answers"] / summary["pool"],
+                    "precision_held": ev.precision >= args.target_precision,
+                    "false_omission_held": ev.false_omission <= args.target_false_omission,
+                    "model_precision_held": ev.model_precision is None or ev.model_precision >= args.target_precision,
+                    "model_false_omission_held": ev.model_false_omission is None
+                    or ev.model_false_omission <= args.target_false_omission,
+                    "wall_s": time.time() - started,
+                },
+            }
+            if not args.no_baselines:
+                truth = read_truth(storage, category)
+                row["all_by_crowd"] = all_by_crowd(ids, uris, truth, crowd).to_dict()
+                if images is None:
+                    from lsun_hitl.model import decode_many
+
+                    print("   decoding the pool for baseline (b)", flush=True)
+                    images, _ = decode_many([data.fs.cat_file(data.fs._strip_protocol(u)) for u in uris], 64)
+                row["single_round"] = single_round(
+                    images,
+                    ids,
+                    uris,
+                    truth,
+                    budget=summary["human_labeled_images"],
+                    crowd_params=crowd,
+                    model_params=ModelParams(),
+                    target_precision=args.target_precision,
+                    target_false_omission=args.target_false_omission,
+                    seed=seed,
+                ).to_dict()
+            results.append(row)
+            results_path.write_text(json.dumps(results, indent=1, default=float))
+            c = row["cascade"]
+            print(
+                f"   cascade: precision {c['eval_precision']:.4f}, false omission {c['eval_false_omission']:.4f}, "
+                f"people labeled {c['human_labeled_share']:.1%} ({c['answers_per_image']:.2f} answers/image), "
+                f"{c['wall_s']:.0f} s",
+                flush=True,
+            )
+    write_report(results, out, args.target_precision, args.target_false_omission)
+    return 0
+
+
+def write_report(results: list[dict], out: Path, target_precision: float, target_fo: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [
+        "| category | seed | precision | false omission | people labeled | answers / image | amplification |"
+        " (a) all-crowd precision / FO / answers per image | (b) single-round precision / FO / coverage |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(results, key=lambda r: (r["category"], r["seed"])):
+        c = r["cascade"]
+        a, b = r.get("all_by_crowd"), r.get("single_round")
+        fa = f"{a['precision']:.4f} / {a['false_omission']:.4f} / {a['human_answers'] / a['pool']:.2f}" if a else "-"
+        fb = f"{b['precision']:.4f} / {b['false_omission']:.4f} / {b['coverage']:.2f}" if b else "-"
+        lines.append(
+            f"| {r['category']} | {r['seed']} | {c['eval_precision']:.4f} | {c['eval_false_omission']:.4f} | "
+            f"{c['human_labeled_share']:.1%} | {c['answers_per_image']:.2f} | {c['amplification']:.1f} | {fa} | {fb} |"
+        )
+    n = len(results)
+    held_p = sum(r["cascade"]["precision_held"] for r in results)
+    held_f = sum(r["cascade"]["false_omission_held"] for r in results)
+    mean_share = np.mean([r["cascade"]["human_labeled_share"] for r in results]) if results else float("nan")
+    lines += [
+        "",
+        f"Runs: {n}. Precision >= {target_precision} held in {held_p}/{n}; false omission <= {target_fo} held in "
+        f"{held_f}/{n}. Mean share of the pool labeled by people: {mean_share:.1%}.",
+    ]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        c = r["cascade"]
+        ax.scatter(c["answers_per_image"], c["eval_precision"], color="C0")
+        ax.annotate(r["category"], (c["answers_per_image"], c["eval_precision"]), fontsize=7)
+        if r.get("single_round"):
+            b = r["single_round"]
+            ax.scatter(b["human_answers"] / b["pool"], b["precision"], color="C1", marker="x")
+        if r.get("all_by_crowd"):
+            a = r["all_by_crowd"]
+            ax.scatter(a["human_answers"] / a["pool"], a["precision"], color="C2", marker="s")
+    ax.axhline(target_precision, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("human answers per pool image")
+    ax.set_ylabel("positive-set precision (ground truth)")
+    ax.set_title("cascade (o) vs single round (x) vs all by crowd (s)")
+    fig.tight_layout()
+    fig.savefig(out / "precision-vs-effort.png", dpi=120)
+    print((out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
