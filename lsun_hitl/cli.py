@@ -84,6 +84,7 @@ def _add_qc(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gold-rate", type=float, default=q.gold_rate, help="share of each batch that is gold")
     p.add_argument("--min-gold-accuracy", type=float, default=q.min_gold_accuracy)
     p.add_argument("--batch-size", type=int, default=q.batch_size)
+    p.add_argument("--aggregation", choices=("dawid-skene", "majority"), default=q.aggregation)
 
 
 def _qc(args: argparse.Namespace) -> QCParams:
@@ -95,6 +96,7 @@ def _qc(args: argparse.Namespace) -> QCParams:
             gold_rate=args.gold_rate,
             min_gold_accuracy=args.min_gold_accuracy,
             batch_size=args.batch_size,
+            aggregation=args.aggregation,
         ).validate()
     except QualityError as exc:
         raise ConfigError(str(exc)) from exc

@@ -232,13 +232,18 @@ def usable_votes(votes: pa.Table, flagged: Iterable[str] = ()) -> pa.Table:
     return pa.Table.from_pandas(df[keep], schema=VOTE_SCHEMA, preserve_index=False)
 
 
-def aggregate(votes: pa.Table, *, n_iter: int = 100) -> pa.Table:
-    """Aggregate yes/no answers per image with Dawid-Skene; ``unsure`` answers carry no vote.
+def aggregate(votes: pa.Table, *, method: str = "dawid-skene", n_iter: int = 100) -> pa.Table:
+    """Aggregate yes/no answers per image; ``unsure`` answers carry no vote.
 
-    Returns AGG_SCHEMA rows for every image with at least one answer; ``p_positive`` is NaN for
-    images that only got ``unsure``. When the answers cannot identify a two-class model (a single
-    class seen, or a single labeler), each answer counts as from a 90%-accurate labeler.
+    ``method="dawid-skene"`` (crowd-kit) learns each labeler's confusion matrix; ``"majority"``
+    counts every answer as from a 90%-accurate labeler, so ``p_positive`` is the posterior of a
+    plain majority (ties give 0.5). Returns AGG_SCHEMA rows for every image with at least one
+    answer; ``p_positive`` is NaN for images that only got ``unsure``. When the answers cannot
+    identify a two-class model (a single class seen, or a single labeler), Dawid-Skene falls back to
+    the majority.
     """
+    if method not in ("dawid-skene", "majority"):
+        raise LabelError(f"aggregation method {method!r} is unknown: use 'dawid-skene' or 'majority'")
     df = votes.select(["image_id", "labeler", "answer"]).to_pandas()
     if df.empty:
         return AGG_SCHEMA.empty_table()
@@ -253,7 +258,7 @@ def aggregate(votes: pa.Table, *, n_iter: int = 100) -> pa.Table:
                 "label": (decisive["answer"] == "yes").astype(int),
             }
         )
-        if frame["label"].nunique() == 2 and frame["worker"].nunique() >= 2:
+        if method == "dawid-skene" and frame["label"].nunique() == 2 and frame["worker"].nunique() >= 2:
             from crowdkit.aggregation import DawidSkene
 
             proba = DawidSkene(n_iter=n_iter).fit_predict_proba(frame)
@@ -286,7 +291,7 @@ def collect(storage: Storage, category: str, request_id: str) -> pa.Table:
     _, request = read_request(storage, category, request_id)
     votes = read_votes(storage, category)
     flagged = flagged_labelers(votes, read_gold(storage, category), read_qc(storage))
-    agg = aggregate(usable_votes(votes, flagged))
+    agg = aggregate(usable_votes(votes, flagged), method=read_qc(storage).aggregation)
     df = request.select(["image_id"]).to_pandas().merge(agg.to_pandas(), on="image_id", how="left")
     missing = df.loc[df["p_positive"].isna(), "image_id"]
     if len(missing):

@@ -45,6 +45,7 @@ class QCParams:
     flag_confidence : confidence of that judgement (one-sided Clopper-Pearson).
     batch_size : images per batch given to one labeler (gold included).
     lease_s : seconds a labeler holds an unsubmitted batch before its images go to others.
+    aggregation : ``"dawid-skene"`` or ``"majority"`` (see ``labels.aggregate``).
     """
 
     labels_per_image: int = 3
@@ -56,6 +57,7 @@ class QCParams:
     flag_confidence: float = 0.99
     batch_size: int = 20
     lease_s: float = 1800.0
+    aggregation: str = "dawid-skene"
 
     def validate(self) -> QCParams:
         if not 1 <= self.labels_per_image <= self.max_labels_per_image:
@@ -68,6 +70,8 @@ class QCParams:
             raise QualityError("min_gold_accuracy must be in [0.5, 1]")
         if self.batch_size < 1:
             raise QualityError("batch_size must be at least 1")
+        if self.aggregation not in ("dawid-skene", "majority"):
+            raise QualityError("aggregation must be 'dawid-skene' or 'majority'")
         return self
 
 
