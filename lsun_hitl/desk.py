@@ -91,6 +91,22 @@ class _Request:
     def done(self, qc: QCParams) -> np.ndarray:
         return image_done(self.yes, self.no, self.unsure, qc)
 
+    def count(self, image_id: str, labeler: str, answer: str, *, counts: bool) -> None:
+        """Take one answer; a labeler's first answer to an image is the one that counts (a late batch
+        after its lease may repeat an image); ``counts=False`` for flagged labelers."""
+        k = self.index.get(image_id)
+        if k is None or labeler in self.answered_by[k]:
+            return
+        self.answered_by[k].add(labeler)
+        if not counts:
+            return
+        if answer == "yes":
+            self.yes[k] += 1
+        elif answer == "no":
+            self.no[k] += 1
+        else:
+            self.unsure[k] += 1
+
 
 class LabelingDesk:
     """Thread-safe assignment and intake of human labels over a storage root."""
@@ -234,18 +250,7 @@ class LabelingDesk:
             s.clear()
         flagged = self._flagged.get(req.category, set())
         for image_id, labeler, answer in zip(votes["image_id"], votes["labeler"], votes["answer"], strict=True):
-            k = req.index.get(image_id)
-            if k is None or labeler in req.answered_by[k]:  # the first answer of a labeler counts
-                continue
-            req.answered_by[k].add(labeler)
-            if labeler in flagged:
-                continue
-            if answer == "yes":
-                req.yes[k] += 1
-            elif answer == "no":
-                req.no[k] += 1
-            else:
-                req.unsure[k] += 1
+            req.count(image_id, labeler, answer, counts=labeler not in flagged)
         req.complete = bool(req.done(self.qc).all())
 
     # ---- assignment --------------------------------------------------------------------------------
@@ -418,20 +423,8 @@ class LabelingDesk:
                 for image_id, answer, gold in zip(
                     *(table.column(c).to_pylist() for c in ("image_id", "answer", "gold")), strict=True
                 ):
-                    k = req.index.get(image_id)
-                    if k is None or gold:  # answers on gold images never count (as in aggregation)
-                        continue
-                    if batch.labeler in req.answered_by[k]:  # a late batch after its lease: first answer counts
-                        continue
-                    req.answered_by[k].add(batch.labeler)
-                    if not counts:
-                        continue
-                    if answer == "yes":
-                        req.yes[k] += 1
-                    elif answer == "no":
-                        req.no[k] += 1
-                    else:
-                        req.unsure[k] += 1
+                    if not gold:  # answers on gold images never count (as in aggregation)
+                        req.count(image_id, batch.labeler, answer, counts=counts)
                 req.complete = bool(req.done(self.qc).all())
             if req.complete and not req.notified:
                 self._notify(category, req.request_id)
