@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .labels import LabelError, list_requests, read_request, read_votes, submit_votes
+from .labels import LabelError, list_requests, read_request, read_votes, store_votes
 from .quality import QCParams, image_done, is_flagged, labeler_stats, read_gold, votes_wanted, write_qc
 from .storage import Storage, batch_key, votes_dir
 
@@ -377,7 +377,7 @@ class LabelingDesk:
                 }
             )
             gold_ids = [i for i, g in zip(batch.image_ids, batch.gold, strict=True) if g]
-            stored = submit_votes(
+            stored = store_votes(
                 self.storage,
                 batch.category,
                 batch.request_id,
@@ -387,27 +387,24 @@ class LabelingDesk:
                 batch_id=batch.batch_id,
             )
             batch.submitted = True
-            if stored:
-                path = self.storage.path(votes_dir(batch.category, batch.request_id), f"{batch.batch_id}.parquet")
-                self._take(batch, self.storage.read_table(path))
-        return {"stored": stored, "request_complete": self._complete(batch)}
+            if stored is not None:
+                self._take(batch, stored)
+        return {"stored": stored is not None, "request_complete": self._complete(batch)}
 
     def _complete(self, batch: Batch) -> bool:
         req = self._requests.get((batch.category, batch.request_id))
         return bool(req and req.complete)
 
     def _take(self, batch: Batch, table: pa.Table) -> None:
-        from .labels import _as_votes
-
         with self._lock:
             category = batch.category
-            self._votes.setdefault(category, []).append(_as_votes(table))
+            self._votes.setdefault(category, []).append(table)
             req = self._requests.get((category, batch.request_id))
             if req is not None:
                 req.pending.pop(batch.batch_id, None)
             recounted = False
             if any(batch.gold):
-                self._score_gold(category, _as_votes(table))
+                self._score_gold(category, table)
                 flagged = self._flag(category)
                 if flagged != self._flagged.get(category, set()):
                     log.warning("labelers flagged for %s: %s", category, sorted(flagged))
@@ -473,6 +470,7 @@ class LabelingDesk:
         with self._lock:
             frames = []
             for c in [category] if category else sorted(self._votes):
-                stats = labeler_stats(self._all_votes(c), self._gold.get(c, read_gold(self.storage, c)), self.qc)
+                gold = self._gold[c] if c in self._gold else read_gold(self.storage, c)
+                stats = labeler_stats(self._all_votes(c), gold, self.qc)
                 frames.append(stats.assign(category=c))
             return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

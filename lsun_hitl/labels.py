@@ -175,6 +175,30 @@ def validate_votes(
     return pa.Table.from_pandas(df[VOTE_SCHEMA.names], schema=VOTE_SCHEMA, preserve_index=False)
 
 
+def store_votes(
+    storage: Storage,
+    category: str,
+    request_id: str,
+    votes: pa.Table | pd.DataFrame,
+    submission_id: str,
+    *,
+    gold_ids: Iterable[str] = (),
+    batch_id: str | None = None,
+) -> pa.Table | None:
+    """Validate and store one submission; return what was stored (VOTE_SCHEMA), or None if that
+    submission was already stored."""
+    _check_id(submission_id, "submission id")
+    _, request = read_request(storage, category, request_id)
+    table = validate_votes(
+        votes, request.column("image_id").to_pylist(), request_id, gold_ids=gold_ids, batch_id=batch_id
+    )
+    path = storage.path(votes_dir(category, request_id), f"{submission_id}.parquet")
+    if storage.exists(path):
+        return None
+    storage.write_table(path, table)
+    return table
+
+
 def submit_votes(
     storage: Storage,
     category: str,
@@ -186,16 +210,8 @@ def submit_votes(
     batch_id: str | None = None,
 ) -> bool:
     """Validate and store one submission; return False if that submission was already stored."""
-    _check_id(submission_id, "submission id")
-    _, request = read_request(storage, category, request_id)
-    table = validate_votes(
-        votes, request.column("image_id").to_pylist(), request_id, gold_ids=gold_ids, batch_id=batch_id
-    )
-    path = storage.path(votes_dir(category, request_id), f"{submission_id}.parquet")
-    if storage.exists(path):
-        return False
-    storage.write_table(path, table)
-    return True
+    stored = store_votes(storage, category, request_id, votes, submission_id, gold_ids=gold_ids, batch_id=batch_id)
+    return stored is not None
 
 
 def read_votes(storage: Storage, category: str, request_id: str | None = None) -> pa.Table:

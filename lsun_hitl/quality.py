@@ -156,7 +156,9 @@ def labeler_stats(votes: pa.Table, gold: pa.Table, qc: QCParams) -> pd.DataFrame
         for c, n in zip(out["gold_correct"], out["gold_answers"], strict=True)
     ]
     out["gold_accuracy_high"] = upper
-    out["flagged"] = (out["gold_answers"] >= qc.min_gold_answers) & (out["gold_accuracy_high"] < qc.min_gold_accuracy)
+    out["flagged"] = [
+        is_flagged(n, c, qc) for c, n in zip(out["gold_correct"], out["gold_answers"], strict=True)
+    ]
     return out.reset_index().rename(columns={"index": "labeler"})[cols]
 
 
