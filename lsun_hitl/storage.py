@@ -19,15 +19,21 @@ Layout under the root (see README, "Storage layout")::
 
 Every write is atomic: a reader sees the old object or the new one, never a torn one. Local files are
 written to a temporary name in the same directory and renamed; object stores get one PUT per object,
-which they apply atomically.
+which they apply atomically. Reads and writes that fail for a transient reason (a dropped connection,
+a throttled or failing storage server) are retried with exponential back-off (``retries`` attempts,
+``backoff_s`` doubling); then a StorageError names the object. A missing object, a permission error
+or bad data is not retried.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +42,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+# failures that a retry cannot mend (pyarrow's ArrowInvalid is a ValueError)
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
 
 
 class StorageError(RuntimeError):
@@ -73,6 +83,8 @@ class Storage:
 
     url: str
     options: dict[str, Any] = field(default_factory=dict)
+    retries: int = 5
+    backoff_s: float = 0.2
 
     def __post_init__(self) -> None:
         url = self.url
@@ -100,6 +112,34 @@ class Storage:
         """The full URL (with protocol, ``file://`` for local files) of a key, usable by any process."""
         return self.fs.unstrip_protocol(self.path(*parts))
 
+    def _retry(self, what: str, path: str, op: Callable[[], Any]) -> Any:
+        """Run ``op``; retry transient failures with back-off, then raise StorageError naming ``path``."""
+        delay = self.backoff_s
+        for attempt in range(1, max(1, self.retries) + 1):
+            try:
+                return op()
+            except PERMANENT:
+                raise
+            except Exception as exc:  # noqa: BLE001 - connection, throttling and server errors vary by backend
+                if attempt >= self.retries:
+                    raise StorageError(
+                        f"cannot {what} {path!r} under {self.url!r}: {attempt} attempts failed, the last with "
+                        f"{type(exc).__name__}: {exc}. Nothing was half-written; check that the storage is "
+                        "reachable and run the step again."
+                    ) from exc
+                log.warning(
+                    "storage: %s %s failed (%s: %s); retry %d in %.1f s",
+                    what,
+                    path,
+                    type(exc).__name__,
+                    exc,
+                    attempt,
+                    delay,
+                )
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
     # -- checks ---------------------------------------------------------------------------------
     def check_writable(self) -> None:
         """Fail early, naming the root, if it cannot be created or written."""
@@ -116,29 +156,30 @@ class Storage:
 
     # -- reads ----------------------------------------------------------------------------------
     def exists(self, path: str) -> bool:
-        return self.fs.exists(path)
+        return self._retry("check", path, lambda: self.fs.exists(path))
 
     def read_bytes(self, path: str) -> bytes:
-        try:
-            return self.fs.cat_file(path)
-        except FileNotFoundError:
-            raise
-        except Exception as exc:
-            raise StorageError(f"cannot read {path!r} from {self.url!r}: {exc}") from exc
+        return self._retry("read", path, lambda: self.fs.cat_file(path))
 
     def read_json(self, path: str) -> Any:
         return json.loads(self.read_bytes(path))
 
     def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
-        with self.fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
+        def read() -> pa.Table:
+            with self.fs.open(path, "rb") as f:
+                return pq.read_table(f, columns=columns)
+
+        return self._retry("read", path, read)
 
     def glob(self, pattern: str) -> list[str]:
-        return sorted(self.fs.glob(pattern))
+        return self._retry("list", pattern, lambda: sorted(self.fs.glob(pattern)))
 
     # -- atomic writes --------------------------------------------------------------------------
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write ``data`` to ``path`` atomically (old or new content is visible, never a torn file)."""
+        self._retry("write", path, lambda: self._write_once(path, data))
+
+    def _write_once(self, path: str, data: bytes) -> None:
         fs = self.fs
         if isinstance(fs, LocalFileSystem):
             directory = os.path.dirname(path)
@@ -221,6 +262,10 @@ def scores_dir(category: str, iteration: int) -> str:
 
 def calibration_key(category: str, iteration: int) -> str:
     return f"calibration/{category}/iteration={iteration}.json"
+
+
+def calibration_set_key(category: str, iteration: int) -> str:
+    return f"calibration/{category}/set-iteration={iteration}.parquet"
 
 
 def manifest_key(category: str, iteration: int) -> str:

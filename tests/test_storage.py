@@ -1,7 +1,9 @@
 import os
 
+import fsspec
 import pyarrow as pa
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from lsun_hitl.storage import Storage, StorageError
 
@@ -47,3 +49,50 @@ def test_s3_storage_roundtrip(s3_bucket):
     s.write_table(s.path("m/t.parquet"), pa.table({"x": ["a", "b"]}))
     assert s.read_table(s.path("m/t.parquet")).column("x").to_pylist() == ["a", "b"]
     assert s.url_of("m/t.parquet") == url + "/prefix/m/t.parquet"
+
+
+class FlakyFileSystem(MemoryFileSystem):
+    """An object store that fails the next ``failures`` reads or writes with a connection error."""
+
+    protocol = "flaky"
+    failures = 0
+    calls = 0
+
+    @classmethod
+    def _maybe_fail(cls) -> None:
+        cls.calls += 1
+        if cls.failures > 0:
+            cls.failures -= 1
+            raise ConnectionResetError("injected: connection reset by peer")
+
+    def pipe_file(self, path, value, **kwargs):
+        self._maybe_fail()
+        return super().pipe_file(path, value, **kwargs)
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        self._maybe_fail()
+        return super().cat_file(path, start=start, end=end, **kwargs)
+
+
+fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+
+
+def test_transient_storage_errors_are_retried_with_back_off():
+    s = Storage("flaky://bucket/retry", retries=4, backoff_s=0.01)
+    FlakyFileSystem.failures, FlakyFileSystem.calls = 3, 0
+    s.write_json(s.path("labels/x.json"), {"a": 1})  # three failures, then success
+    assert FlakyFileSystem.calls == 4
+    FlakyFileSystem.failures = 2
+    assert s.read_json(s.path("labels/x.json")) == {"a": 1}
+
+
+def test_storage_that_keeps_failing_names_the_object_and_writes_nothing():
+    s = Storage("flaky://bucket/broken", retries=3, backoff_s=0.01)
+    s.write_bytes(s.path("manifest.parquet"), b"old")
+    FlakyFileSystem.failures = 10
+    with pytest.raises(StorageError, match=r"cannot write '.*manifest\.parquet'.*3 attempts.*ConnectionResetError"):
+        s.write_bytes(s.path("manifest.parquet"), b"new")
+    FlakyFileSystem.failures = 0
+    assert s.read_bytes(s.path("manifest.parquet")) == b"old"  # the old object, whole
+    with pytest.raises(FileNotFoundError):  # a missing object is not retried
+        s.read_bytes(s.path("nothing-here"))
