@@ -104,20 +104,42 @@ def serve(
 ) -> None:
     """Watch for published requests, answer each once, and call ``on_delivered`` after storing.
 
-    Runs until ``stop`` is set. ``on_delivered`` is retried on the next poll if it raises.
+    Runs until ``stop`` is set. ``on_delivered`` runs in a thread of its own (resuming a run may wait
+    for it to pause), so one slow notice never holds up answering the next request; it is retried on
+    a later poll if it raises.
     """
     notified: set[str] = set()
+    outcome: dict[str, BaseException | None] = {}  # key -> None when notified, the error when it failed
+    running: set[str] = set()
+
+    def notify(key: str, request: LabelRequest) -> None:
+        try:
+            on_delivered(request)
+            outcome[key] = None
+        except BaseException as exc:  # noqa: BLE001 - reported and retried by the loop
+            outcome[key] = exc
+
     while not stop.is_set():
         for request in list_requests(storage, category):
             key = f"{request.request_id}:{request.flow_run_id}"
             if key in notified:
                 continue
+            if key in running:
+                if key not in outcome:
+                    continue
+                running.discard(key)
+                error = outcome.pop(key)
+                if error is None:
+                    notified.add(key)
+                    continue
+                log.warning("crowd: notice for %s failed (%s); will retry", key, error)
             try:
                 deliver(storage, category, crowd, request.request_id)
-                on_delivered(request)
-                notified.add(key)
             except Exception as exc:  # noqa: BLE001 - keep serving; retry on the next poll
                 log.warning("crowd: delivering %s failed (%s); will retry", request.request_id, exc)
+                continue
+            running.add(key)
+            threading.Thread(target=notify, args=(key, request), daemon=True, name=f"crowd-{key}").start()
         stop.wait(poll_s)
 
 

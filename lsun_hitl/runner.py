@@ -50,7 +50,9 @@ def resume(storage: Storage, category: str, request_id: str, *, wait_s: float = 
     deadline = time.monotonic() + wait_s
     while True:
         state = _run_state(request.flow_run_id)
-        if state is not None and state.is_paused():
+        key = state.state_details.pause_key if state is not None else None
+        # resume only a pause for this request (keys are "<request>-<attempt>"); another pause is not ours
+        if state is not None and state.is_paused() and (not key or key.startswith(f"{request_id}-")):
             try:
                 resume_flow_run(request.flow_run_id, run_input={"request_id": request_id})
                 log.info("resumed flow run %s with %s", request.flow_run_id, request_id)
