@@ -2,7 +2,8 @@
 
     repeat:  sample -> people label it -> train -> score the rest -> calibrate -> split
     until few images are left unlabeled, the human budget is spent, or the iteration limit is hit;
-    then people label the remainder (or it stays unresolved) and the dataset is written.
+    then people label the remainder (or it stays unresolved) and the dataset is written;
+    optionally people audit a random sample of what the model decided.
 
 While people label, the run is *paused* (``pause_flow_run`` with a ``LabelsDelivered`` input), or, when
 it runs from a deployment, *suspended* (its process exits and Prefect reschedules it on resume; every step
@@ -22,6 +23,7 @@ from lsun_hitl.config import CascadeParams
 from lsun_hitl.labels import LabelRequest
 from lsun_hitl.storage import Storage
 from tasks.cascade import (
+    audit_dataset,
     calibrate_thresholds,
     check_stop,
     collect_labels,
@@ -29,6 +31,7 @@ from tasks.cascade import (
     finish_dataset,
     label_remainder,
     labels_complete,
+    publish_audit,
     publish_labels,
     publish_remainder,
     report_funnel,
@@ -103,4 +106,7 @@ def category_cascade(
             report_funnel(storage, category)
     summary = finish_dataset(storage, category, stop)
     print(summary)
+    if params.audit_sample and (audit := publish_audit(storage, category, params, run_id)) is not None:
+        wait_for_labels(storage, category, audit, params)
+        print(audit_dataset(storage, category, params))
     return summary.to_dict()

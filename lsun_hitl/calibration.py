@@ -57,6 +57,7 @@ class Thresholds:
     n_negative_region: int
     confidence: float
     label_noise: float = 0.0
+    n_carried: int = 0  # calibration images carried over from earlier iterations
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +81,7 @@ def choose_thresholds(
     target_false_omission: float,
     confidence: float = 0.95,
     min_region: int = 30,
+    n_carried: int = 0,
 ) -> Thresholds:
     """Choose ``t_pos`` and ``t_neg`` from a calibration sample.
 
@@ -95,6 +97,8 @@ def choose_thresholds(
         rate <= target_false_omission, each as a one-sided bound at ``confidence``.
     min_region : int
         Regions with fewer calibration images are not considered.
+    n_carried : int
+        How many of the images were carried over from earlier iterations (recorded only).
     """
     scores = np.asarray(scores, np.float64)
     p = np.asarray(p_positive, np.float64)
@@ -134,7 +138,12 @@ def choose_thresholds(
     n_pos = int(np.sum(scores >= t_pos)) if t_pos is not None else 0
     n_neg = int(np.sum(scores <= t_neg)) if t_neg is not None else 0
     noise = float(np.mean(np.minimum(p, 1 - p))) if n else 0.0
-    return Thresholds(t_pos, t_neg, prec, fo, n, n_pos, n_neg, confidence, noise)
+    return Thresholds(t_pos, t_neg, prec, fo, n, n_pos, n_neg, confidence, noise, n_carried)
+
+
+def rate_interval(events: int, n: int, confidence: float) -> tuple[float, float]:
+    """Two-sided Clopper-Pearson interval at ``confidence`` for a rate ``events / n`` (audit reports)."""
+    return clopper_pearson(events, n, 1 - (1 - confidence) / 2)
 
 
 def zero_error_size(rate: float, confidence: float) -> int:

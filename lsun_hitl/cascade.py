@@ -10,9 +10,11 @@ was restarted goes on from the last completed step, and nothing is sent to peopl
     collect      -> labels/<c>/aggregated/...       (answers aggregated with Dawid-Skene)
     train        -> models/<c>/iteration=k
     score        -> scores/<c>/iteration=k          (every still-unlabeled image, on Dask)
-    calibrate    -> calibration/<c>/iteration=k     (thresholds from held-out labels)
+    calibrate    -> calibration/<c>/iteration=k     (thresholds from held-out labels; the calibration
+                                                     set, carried over while it stays undecided)
     split        -> manifests/<c>/iteration=k       (positive / negative / unlabeled)
     finish       -> datasets/<c>/dataset.parquet, summary.json
+    audit        -> datasets/<c>/audit.json         (people check a random sample of each model split)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import pyarrow.compute as pc
 from . import labels as labels_lib
 from . import model as model_lib
 from . import report
-from .calibration import Interval, Thresholds, choose_thresholds
+from .calibration import Interval, Thresholds, choose_thresholds, rate_interval
 from .cluster import dask_client
 from .config import CascadeParams, validate
 from .ingest import read_pool
@@ -53,6 +55,7 @@ from .storage import (
     Storage,
     aggregated_key,
     calibration_key,
+    calibration_set_key,
     dataset_key,
     manifest_key,
     model_key,
@@ -61,6 +64,7 @@ from .storage import (
 )
 
 REMAINDER = "remainder"
+AUDIT = "audit"
 
 
 def request_id_for(iteration: int) -> str:
@@ -117,7 +121,7 @@ def sample(storage: Storage, category: str, params: CascadeParams, iteration: in
     drawn = draw_sample(
         state.unlabeled_index(),
         n_train=params.train_sample,
-        n_calibration=params.calibration_sample,
+        n_calibration=new_calibration_size(params, carried_calibration(storage, category, params, iteration).num_rows),
         max_fraction=params.max_sample_fraction,
         seed=params.seed,
         iteration=iteration,
@@ -133,6 +137,42 @@ def sample(storage: Storage, category: str, params: CascadeParams, iteration: in
     )
     storage.write_table(key, table)
     return drawn
+
+
+def new_calibration_size(params: CascadeParams, carried: int) -> int:
+    """New calibration images an iteration asks for, given ``carried`` ones still usable."""
+    if not params.carry_calibration:
+        return params.calibration_sample
+    return max(params.calibration_min_new, params.calibration_sample - carried)
+
+
+def carried_calibration(storage: Storage, category: str, params: CascadeParams, iteration: int) -> pa.Table:
+    """Calibration images of earlier iterations still in the undecided band after ``iteration - 1``.
+
+    Each was drawn uniformly from what was unlabeled when it was drawn, and kept only while every
+    later model left it between the thresholds, exactly as the images still unlabeled were; so they
+    are a uniform sample of the undecided region and can calibrate the next model (which never
+    trains on them). Columns: row, image_id, p_positive, from_iteration.
+    """
+    key = storage.path(calibration_set_key(category, iteration - 1))
+    if not params.carry_calibration or iteration <= 1 or not storage.exists(key):
+        return pa.table(
+            {
+                "row": pa.array([], pa.int64()),
+                "image_id": pa.array([], pa.string()),
+                "p_positive": pa.array([], pa.float32()),
+                "from_iteration": pa.array([], pa.int32()),
+            }
+        )
+    table = storage.read_table(key)
+    th = thresholds_from_dict(storage.read_json(storage.path(calibration_key(category, iteration - 1))))
+    s = table.column("score").to_numpy(zero_copy_only=False)
+    keep = np.isfinite(s)
+    if th.positive is not None:
+        keep &= s < th.positive
+    if th.negative is not None:
+        keep &= s > th.negative
+    return table.filter(pa.array(keep)).drop_columns(["score"])
 
 
 def publish_iteration(
@@ -207,13 +247,17 @@ def train(
         return path
     state = _state(storage, category, iteration - 1)
     drawn = sample(storage, category, params, iteration)
-    earlier = np.flatnonzero(state.decided_by == BY_HUMAN)
+    human = state.decided_by == BY_HUMAN
+    if params.carry_calibration:  # calibration images stay held out for good
+        human &= state.human_role != ROLE_CALIBRATION
+    earlier = np.flatnonzero(human)
     rows = np.concatenate([earlier, drawn.train])
     targets = np.concatenate(
         [state.p_positive[earlier], _p_for(storage, category, request_id_for(iteration), state, drawn.train)]
     )
-    images, ok = _read_images(storage, rows, params.model.image_size)
-    net = model_lib.train(images[ok], targets[ok], params.model, seed=params.seed + iteration, progress=progress)
+    model_params = params.model_for(iteration)
+    images, ok = _read_images(storage, rows, model_params.image_size)
+    net = model_lib.train(images[ok], targets[ok], model_params, seed=params.seed + iteration, progress=progress)
     storage.write_bytes(path, model_lib.save(net))
     return path
 
@@ -280,8 +324,30 @@ def calibrate(storage: Storage, category: str, params: CascadeParams, iteration:
     drawn = sample(storage, category, params, iteration)
     rows = candidates(state, drawn)
     all_scores = _scores(storage, category, iteration, len(rows))
-    cal_scores = all_scores[np.searchsorted(rows, drawn.calibration)]
-    cal_p = _p_for(storage, category, request_id_for(iteration), state, drawn.calibration)
+    new_scores = all_scores[np.searchsorted(rows, drawn.calibration)]
+    new_p = _p_for(storage, category, request_id_for(iteration), state, drawn.calibration)
+    carried = carried_calibration(storage, category, params, iteration)
+    carried_rows = carried.column("row").to_numpy()
+    cal_scores = np.concatenate([new_scores, _score_rows(storage, category, iteration, carried_rows)])
+    cal_p = np.concatenate([new_p, carried.column("p_positive").to_numpy(zero_copy_only=False)]).astype(np.float32)
+    cal_rows = np.concatenate([drawn.calibration, carried_rows])
+    storage.write_table(
+        storage.path(calibration_set_key(category, iteration)),
+        pa.table(
+            {
+                "row": pa.array(cal_rows, pa.int64()),
+                "image_id": pc.take(state.image_id, pa.array(cal_rows, pa.int64())),
+                "p_positive": pa.array(cal_p, pa.float32()),
+                "from_iteration": pa.array(
+                    np.concatenate(
+                        [np.full(len(drawn.calibration), iteration), carried.column("from_iteration").to_numpy()]
+                    ),
+                    pa.int32(),
+                ),
+                "score": pa.array(cal_scores, pa.float32()),
+            }
+        ),
+    )
     thresholds = choose_thresholds(
         cal_scores,
         cal_p,
@@ -289,6 +355,7 @@ def calibrate(storage: Storage, category: str, params: CascadeParams, iteration:
         target_false_omission=params.target_false_omission,
         confidence=params.confidence,
         min_region=params.min_region,
+        n_carried=len(carried_rows),
     )
     storage.write_json(key, thresholds.to_dict())
     png = report.score_histogram(category, iteration, all_scores, cal_scores, cal_p, thresholds)
@@ -296,16 +363,24 @@ def calibrate(storage: Storage, category: str, params: CascadeParams, iteration:
     return thresholds
 
 
+def _score_rows(storage: Storage, category: str, iteration: int, rows: np.ndarray) -> np.ndarray:
+    """Scores of pool ``rows`` by the iteration's model, in this process (a few thousand at most)."""
+    out = np.full(len(rows), np.nan, np.float32)
+    if len(rows) == 0:
+        return out
+    net = model_lib.load(storage.read_bytes(model_key_path(storage, category, iteration)))
+    images, ok = _read_images(storage, rows, net.image_size)
+    out[ok] = model_lib.predict(net, images[ok])
+    return out
+
+
 def thresholds_from_dict(d: dict) -> Thresholds:
     return Thresholds(
-        positive=d["positive"],
-        negative=d["negative"],
-        precision=Interval(**d["precision"]) if d.get("precision") else None,
-        false_omission=Interval(**d["false_omission"]) if d.get("false_omission") else None,
-        n_calibration=d["n_calibration"],
-        n_positive_region=d["n_positive_region"],
-        n_negative_region=d["n_negative_region"],
-        confidence=d["confidence"],
+        **{
+            **d,
+            "precision": Interval(**d["precision"]) if d.get("precision") else None,
+            "false_omission": Interval(**d["false_omission"]) if d.get("false_omission") else None,
+        }
     )
 
 
@@ -361,7 +436,16 @@ def should_stop(storage: Storage, category: str, params: CascadeParams, iteratio
         stop_unlabeled=params.stop_unlabeled,
         stop_unlabeled_fraction=params.stop_unlabeled_fraction,
         human_budget=params.human_budget,
+        next_sample=next_sample_size(storage, category, params, iteration)
+        if params.stop_when_cheaper and params.remainder == "people"
+        else None,
     )
+
+
+def next_sample_size(storage: Storage, category: str, params: CascadeParams, iteration: int) -> int:
+    """Images iteration ``iteration + 1`` would send to people (before the cap on its share)."""
+    carried = carried_calibration(storage, category, params, iteration + 1).num_rows
+    return params.train_sample + new_calibration_size(params, carried)
 
 
 def funnels(storage: Storage, category: str) -> list[Funnel]:
@@ -451,13 +535,16 @@ def finish(storage: Storage, category: str, stop: str | None = None) -> Summary:
     last = manifest_iterations(storage, category)[-1]
     state = _state(storage, category, last)
     pool = read_pool(storage, columns=["image_id", "uri"])
-    label = np.array(["unresolved", "positive", "negative"])[state.state]
+    # dictionary-encoded straight from the state codes: no per-image strings, even for 100M images
+    label = pa.DictionaryArray.from_arrays(
+        pa.array(state.state, pa.int8()), pa.array(["unresolved", "positive", "negative"])
+    )
     table = (
         pa.table(
             {
                 "image_id": state.image_id,
                 "uri": pool.column("uri"),
-                "label": pa.array(label).dictionary_encode(),
+                "label": label,
             }
         )
         .append_column("decided_by", state.to_table().column("decided_by"))
@@ -505,3 +592,110 @@ def finish(storage: Storage, category: str, stop: str | None = None) -> Summary:
             storage.path(report_key(category, "funnel.md")), report.funnel_markdown(category, fs).encode()
         )
     return summary
+
+
+# ---- audit ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Audit:
+    """What people found in random samples of the model's final positive and negative sets.
+
+    Intervals are two-sided Clopper-Pearson at ``confidence``, over the aggregated audit answers.
+    ``dataset_precision`` estimates the whole positive set: people's positives by their posterior and
+    the model's positives at the audited rate.
+    """
+
+    category: str
+    confidence: float
+    positives_audited: int
+    positives_confirmed: int
+    precision: float | None
+    precision_low: float | None
+    precision_high: float | None
+    negatives_audited: int
+    negatives_found_positive: int
+    false_omission: float | None
+    false_omission_low: float | None
+    false_omission_high: float | None
+    dataset_precision: float | None
+    human_answers: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        def rate(v: float | None, lo: float | None, hi: float | None) -> str:
+            return "-" if v is None else f"{v:.4f} [{lo:.4f}, {hi:.4f}]"
+
+        return (
+            f"{self.category} audit ({self.confidence:.0%} intervals, {self.human_answers} answers): "
+            f"model positives precision {rate(self.precision, self.precision_low, self.precision_high)} "
+            f"({self.positives_confirmed}/{self.positives_audited} confirmed); model negatives false omission "
+            f"{rate(self.false_omission, self.false_omission_low, self.false_omission_high)} "
+            f"({self.negatives_found_positive}/{self.negatives_audited} positive)"
+        )
+
+
+def audit_rows(storage: Storage, category: str, params: CascadeParams) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded random samples (``params.audit_sample`` each) of the model's final positives and negatives."""
+    state = _state(storage, category, manifest_iterations(storage, category)[-1])
+    rng = np.random.default_rng([params.seed, 104729])
+    by_model = state.decided_by == BY_MODEL
+
+    def pick(mask: np.ndarray) -> np.ndarray:
+        rows = np.flatnonzero(mask)
+        return np.sort(rng.choice(rows, min(params.audit_sample, len(rows)), replace=False))
+
+    return pick(by_model & (state.state == POSITIVE)), pick(by_model & (state.state == NEGATIVE))
+
+
+def publish_audit(
+    storage: Storage, category: str, params: CascadeParams, flow_run_id: str | None = None
+) -> labels_lib.LabelRequest | None:
+    """Send the audit samples to people (request ``audit``); None when the model decided nothing."""
+    pos, neg = audit_rows(storage, category, params)
+    rows = np.concatenate([pos, neg])
+    if len(rows) == 0:
+        return None
+    return publish(storage, category, AUDIT, manifest_iterations(storage, category)[-1] + 1, rows, flow_run_id)
+
+
+def audit(storage: Storage, category: str, params: CascadeParams) -> Audit:
+    """Measure the delivered precision and false omission on the audit answers; write audit.json."""
+    key = storage.path(dataset_key(category, "audit.json"))
+    if storage.exists(key):
+        return Audit(**storage.read_json(key))
+    state = _state(storage, category, manifest_iterations(storage, category)[-1])
+    pos, neg = audit_rows(storage, category, params)
+    yes_pos = int(np.sum(_p_for(storage, category, AUDIT, state, pos) >= 0.5)) if len(pos) else 0
+    yes_neg = int(np.sum(_p_for(storage, category, AUDIT, state, neg) >= 0.5)) if len(neg) else 0
+    conf = params.confidence
+    p_lo, p_hi = rate_interval(yes_pos, len(pos), conf) if len(pos) else (None, None)
+    f_lo, f_hi = rate_interval(yes_neg, len(neg), conf) if len(neg) else (None, None)
+    human_pos = (state.state == POSITIVE) & (state.decided_by == BY_HUMAN)
+    model_pos = int(np.sum((state.state == POSITIVE) & (state.decided_by == BY_MODEL)))
+    n_pos = int(human_pos.sum()) + model_pos
+    precision = yes_pos / len(pos) if len(pos) else None
+    dataset_precision = (
+        (float(np.nansum(state.p_positive[human_pos])) + model_pos * (precision if precision is not None else 0.0))
+        / n_pos
+        if n_pos
+        else None
+    )
+    result = Audit(
+        category=category,
+        confidence=conf,
+        positives_audited=len(pos),
+        positives_confirmed=yes_pos,
+        precision=precision,
+        precision_low=p_lo,
+        precision_high=p_hi,
+        negatives_audited=len(neg),
+        negatives_found_positive=yes_neg,
+        false_omission=yes_neg / len(neg) if len(neg) else None,
+        false_omission_low=f_lo,
+        false_omission_high=f_hi,
+        dataset_precision=dataset_precision,
+        human_answers=labels_lib.read_votes(storage, category, AUDIT).num_rows,
+    )
+    storage.write_json(key, result.to_dict())
+    return result

@@ -31,10 +31,19 @@ def _storage(args: argparse.Namespace) -> Storage:
 
 
 def _params(args: argparse.Namespace) -> CascadeParams:
-    model = ModelParams(arch=args.arch, image_size=args.image_size, epochs=args.epochs, weights=args.weights)
+    model = ModelParams(
+        arch=args.arch,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        weights=args.weights,
+        freeze_backbone=args.freeze_backbone,
+    )
     return CascadeParams(
         train_sample=args.train_sample,
         calibration_sample=args.calibration_sample,
+        calibration_min_new=args.calibration_min_new,
+        carry_calibration=args.carry_calibration,
+        audit_sample=args.audit_sample,
         target_precision=args.target_precision,
         target_false_omission=args.target_false_omission,
         confidence=args.confidence,
@@ -60,7 +69,14 @@ def _add_cascade(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dask-address", help="scheduler of an existing Dask cluster (default: a LocalCluster)")
     p.add_argument("--dask-workers", type=int, help="LocalCluster worker processes (default: min(2, cores))")
     p.add_argument("--train-sample", type=int, default=d.train_sample)
-    p.add_argument("--calibration-sample", type=int, default=d.calibration_sample)
+    p.add_argument("--calibration-sample", type=int, default=d.calibration_sample, help="calibration set size")
+    p.add_argument("--calibration-min-new", type=int, default=d.calibration_min_new)
+    p.add_argument(
+        "--carry-calibration",
+        action="store_true",
+        help="never train on calibration images; carry the still-undecided ones into later calibration sets",
+    )
+    p.add_argument("--audit-sample", type=int, default=d.audit_sample, help="images per model split people audit")
     p.add_argument("--target-precision", type=float, default=d.target_precision)
     p.add_argument("--target-false-omission", type=float, default=d.target_false_omission)
     p.add_argument("--confidence", type=float, default=d.confidence)
@@ -74,6 +90,7 @@ def _add_cascade(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, default=m.image_size)
     p.add_argument("--epochs", type=int, default=m.epochs)
     p.add_argument("--weights", help="local file with pretrained torchvision weights for --arch")
+    p.add_argument("--freeze-backbone", action="store_true", help="with --weights: train only the new head")
 
 
 def _add_qc(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .calibration import clopper_pearson
 from .fashion_mnist import read_truth
 from .storage import Storage, dataset_key
 
@@ -64,9 +63,3 @@ def evaluate(storage: Storage, category: str) -> Evaluation:
         model_false_omission=rate(neg & model, True),
         human_label_accuracy=float(np.mean(truth[human] == pos[human])) if human.any() else 0.0,
     )
-
-
-def interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Two-sided Clopper-Pearson interval for a measured rate (for audit reports)."""
-    lo, hi = clopper_pearson(n - successes, n, 1 - (1 - confidence) / 2)
-    return 1 - hi, 1 - lo

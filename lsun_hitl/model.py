@@ -3,7 +3,8 @@
 Inputs are uint8 images ``(N, H, W, 3)``; normalisation (ImageNet mean/std) lives inside the model,
 so a saved model scores raw decoded images. Pretrained weights come from a local file (for example
 torchvision's ``~/.cache/torch/hub/checkpoints/mobilenet_v3_small-047dcff4.pth``): every tensor
-whose name and shape match is loaded, the classifier head is trained from scratch.
+whose name and shape match is loaded, except the last linear layer (the head), which is trained from
+scratch; ``freeze_backbone`` trains the head alone.
 """
 
 from __future__ import annotations
@@ -43,14 +44,19 @@ class Classifier(nn.Module):
 
 
 def build(params: ModelParams) -> Classifier:
+    """A new classifier; with ``params.weights`` its backbone starts from them, and with
+    ``params.freeze_backbone`` only the tensors the file did not provide (the head) will train."""
     model = Classifier(params.arch, params.image_size)
     if params.weights:
-        load_pretrained(model, params.weights)
+        loaded = load_pretrained(model, params.weights)
+        if params.freeze_backbone:
+            for name, tensor in model.net.named_parameters():
+                tensor.requires_grad_(name not in loaded)
     return model
 
 
-def load_pretrained(model: Classifier, path: str) -> int:
-    """Load matching tensors from a local torchvision state dict; return how many were loaded."""
+def load_pretrained(model: Classifier, path: str) -> set[str]:
+    """Load matching tensors from a local torchvision state dict; return the names loaded."""
     import fsspec
 
     try:
@@ -64,11 +70,19 @@ def load_pretrained(model: Classifier, path: str) -> int:
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     own = model.net.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    head = head_name(model.net)
+    usable = {
+        k: v for k, v in state.items() if k in own and own[k].shape == v.shape and not k.startswith(head + ".")
+    }
     if not usable:
         raise ValueError(f"no tensor in {path!r} matches architecture {model.arch!r}; check model.arch")
     model.net.load_state_dict(usable, strict=False)
-    return len(usable)
+    return set(usable)
+
+
+def head_name(net: nn.Module) -> str:
+    """Name of the network's last linear layer: the one-logit head, always trained from scratch."""
+    return [name for name, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
 
 
 def save(model: Classifier) -> bytes:
@@ -139,7 +153,8 @@ def train(
     steps_per_epoch = math.ceil(len(x) / params.batch_size)
     epochs = max(1, min(params.epochs, params.max_steps // max(1, steps_per_epoch)))
     total = steps_per_epoch * epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=params.learning_rate, weight_decay=1e-4)
+    trainable = [t for t in model.parameters() if t.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params.learning_rate, total_steps=total, pct_start=0.15)
     loss_fn = nn.BCEWithLogitsLoss()
     step = 0

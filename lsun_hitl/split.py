@@ -93,12 +93,19 @@ def stop_reason(
     stop_unlabeled: int,
     stop_unlabeled_fraction: float,
     human_budget: int | None,
+    next_sample: int | None = None,
 ) -> str | None:
-    """Why the loop should stop after ``iteration``, or None to go on."""
+    """Why the loop should stop after ``iteration``, or None to go on.
+
+    ``next_sample``: what another iteration would send to people; when no more images than that are
+    left, people finishing them costs less than another round.
+    """
     if unlabeled == 0:
         return "every image is decided"
     if unlabeled <= max(stop_unlabeled, stop_unlabeled_fraction * pool):
         return f"{unlabeled} images left unlabeled (<= {max(stop_unlabeled, int(stop_unlabeled_fraction * pool))})"
+    if next_sample is not None and unlabeled <= next_sample:
+        return f"{unlabeled} images left unlabeled: fewer than another iteration would send to people ({next_sample})"
     if human_budget is not None and human_labeled >= human_budget:
         return f"human-label budget spent ({human_labeled} >= {human_budget})"
     if iteration >= max_iterations:

@@ -112,3 +112,17 @@ def finish_dataset(storage: Storage, category: str, stop: str | None) -> cascade
         markdown=f"```\n{summary}\n```", key=f"summary-{category}", description=f"{category}: final dataset summary"
     )
     return summary
+
+
+@task(retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+def publish_audit(
+    storage: Storage, category: str, params: CascadeParams, flow_run_id: str | None
+) -> LabelRequest | None:
+    return cascade.publish_audit(storage, category, params, flow_run_id)
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def audit_dataset(storage: Storage, category: str, params: CascadeParams) -> cascade.Audit:
+    result = cascade.audit(storage, category, params)
+    create_markdown_artifact(markdown=f"```\n{result}\n```", key=f"audit-{category}", description=f"{category}: audit")
+    return result

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from prefect import get_client
 
-from lsun_hitl.cascade import Summary
+from lsun_hitl.cascade import Audit, Summary
 from lsun_hitl.config import CascadeParams, ModelParams
 from lsun_hitl.crowd import CrowdParams, SimulatedCrowd, serve
 from lsun_hitl.evaluation import evaluate
@@ -16,7 +16,7 @@ from lsun_hitl.ingest import build_pool, read_pool
 from lsun_hitl.labels import list_requests, read_votes
 from lsun_hitl.manifest import UNLABELED, manifest_iterations, read_manifest
 from lsun_hitl.runner import resume, run_cascade
-from lsun_hitl.storage import Storage, dataset_key
+from lsun_hitl.storage import Storage, calibration_set_key, dataset_key
 
 CATEGORY = "trouser"
 PARAMS = CascadeParams(
@@ -30,6 +30,7 @@ PARAMS = CascadeParams(
     label_timeout_s=900,
     score_partition=400,
     score_batch=128,
+    audit_sample=100,
     model=ModelParams(image_size=32, epochs=5, batch_size=64),
 )
 
@@ -99,7 +100,31 @@ def test_cascade_flow_pauses_resumes_and_writes_consistent_manifests(pool_on_s3,
     assert summary.positive + summary.negative + summary.unresolved == summary.pool
     assert summary.unresolved == 0 and summary.decided_by_model > 0
     assert summary.human_labeled_images + summary.decided_by_model == summary.pool
-    assert summary.human_answers == read_votes(storage, CATEGORY).num_rows > summary.human_labeled_images * 3 - 1
+    audit_answers = read_votes(storage, CATEGORY, "audit").num_rows
+    assert summary.human_answers == read_votes(storage, CATEGORY).num_rows - audit_answers
+    assert summary.human_answers > summary.human_labeled_images * 3 - 1
+
+    # Calibration images were never trained on: no model's training set held one (their role says so),
+    # and each later calibration set holds only earlier ones that stayed undecided.
+    calibrated = [k for k in iterations if storage.exists(storage.path(calibration_set_key(CATEGORY, k)))]
+    assert calibrated and calibrated[0] == 1
+    for k in calibrated[1:]:
+        cal = storage.read_table(storage.path(calibration_set_key(CATEGORY, k))).to_pandas()
+        carried = cal[cal.from_iteration < k]
+        before = storage.read_table(storage.path(calibration_set_key(CATEGORY, k - 1))).to_pandas()
+        assert set(carried.image_id) <= set(before.image_id)
+
+    # The audit: people checked random samples of what the model decided; 95% intervals around the rates.
+    audit = Audit(**storage.read_json(storage.path(dataset_key(CATEGORY, "audit.json"))))
+    assert audit_answers >= 3 * (audit.positives_audited + audit.negatives_audited) > 0
+    df = dataset.to_pandas()
+    by_model = df.decided_by == "model"
+    assert audit.positives_audited == min(100, int((by_model & (df.label == "positive")).sum()))
+    assert audit.negatives_audited == min(100, int((by_model & (df.label == "negative")).sum()))
+    if audit.precision is not None:
+        assert audit.precision_low <= audit.precision <= audit.precision_high
+    assert audit.false_omission_low <= audit.false_omission <= audit.false_omission_high
+    assert "audit" in [r.request_id for r in requests]
 
     # Measured against ground truth (which the pipeline never read).
     result = evaluate(storage, CATEGORY)

@@ -41,3 +41,33 @@ def test_missing_weights_file_names_the_path(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="nothing-here.pth"):
         model_lib.build(ModelParams(weights=str(tmp_path / "nothing-here.pth")))
+
+
+def test_frozen_backbone_trains_only_the_head(tmp_path, fashion):
+    """A pretrained backbone from a local file with a trained head (linear probe), versus fine-tuning."""
+    images, classes = fashion
+    source = model_lib.Classifier("mobilenet_v3_small", 32).net  # stands in for a downloaded checkpoint
+    path = tmp_path / "backbone.pth"
+    torch.save(source.state_dict(), path)
+    x, y = prep(images[:256], 32), (classes[:256] == 7).astype(np.float32)
+    base = dict(arch="mobilenet_v3_small", image_size=32, epochs=1, batch_size=64, weights=str(path))
+    probe = model_lib.train(x, y, ModelParams(**base, freeze_backbone=True), seed=0)
+    tuned = model_lib.train(x, y, ModelParams(**base), seed=0)
+    first, head = "features.0.0.weight", "classifier.3.weight"
+    assert torch.equal(probe.net.state_dict()[first], source.state_dict()[first])  # backbone untouched
+    assert not torch.equal(tuned.net.state_dict()[first], source.state_dict()[first])  # fine-tuned
+    assert probe.net.state_dict()[head].shape == (1, 1024)
+    assert probe.net.state_dict()[head].abs().sum() > 0
+
+
+def test_freezing_without_weights_is_a_config_error():
+    import pytest
+
+    from lsun_hitl.config import CascadeParams, ConfigError, validate
+
+    with pytest.raises(ConfigError, match="model.freeze_backbone"):
+        validate("sneaker", CascadeParams(model=ModelParams(freeze_backbone=True)))
+    schedule = CascadeParams.from_dict({"model_schedule": [{"epochs": 3}, {"arch": "resnet18", "epochs": 5}]})
+    assert [schedule.model_for(k).arch for k in (1, 2, 3)] == ["mobilenet_v3_small", "resnet18", "resnet18"]
+    with pytest.raises(ConfigError, match=r"model_schedule\[1\].arch"):
+        validate("sneaker", CascadeParams.from_dict({"model_schedule": [{}, {"arch": "vgg11"}]}))

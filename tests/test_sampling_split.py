@@ -85,3 +85,40 @@ def test_stop_rules():
     assert "budget" in stop_reason(unlabeled=5000, **kw | {"human_budget": 100})
     assert "iteration limit" in stop_reason(unlabeled=5000, **kw | {"iteration": 5})
     assert "every image" in stop_reason(unlabeled=0, **kw)
+    # finishing by hand is cheaper than another iteration of 1,000 images
+    assert "fewer than another iteration" in stop_reason(unlabeled=900, **kw | {"next_sample": 1000})
+    assert stop_reason(unlabeled=1100, **kw | {"next_sample": 1000}) is None
+
+
+def test_calibration_images_still_undecided_are_carried_over(tmp_path):
+    """Earlier calibration images between the last thresholds join the next calibration set."""
+    from lsun_hitl.cascade import carried_calibration, new_calibration_size
+    from lsun_hitl.config import CascadeParams
+    from lsun_hitl.storage import Storage, calibration_key, calibration_set_key
+
+    storage = Storage(str(tmp_path))
+    scores = np.array([0.01, 0.2, 0.5, 0.8, 0.99, np.nan], np.float32)
+    storage.write_table(
+        storage.path(calibration_set_key("bag", 1)),
+        pa.table(
+            {
+                "row": pa.array(np.arange(6), pa.int64()),
+                "image_id": [f"i{k}" for k in range(6)],
+                "p_positive": pa.array([0, 0, 1, 1, 1, 0], pa.float32()),
+                "from_iteration": pa.array([1] * 6, pa.int32()),
+                "score": pa.array(scores),
+            }
+        ),
+    )
+    storage.write_json(
+        storage.path(calibration_key("bag", 1)),
+        Thresholds(0.9, 0.1, None, None, 6, 1, 1, 0.95).to_dict(),
+    )
+    params = CascadeParams(calibration_sample=1000, calibration_min_new=300, carry_calibration=True)
+    carried = carried_calibration(storage, "bag", params, 2)
+    assert carried.column("image_id").to_pylist() == ["i1", "i2", "i3"]  # 0.01 and 0.99 were decided, NaN too
+    assert "score" not in carried.column_names
+    assert carried_calibration(storage, "bag", params, 1).num_rows == 0
+    assert carried_calibration(storage, "bag", CascadeParams(), 2).num_rows == 0  # off by default
+    assert new_calibration_size(params, 3) == 997 and new_calibration_size(params, 900) == 300
+    assert new_calibration_size(CascadeParams(carry_calibration=False, calibration_sample=800), 900) == 800
