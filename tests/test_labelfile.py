@@ -86,3 +86,34 @@ def test_labelers_and_gold_commands(tmp_path, capsys):
     gold.write_text("image_id,answer\nnot-in-pool,yes\n")
     assert main(["gold", "--category", "bag", "--labels", str(gold), "--root", root]) == 2
     assert "lsun-hitl ingest" in capsys.readouterr().err  # no pool yet: says how to build it
+
+
+def test_label_imports_unknown_ids_repeats_and_closed_batches_change_nothing_wrongly(tmp_path):
+    """A file naming images outside the request is refused whole; the same file twice is a no-op;
+    answers sent again to a batch already submitted are not stored."""
+    from lsun_hitl.desk import LabelingDesk
+    from lsun_hitl.quality import QCParams
+
+    storage = Storage(str(tmp_path))
+    labels.publish_request(storage, "bag", "r1", 1, REQUEST, None)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image_id,labeler,answer\na1,ann,yes\nzz9,ann,no\n")
+    with pytest.raises(LabelError, match=r"1 image id\(s\) were not in request 'r1', e.g. \['zz9'\]"):
+        labels.submit_votes(storage, "bag", "r1", read_label_file(str(bad), REQUEST, "bag"), "file-bad")
+    assert labels.read_votes(storage, "bag").num_rows == 0, "nothing of a refused file is stored"
+
+    good = tmp_path / "good.csv"
+    good.write_text("image_id,labeler,answer\na1,ann,yes\nb2,ann,no\nc3,ann,no\n")
+    frame = read_label_file(str(good), REQUEST, "bag")
+    assert labels.submit_votes(storage, "bag", "r1", frame, "file-good") is True
+    before = labels.read_votes(storage, "bag")
+    assert labels.submit_votes(storage, "bag", "r1", frame, "file-good") is False  # same file again
+    assert labels.read_votes(storage, "bag").equals(before)
+
+    desk = LabelingDesk(storage, QCParams(batch_size=3, gold_rate=0, labels_per_image=2))
+    batch = desk.next_batch("bob")
+    first = desk.submit(batch.batch_id, "bob", [(i, "yes") for i in range(len(batch.image_ids))])
+    again = desk.submit(batch.batch_id, "bob", [(i, "no") for i in range(len(batch.image_ids))])
+    assert first["stored"] is True and again["stored"] is False
+    bob = labels.read_votes(storage, "bag").to_pandas().query("labeler == 'bob'")
+    assert len(bob) == len(batch.image_ids) and set(bob.answer) == {"yes"}, "the closed batch kept its answers"

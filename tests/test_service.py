@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -17,7 +18,7 @@ from lsun_hitl.quality import QCParams, labeler_stats, read_gold, write_gold
 from lsun_hitl.service import ServiceThread, create_app
 from lsun_hitl.storage import LABELERS_KEY, Storage
 
-from .conftest import png_bytes
+from .conftest import free_port, png_bytes
 
 CATEGORY = "sneaker"
 
@@ -230,3 +231,84 @@ def test_page_is_served_without_a_build_step(service):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "keydown" in r.text and "/api/batches/next" in r.text and "__PRELOAD__" not in r.text
     assert "access-control-allow-origin" not in {k.lower() for k in r.headers}
+
+
+def test_no_path_traversal_and_no_cors_by_default(service):
+    """Images are reached only as (batch, index) of one's own batch: no path, id or index reaches a file."""
+    _, _, url, tokens, _ = service
+    with client(url, tokens["ann"]) as ann:
+        batch = ann.post("/api/batches/next").json()["batch"]
+        assert ann.get(f"/api/batches/{batch['batch_id']}/images/0").status_code == 200
+        for path in (
+            "/api/batches/..%2F..%2F..%2Fetc%2Fpasswd/images/0",
+            "/api/batches/../../../../etc/passwd/images/0",
+            f"/api/batches/{batch['batch_id']}/images/-1",
+            f"/api/batches/{batch['batch_id']}/images/{len(batch['items']) + 50}",
+            f"/api/batches/{batch['batch_id']}%2F..%2F..%2Flabelers/images/0",
+            "/images/..%2F..%2Flabelers%2Flabelers.json",
+        ):
+            r = ann.get(path)
+            assert r.status_code in (404, 422), (path, r.status_code)
+            assert b"sha256" not in r.content and b"root:" not in r.content
+        r = ann.options(
+            "/api/batches/next",
+            headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert "access-control-allow-origin" not in {k.lower() for k in r.headers}
+
+
+def test_service_restarted_while_labelers_work_loses_no_accepted_label(tmp_path, fashion):
+    """Ten labelers keep working while the service is stopped and started again (twice) on the same
+    port; every submission it accepted (HTTP 200) is in storage, and the request completes."""
+    storage, truth = make_root(tmp_path, fashion, n=260, n_request=200, n_gold=40, seed=3)
+    tokens = {f"r{k}": create_labeler(storage, f"r{k}") for k in range(10)}
+    accepted: dict[str, set[str]] = {name: set() for name in tokens}
+    stop = threading.Event()
+    completed = threading.Event()
+
+    def labeler(name: str, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while not stop.is_set():
+            try:
+                with client(url, tokens[name]) as c:
+                    batch = c.post("/api/batches/next").json()["batch"]
+                    if batch is None:
+                        stop.wait(0.2)
+                        continue
+                    answers = [
+                        {
+                            "index": it["index"],
+                            "answer": "yes" if (rng.random() < 0.9) == truth[it["image_id"]] else "no",
+                        }
+                        for it in batch["items"]
+                    ]
+                    r = c.post(f"/api/batches/{batch['batch_id']}/labels", json={"answers": answers})
+                    if r.status_code == 200:
+                        accepted[name].add(batch["batch_id"])
+            except httpx.TransportError:
+                stop.wait(0.1)  # the service is down: try again, as the page does
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    threads = [threading.Thread(target=labeler, args=(n, k), daemon=True) for k, n in enumerate(tokens)]
+    for restart in range(3):
+        app = create_app(storage, QCParams(batch_size=10, gold_rate=0.2), on_complete=lambda c, r: completed.set())
+        with ServiceThread(app, port=port):
+            if restart == 0:
+                for t in threads:
+                    t.start()
+            deadline = time.monotonic() + (1.5 if restart < 2 else 120)
+            while time.monotonic() < deadline and not completed.is_set():
+                time.sleep(0.1)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert completed.is_set(), "the request completed across the restarts"
+    stored = {
+        f.rsplit("/", 1)[1][: -len(".parquet")]
+        for f in storage.glob(storage.path(f"labels/{CATEGORY}/votes/*/*.parquet"))
+    }
+    all_accepted = set().union(*accepted.values())
+    assert all_accepted and all_accepted <= stored, f"accepted but not stored: {sorted(all_accepted - stored)[:5]}"
+    votes = labels.read_votes(storage, CATEGORY).to_pandas()
+    assert not votes[~votes["gold"]].duplicated(["image_id", "labeler"]).any()

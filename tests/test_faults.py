@@ -1,0 +1,160 @@
+"""Faults injected on purpose: a Dask worker killed while scoring, the flow process killed in the
+middle of an iteration. Nothing is lost, nothing is done twice, no manifest is torn."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lsun_hitl import model as model_lib
+from lsun_hitl.config import ModelParams
+from lsun_hitl.scoring import score_candidates
+from lsun_hitl.storage import Storage, scores_dir
+
+from .conftest import png_bytes
+
+
+def test_a_worker_killed_while_scoring_changes_nothing_every_image_scored_once(tmp_path, fashion):
+    from distributed import Client, LocalCluster
+
+    images, _ = fashion
+    src = tmp_path / "images"
+    src.mkdir()
+    n = 1200
+    for i in range(n):
+        (src / f"{i:05d}.png").write_bytes(png_bytes(images[i]))
+    candidates = pa.table(
+        {"image_id": [f"id{i:05d}" for i in range(n)], "uri": [str(src / f"{i:05d}.png") for i in range(n)]}
+    )
+    storage = Storage(str(tmp_path / "root"))
+    model_path = storage.path("models/kill/iteration=1/model.pt")
+    storage.write_bytes(model_path, model_lib.save(model_lib.build(ModelParams(image_size=64)).eval()))
+    out_dir = storage.path(scores_dir("kill", 1))
+
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        killed: list[str] = []
+
+        def kill_one_worker_mid_way() -> None:
+            while not storage.glob(f"{out_dir}/part-*.parquet"):
+                time.sleep(0.05)
+            busy = [w for w, tasks in client.processing().items() if tasks]
+            target = busy[0] if busy else list(client.scheduler_info()["workers"])[0]
+            killed.append(target)
+            client.run(os._exit, 1, workers=[target], wait=False)  # the process dies; its nanny restarts it
+
+        killer = threading.Thread(target=kill_one_worker_mid_way, daemon=True)
+        killer.start()
+        scores = score_candidates(
+            storage, "kill", 1, candidates, model_path, client=client, partition_size=50, batch_size=25
+        )
+        killer.join(30)
+        assert killed, "a worker was killed while scoring"
+        parts_done_before_end = len(storage.glob(f"{out_dir}/part-*.parquet"))
+
+    assert parts_done_before_end == n // 50
+    ids = scores.column("image_id").to_pylist()
+    assert ids == candidates.column("image_id").to_pylist() and len(set(ids)) == n  # each once, in order
+    assert np.isfinite(scores.column("score").to_numpy(zero_copy_only=False)).all()
+    assert not [p for p in os.listdir(out_dir) if p.startswith(".tmp-")], "no half-written part left behind"
+
+
+CASCADE_SCRIPT = r"""
+import sys, threading
+from lsun_hitl.config import CascadeParams, ModelParams
+from lsun_hitl.crowd import CrowdParams, SimulatedCrowd, serve
+from lsun_hitl.fashion_mnist import read_truth
+from lsun_hitl.runner import resume, run_cascade
+from lsun_hitl.storage import Storage
+
+def main() -> None:
+    storage = Storage(sys.argv[1])
+    params = CascadeParams(
+        train_sample=300, calibration_sample=400, max_sample_fraction=0.3, target_false_omission=0.02,
+        max_iterations=2, stop_unlabeled=100, label_poll_s=1, label_timeout_s=600, score_partition=200,
+        score_batch=100, dask_workers=1, model=ModelParams(image_size=32, epochs=3, batch_size=64),
+    )
+    crowd = SimulatedCrowd(read_truth(storage, "trouser"), CrowdParams(seed=3))
+    stop = threading.Event()
+    threading.Thread(
+        target=serve,
+        args=(storage, "trouser", crowd, lambda r: resume(storage, "trouser", r.request_id), stop, 0.5),
+        daemon=True,
+    ).start()
+    print("SUMMARY", run_cascade("trouser", storage.url, params=params), flush=True)
+    stop.set()
+
+
+if __name__ == "__main__":  # Dask starts its worker processes by spawning this module again
+    main()
+"""
+
+
+@pytest.fixture()
+def small_pool(tmp_path):
+    from lsun_hitl.fashion_mnist import import_fashion_mnist
+    from lsun_hitl.ingest import build_pool
+
+    storage = Storage(str(tmp_path / "root"))
+    build_pool(storage, import_fashion_mnist(storage, limit=1500, seed=4))
+    return storage
+
+
+def test_flow_process_killed_mid_iteration_restarts_from_the_last_step(small_pool, tmp_path):
+    """SIGKILL the whole flow process once the model of iteration 1 is stored (before scoring ends),
+    start the cascade again: it goes on from the stored steps; no label lost, nobody asked twice."""
+    from lsun_hitl.cascade import request_id_for
+    from lsun_hitl.evaluation import evaluate
+    from lsun_hitl.labels import list_requests, read_request, read_votes
+    from lsun_hitl.manifest import manifest_iterations, read_manifest
+    from lsun_hitl.storage import model_key
+
+    storage = small_pool
+    script = tmp_path / "cascade.py"
+    script.write_text(CASCADE_SCRIPT)
+    env = os.environ | {
+        "PYTHONPATH": os.getcwd(),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),  # both runs share one Prefect database
+    }
+    cmd = [sys.executable, str(script), storage.url]
+
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    model = storage.path(model_key("trouser", 1))
+    deadline = time.time() + 300
+    while not storage.exists(model) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    assert storage.exists(model), "the first run stored the iteration-1 model"
+    os.killpg(first.pid, signal.SIGKILL)  # the flow process and its Dask workers, mid-iteration
+    first.wait(30)
+    assert manifest_iterations(storage, "trouser") == [0], "iteration 1 had not finished"
+    _, asked_before = read_request(storage, "trouser", request_id_for(1))
+    votes_before = read_votes(storage, "trouser", request_id_for(1))
+    model_bytes = storage.read_bytes(model)
+
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "SUMMARY" in second.stdout
+
+    # the restart reused the stored request, answers and model: nothing asked or trained twice
+    _, asked_after = read_request(storage, "trouser", request_id_for(1))
+    assert asked_after.equals(asked_before)
+    votes_after = read_votes(storage, "trouser", request_id_for(1))
+    assert votes_after.num_rows == votes_before.num_rows
+    assert storage.read_bytes(model) == model_bytes
+    assert {r.request_id for r in list_requests(storage, "trouser")} <= {"iteration-1", "iteration-2", "remainder"}
+    # every manifest whole and consistent; the dataset complete
+    for k in manifest_iterations(storage, "trouser"):
+        assert len(read_manifest(storage, "trouser", k)) == 1500
+    result = evaluate(storage, "trouser")
+    assert result.positives + result.negatives == 1500 and result.unresolved == 0
+    tmp_left = [p for p in storage.fs.find(storage.root) if os.path.basename(p).startswith(".tmp-")]
+    assert not tmp_left, f"half-written files left: {tmp_left}"
