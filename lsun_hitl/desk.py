@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .labels import LabelError, list_requests, read_request, read_votes, store_votes
+from .labels import LabelError, batch_votes, list_requests, read_request, read_votes, write_votes
 from .quality import QCParams, image_done, is_flagged, labeler_stats, read_gold, votes_wanted, write_qc
 from .storage import Storage, batch_key, votes_dir
 
@@ -150,10 +150,13 @@ class LabelingDesk:
             if not force and time.monotonic() - self._scanned < self.refresh_s:
                 return
             self._scanned = time.monotonic()
-            for category in self.categories():
+        # list storage without the lock: labelers' calls go on meanwhile
+        found = {category: list_requests(self.storage, category) for category in self.categories()}
+        with self._lock:
+            for category, metas in found.items():
                 if category not in self._votes:
                     self._load_category(category)
-                for meta in list_requests(self.storage, category):
+                for meta in metas:
                     key = (category, meta.request_id)
                     if key not in self._requests:
                         self._add_request(category, meta.request_id)
@@ -295,8 +298,8 @@ class LabelingDesk:
         open_ = ~req.done(self.qc) & (n + n_pending < want)
         size = self.qc.batch_size - self._n_gold(req.category)
         out = []
-        for k in req.order:
-            if open_[k] and labeler not in req.answered_by[k] and k not in mine:
+        for k in req.order[open_[req.order]]:  # only open images, in the request's order
+            if labeler not in req.answered_by[k] and k not in mine:
                 out.append(int(k))
                 if len(out) == size:
                     break
@@ -369,23 +372,16 @@ class LabelingDesk:
         with lock:
             if batch.submitted:
                 return {"stored": False, "request_complete": self._complete(batch)}
-            frame = pd.DataFrame(
-                {
-                    "image_id": [batch.image_ids[i] for i, _ in answers],
-                    "labeler": labeler,
-                    "answer": [a for _, a in answers],
-                }
-            )
-            gold_ids = [i for i, g in zip(batch.image_ids, batch.gold, strict=True) if g]
-            stored = store_votes(
-                self.storage,
-                batch.category,
+            order = [i for i, _ in answers]
+            table = batch_votes(
                 batch.request_id,
-                frame,
                 batch.batch_id,
-                gold_ids=gold_ids,
-                batch_id=batch.batch_id,
+                labeler,
+                [batch.image_ids[i] for i in order],
+                [a for _, a in answers],
+                [batch.gold[i] for i in order],
             )
+            stored = write_votes(self.storage, batch.category, batch.request_id, table, batch.batch_id)
             batch.submitted = True
             if stored is not None:
                 self._take(batch, stored)
@@ -438,8 +434,13 @@ class LabelingDesk:
             try:
                 self.on_complete(category, request_id)  # type: ignore[misc]
             except Exception as exc:  # noqa: BLE001 - report, retry on a later refresh; the CLI can resume too
-                log.warning("resuming the run waiting for %s/%s failed (attempt %s): %s",
-                            category, request_id, req.attempts, exc)
+                log.warning(
+                    "resuming the run waiting for %s/%s failed (attempt %s): %s",
+                    category,
+                    request_id,
+                    req.attempts,
+                    exc,
+                )
                 with self._lock:
                     req.notified = False
                 if isinstance(exc, LabelError):

@@ -184,19 +184,56 @@ def store_votes(
     *,
     gold_ids: Iterable[str] = (),
     batch_id: str | None = None,
+    requested_ids: Iterable[str] | None = None,
 ) -> pa.Table | None:
     """Validate and store one submission; return what was stored (VOTE_SCHEMA), or None if that
-    submission was already stored."""
+    submission was already stored.
+
+    ``requested_ids``: the request images this submission may name (the labeling desk passes the
+    batch's); by default every image of the request, read from storage."""
     _check_id(submission_id, "submission id")
-    _, request = read_request(storage, category, request_id)
-    table = validate_votes(
-        votes, request.column("image_id").to_pylist(), request_id, gold_ids=gold_ids, batch_id=batch_id
-    )
+    if requested_ids is None:
+        _, request = read_request(storage, category, request_id)
+        requested_ids = request.column("image_id").to_pylist()
+    table = validate_votes(votes, requested_ids, request_id, gold_ids=gold_ids, batch_id=batch_id)
+    return write_votes(storage, category, request_id, table, submission_id)
+
+
+def write_votes(
+    storage: Storage, category: str, request_id: str, table: pa.Table, submission_id: str
+) -> pa.Table | None:
+    """Store a validated submission (VOTE_SCHEMA) once; None if ``submission_id`` was already stored."""
+    _check_id(submission_id, "submission id")
     path = storage.path(votes_dir(category, request_id), f"{submission_id}.parquet")
     if storage.exists(path):
         return None
-    storage.write_table(path, table)
+    storage.write_table(path, table.cast(VOTE_SCHEMA))
     return table
+
+
+def batch_votes(
+    request_id: str, batch_id: str, labeler: str, image_ids: list[str], answers: list[str], gold: list[bool]
+) -> pa.Table:
+    """A labeling-desk submission in VOTE_SCHEMA: one answer per image of the batch, already checked
+    (answers by the API model, indices by the desk), built without pandas."""
+    if any(a not in ANSWERS for a in answers):
+        raise LabelError(
+            f"unknown answer(s) {sorted(set(answers) - set(ANSWERS))[:5]}; answers must be yes, no or unsure"
+        )
+    n = len(image_ids)
+    now = pa.scalar(int(time.time() * 1000), pa.timestamp("ms", tz="UTC"))
+    return pa.table(
+        {
+            "request_id": pa.array([request_id] * n, pa.string()),
+            "image_id": pa.array(image_ids, pa.string()),
+            "labeler": pa.array([labeler] * n, pa.string()),
+            "answer": pa.array(answers, pa.string()),
+            "submitted_at": pa.array([now] * n, pa.timestamp("ms", tz="UTC")),
+            "batch_id": pa.array([batch_id] * n, pa.string()),
+            "gold": pa.array(gold, pa.bool_()),
+        },
+        schema=VOTE_SCHEMA,
+    )
 
 
 def submit_votes(

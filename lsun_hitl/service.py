@@ -18,9 +18,9 @@ import threading
 import time
 from collections.abc import Callable
 from importlib import resources
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
@@ -59,6 +59,30 @@ def resume_waiting_run(storage: Storage) -> Callable[[str, str], None]:
     return resume
 
 
+class BodyLimit:
+    """Refuse bodies over ``max_bytes`` (413) and chunked POST bodies (411) before any handler runs.
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` costs a task and a stream per request.
+    """
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            length = headers.get(b"content-length")
+            refused = None
+            if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+                refused = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413)
+            elif scope["method"] == "POST" and length is None and headers.get(b"transfer-encoding"):
+                refused = JSONResponse({"detail": "send a Content-Length; chunked bodies are refused"}, status_code=411)
+            if refused is not None:
+                await refused(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(
     storage: Storage,
     qc: QCParams | None = None,
@@ -82,14 +106,7 @@ def create_app(
 
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"])
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):  # type: ignore[no-untyped-def]
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return JSONResponse({"detail": f"request body over {max_body_bytes} bytes"}, status_code=413)
-        if request.method == "POST" and length is None and request.headers.get("transfer-encoding"):
-            return JSONResponse({"detail": "send a Content-Length; chunked bodies are refused"}, status_code=411)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     def labeler(authorization: Annotated[str | None, Header()] = None) -> Labeler:
         token = authorization[7:] if authorization and authorization.lower().startswith("bearer ") else None
