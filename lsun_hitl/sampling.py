@@ -49,7 +49,7 @@ def draw_sample(
         n_cal = min(n_cal, max(budget_left, 0))
         n_tr = min(n_tr, max(budget_left - n_cal, 0))
     rng = np.random.default_rng([seed, iteration])
-    chosen = rng.permutation(n)[: n_cal + n_tr]
+    chosen = rng.choice(n, n_cal + n_tr, replace=False, shuffle=True)  # O(sample), not O(pool)
     cal = np.sort(unlabeled[chosen[:n_cal]])
     train = np.sort(unlabeled[chosen[n_cal:]])
     return Sample(train=train, calibration=cal)

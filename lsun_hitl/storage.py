@@ -179,7 +179,8 @@ class Storage:
         """Write ``data`` to ``path`` atomically (old or new content is visible, never a torn file)."""
         self._retry("write", path, lambda: self._write_once(path, data))
 
-    def _write_once(self, path: str, data: bytes) -> None:
+    def _write_once(self, path: str, data: bytes | Callable[[Any], None]) -> None:
+        """One atomic write of ``data`` (bytes, or a function writing to a binary file object)."""
         fs = self.fs
         if isinstance(fs, LocalFileSystem):
             directory = os.path.dirname(path)
@@ -187,7 +188,7 @@ class Storage:
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
             try:
                 with os.fdopen(fd, "wb") as f:
-                    f.write(data)
+                    f.write(data) if isinstance(data, bytes) else data(f)
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
@@ -197,15 +198,22 @@ class Storage:
                 raise
         else:
             # Object stores apply a single PUT (or a completed multipart upload) atomically.
+            if not isinstance(data, bytes):
+                buf = io.BytesIO()
+                data(buf)
+                data = buf.getvalue()
             fs.pipe_file(path, data)
 
     def write_json(self, path: str, value: Any) -> None:
         self.write_bytes(path, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
 
     def write_table(self, path: str, table: pa.Table, row_group_size: int = 1 << 20) -> None:
-        buf = io.BytesIO()
-        pq.write_table(table, buf, row_group_size=row_group_size, compression="zstd")
-        self.write_bytes(path, buf.getvalue())
+        """Write ``table`` as Parquet (zstd) atomically; local files are streamed, not buffered."""
+
+        def write(f: Any) -> None:
+            pq.write_table(table, f, row_group_size=row_group_size, compression="zstd")
+
+        self._retry("write", path, lambda: self._write_once(path, write))
 
     def write_if_absent(self, path: str, data: bytes) -> bool:
         """Write once: return False (and change nothing) if ``path`` already exists."""
