@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import dask
 from distributed import Client, LocalCluster, as_completed
 
 
@@ -42,7 +43,9 @@ def dask_client(
             client.close()
         return
     workers = n_workers or max(1, min(2, os.cpu_count() or 1))
+    # no MALLOC_TRIM_THRESHOLD_ for our workers: it halves torch's throughput (see scoring.py)
     with (
+        dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}),
         LocalCluster(
             n_workers=workers,
             threads_per_worker=threads_per_worker,

@@ -1,5 +1,8 @@
 """The classifier: a torchvision architecture with a one-logit head, trained on human labels.
 
+Training and scoring run on CUDA with bfloat16 autocast when a GPU is present (``device()``), on the
+CPU otherwise.
+
 Inputs are uint8 images ``(N, H, W, 3)``; normalisation (ImageNet mean/std) lives inside the model,
 so a saved model scores raw decoded images. Pretrained weights come from a local file (for example
 torchvision's ``~/.cache/torch/hub/checkpoints/mobilenet_v3_small-047dcff4.pth``): every tensor
@@ -43,6 +46,19 @@ class Classifier(nn.Module):
         return self.net(x).squeeze(1)
 
 
+def device() -> torch.device:
+    """CUDA when a GPU is present (``LSUN_HITL_DEVICE`` overrides: ``cpu``, ``cuda``, ``cuda:1``), else the CPU."""
+    import os
+
+    name = os.environ.get("LSUN_HITL_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _autocast(dev: torch.device) -> torch.autocast:
+    """Mixed precision (bfloat16) on CUDA; a no-op on the CPU."""
+    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
+
+
 def build(params: ModelParams) -> Classifier:
     """A new classifier; with ``params.weights`` its backbone starts from them, and with
     ``params.freeze_backbone`` only the tensors the file did not provide (the head) will train."""
@@ -71,9 +87,7 @@ def load_pretrained(model: Classifier, path: str) -> set[str]:
         state = state["state_dict"]
     own = model.net.state_dict()
     head = head_name(model.net)
-    usable = {
-        k: v for k, v in state.items() if k in own and own[k].shape == v.shape and not k.startswith(head + ".")
-    }
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and not k.startswith(head + ".")}
     if not usable:
         raise ValueError(f"no tensor in {path!r} matches architecture {model.arch!r}; check model.arch")
     model.net.load_state_dict(usable, strict=False)
@@ -147,7 +161,8 @@ def train(
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, params.threads))
     generator = torch.Generator().manual_seed(seed)
-    model = build(params).train()
+    dev = device()
+    model = build(params).to(dev).train()
     x = torch.from_numpy(images)
     y = torch.from_numpy(np.asarray(targets, np.float32))
     steps_per_epoch = math.ceil(len(x) / params.batch_size)
@@ -164,8 +179,9 @@ def train(
             idx = order[start : start + params.batch_size]
             if len(idx) < 2:  # batch norm needs two samples
                 continue
-            logits = model(_augment(x[idx], generator))
-            loss = loss_fn(logits, y[idx])
+            with _autocast(dev):
+                logits = model(_augment(x[idx], generator).to(dev, non_blocking=True))
+            loss = loss_fn(logits.float(), y[idx].to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -174,7 +190,7 @@ def train(
             if progress:
                 progress(step, total)
     refresh_batchnorm(model, x, params.batch_size)
-    return model.eval()
+    return model.cpu().eval()  # saved and shipped on the CPU; scoring moves it to its own device
 
 
 @torch.no_grad()
@@ -195,7 +211,7 @@ def refresh_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int) -
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
         if len(batch) > 1:
-            model(batch)
+            model(batch.to(next(model.parameters()).device))
     for m, momentum in zip(norms, saved, strict=True):
         m.momentum = momentum
 
@@ -203,7 +219,10 @@ def refresh_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int) -
 @torch.inference_mode()
 def predict(model: Classifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Scores in [0, 1] (sigmoid of the logit), shape (N,), float32."""
+    dev = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
-        out.append(torch.sigmoid(model(torch.from_numpy(images[start : start + batch_size]))))
+        with _autocast(dev):
+            logits = model(torch.from_numpy(images[start : start + batch_size]).to(dev, non_blocking=True))
+        out.append(torch.sigmoid(logits.float()).cpu())
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)

@@ -8,11 +8,17 @@ is not scored again, so a retried or resumed step does only the missing work.
 
 Memory per worker: the model, one partition's ids and uris, and two decoded batches
 (``batch_size * image_size**2 * 3`` bytes each): about 30 MB at the defaults.
+
+Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also pins glibc's mmap
+threshold at 64 KiB: every batch tensor is then mmap'ed and unmapped again, and scoring runs at half
+speed (measured: 638 vs 1,364 images/s on one core). The worker task restores glibc's dynamic
+thresholds for its process (``_tune_malloc``); memory then goes back to the OS in larger steps.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -35,7 +41,7 @@ def _model(storage: Storage, model_path: str) -> Any:
 
     if model_path not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
-        _MODEL_CACHE[model_path] = model_lib.load(storage.read_bytes(model_path))
+        _MODEL_CACHE[model_path] = model_lib.load(storage.read_bytes(model_path)).to(model_lib.device())
     return _MODEL_CACHE[model_path]
 
 
@@ -61,6 +67,26 @@ def _read_batch(uris: list[str], options: dict[str, Any], size: int) -> tuple[np
     return images, ok, errors
 
 
+_MALLOC_TUNED = False
+
+
+def _tune_malloc() -> None:
+    """Let glibc keep batch-sized buffers instead of mmap/munmap on every batch (Linux only)."""
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 32 << 20)
+        libc.mallopt(m_trim_threshold, 128 << 20)
+    except OSError:  # not glibc: nothing to do
+        pass
+
+
 def score_partition(
     part: int,
     *,
@@ -80,6 +106,7 @@ def score_partition(
     if storage.exists(out_path):
         return pq.ParquetFile(storage.fs.open(out_path, "rb")).metadata.num_rows
     torch.set_num_threads(threads)
+    _tune_malloc()
     with storage.fs.open(candidates_path, "rb") as f:
         rows = pq.ParquetFile(f).read_row_group(part)
     model = _model(storage, model_path)
@@ -128,7 +155,7 @@ def score_candidates(
         storage.write_table(cand_path, candidates.select(["image_id", "uri"]), row_group_size=partition_size)
     if candidates.num_rows == 0:
         return SCORE_SCHEMA.empty_table()
-    threads = 1 if client is not None else min(4, os.cpu_count() or 1)
+    threads = 1 if client is not None else min(4, len(os.sched_getaffinity(0)))  # never more than the cores we have
     run_on_dask(
         client,
         score_partition,
