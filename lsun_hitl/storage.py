@@ -13,9 +13,11 @@ Layout under the root (see README, "Storage layout")::
     models/<category>/iteration=<k>/model.pt     the classifier trained at iteration k
     scores/<category>/iteration=<k>/part-<i>.parquet  model scores of the candidates
     calibration/<category>/iteration=<k>.json    thresholds with confidence intervals
+    calibration/<category>/set-iteration=<k>.parquet  the calibration set (labels, scores) behind them
     manifests/<category>/iteration=<k>/manifest.parquet  every pool image's state after iteration k
     reports/<category>/...                       funnel tables and plots
     datasets/<category>/dataset.parquet          the final labeled dataset; summary.json beside it
+    datasets/<category>/audit.json               people's audit of the model's final splits
 
 Every write is atomic: a reader sees the old object or the new one, never a torn one. Local files are
 written to a temporary name in the same directory and renamed; object stores get one PUT per object,
