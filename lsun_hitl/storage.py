@@ -29,7 +29,6 @@ or bad data is not retried.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -199,12 +198,21 @@ class Storage:
                     os.unlink(tmp)
                 raise
         else:
-            # Object stores apply a single PUT (or a completed multipart upload) atomically.
-            if not isinstance(data, bytes):
-                buf = io.BytesIO()
-                data(buf)
-                data = buf.getvalue()
-            fs.pipe_file(path, data)
+            # Object stores apply a single PUT (or a completed multipart upload) atomically: a stream
+            # is uploaded in parts that become visible together on close, and aborted on failure.
+            if isinstance(data, bytes):
+                fs.pipe_file(path, data)
+                return
+            f = fs.open(path, "wb")
+            try:
+                data(f)
+            except BaseException:
+                discard = getattr(f, "discard", None)
+                if discard is not None:
+                    discard()
+                f.closed = True  # never let close() (or the garbage collector) publish a partial object
+                raise
+            f.close()
 
     def write_json(self, path: str, value: Any) -> None:
         self.write_bytes(path, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
@@ -215,6 +223,11 @@ class Storage:
         def write(f: Any) -> None:
             pq.write_table(table, f, row_group_size=row_group_size, compression="zstd")
 
+        self._retry("write", path, lambda: self._write_once(path, write))
+
+    def write_stream(self, path: str, write: Callable[[Any], None]) -> None:
+        """Write ``path`` atomically from ``write(file)``, in bounded memory (streamed to a temporary
+        file locally, a multipart upload on object stores); ``write`` runs again if a try fails."""
         self._retry("write", path, lambda: self._write_once(path, write))
 
     def write_if_absent(self, path: str, data: bytes) -> bool:

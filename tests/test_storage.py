@@ -51,6 +51,30 @@ def test_s3_storage_roundtrip(s3_bucket):
     assert s.url_of("m/t.parquet") == url + "/prefix/m/t.parquet"
 
 
+def test_s3_stream_write_that_fails_midway_publishes_nothing(s3_bucket):
+    """A streamed write (a multipart upload: 12 MB sent in parts before the failure) that fails leaves
+    the old object whole, or no object at all; the retried write runs the writer again from the start."""
+    url, options = s3_bucket
+    s = Storage(url + "/stream", options, retries=2, backoff_s=0.01)
+    s.write_bytes(s.path("old.bin"), b"old")
+    calls = []
+
+    def failing(f) -> None:
+        calls.append(1)
+        for _ in range(12):
+            f.write(os.urandom(1 << 20))
+        raise OSError("injected: disk of the exporter failed")
+
+    for name in ("old.bin", "new.bin"):
+        with pytest.raises(StorageError, match=name):
+            s.write_stream(s.path(name), failing)
+    assert len(calls) == 4  # two tries per write
+    assert s.read_bytes(s.path("old.bin")) == b"old"
+    assert not s.exists(s.path("new.bin"))
+    s.write_stream(s.path("new.bin"), lambda f: [f.write(b"x" * (6 << 20)) for _ in range(2)])
+    assert len(s.read_bytes(s.path("new.bin"))) == 12 << 20
+
+
 class FlakyFileSystem(MemoryFileSystem):
     """An object store that fails the next ``failures`` reads or writes with a connection error."""
 
