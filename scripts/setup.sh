@@ -25,4 +25,11 @@ python -m pip install -q --upgrade pip
 # torch first, pinned to the builds this project is tested with (CPU is fine; CUDA is used if present).
 python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 python -m pip install -q -e ".[test]"
+# Label Studio (for the export round-trip test and for reviewing exports) in its own environment: its
+# pinned dependencies clash with this project's.
+if [ ! -x .venv-ls/bin/label-studio ]; then
+  "$PY" -m venv .venv-ls
+  .venv-ls/bin/python -m pip install -q --upgrade pip
+  .venv-ls/bin/python -m pip install -q "label-studio==1.23.2"
+fi
 echo "set-up done: $(python -c 'import lsun_hitl, torch, prefect; print("lsun-hitl", lsun_hitl.__version__, "torch", torch.__version__, "prefect", prefect.__version__)')"

@@ -67,35 +67,7 @@ def test_a_worker_killed_while_scoring_changes_nothing_every_image_scored_once(t
     assert not [p for p in os.listdir(out_dir) if p.startswith(".tmp-")], "no half-written part left behind"
 
 
-CASCADE_SCRIPT = r"""
-import sys, threading
-from lsun_hitl.config import CascadeParams, ModelParams
-from lsun_hitl.crowd import CrowdParams, SimulatedCrowd, serve
-from lsun_hitl.fashion_mnist import read_truth
-from lsun_hitl.runner import resume, run_cascade
-from lsun_hitl.storage import Storage
-
-def main() -> None:
-    storage = Storage(sys.argv[1])
-    params = CascadeParams(
-        train_sample=300, calibration_sample=400, max_sample_fraction=0.3, target_false_omission=0.02,
-        max_iterations=2, stop_unlabeled=100, label_poll_s=1, label_timeout_s=600, score_partition=200,
-        score_batch=100, dask_workers=1, model=ModelParams(image_size=32, epochs=3, batch_size=64),
-    )
-    crowd = SimulatedCrowd(read_truth(storage, "trouser"), CrowdParams(seed=3))
-    stop = threading.Event()
-    threading.Thread(
-        target=serve,
-        args=(storage, "trouser", crowd, lambda r: resume(storage, "trouser", r.request_id), stop, 0.5),
-        daemon=True,
-    ).start()
-    print("SUMMARY", run_cascade("trouser", storage.url, params=params), flush=True)
-    stop.set()
-
-
-if __name__ == "__main__":  # Dask starts its worker processes by spawning this module again
-    main()
-"""
+SMALL_CASCADE = os.path.join(os.path.dirname(__file__), "small_cascade.py")
 
 
 @pytest.fixture()
@@ -118,14 +90,12 @@ def test_flow_process_killed_mid_iteration_restarts_from_the_last_step(small_poo
     from lsun_hitl.storage import model_key
 
     storage = small_pool
-    script = tmp_path / "cascade.py"
-    script.write_text(CASCADE_SCRIPT)
     env = os.environ | {
         "PYTHONPATH": os.getcwd(),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_HOME": str(tmp_path / "prefect-home"),  # both runs share one Prefect database
     }
-    cmd = [sys.executable, str(script), storage.url]
+    cmd = [sys.executable, SMALL_CASCADE, storage.url, "trouser"]
 
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     model = storage.path(model_key("trouser", 1))
