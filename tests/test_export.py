@@ -216,6 +216,40 @@ def test_multi_category_and_combined_export(finished, tmp_path):
     assert sum(dropped.written.values()) == len(either) - len(both)
 
 
+def test_combined_export_resolves_real_conflicts_by_the_rule(finished, tmp_path):
+    """Reviewers say three trouser positives are dresses too: each is claimed by both categories and goes
+    to the class the documented rule gives from the two decisions' provenance and confidence."""
+    root = tmp_path / "root"
+    shutil.copytree(finished.url, root)
+    storage = Storage(str(root))
+    t = dataset(storage, "trouser")
+    picked = list(t.loc[t["label"] == "positive", "image_id"][:3])
+    review = tmp_path / "review.json"
+    review.write_text(json.dumps([{"data": {"image_id": i}, "annotations": [
+        {"completed_by": 1, "result": [{"type": "choices", "value": {"choices": ["Yes"]}}]}]} for i in picked]))
+    assert export.import_review(storage, "dress", str(review)).changed == {"negative->positive": 3}
+
+    out = tmp_path / "combined"
+    export.export_imagefolder(storage, CATEGORIES, str(out), combined=True)
+    conflicts = pd.read_csv(out / "conflicts.csv").set_index("image_id")
+    assert set(picked) <= set(conflicts.index)
+    frames = [dataset(storage, c).set_index("image_id").loc[picked] for c in CATEGORIES]
+    winner, claims = export.resolve_classes(
+        np.ones((3, 2), bool),
+        np.stack([(f["decided_by"] != "model").to_numpy() for f in frames], axis=1),
+        np.stack([f["confidence"].to_numpy() for f in frames], axis=1),
+    )
+    assert claims.tolist() == [2, 2, 2]
+    want = [CATEGORIES[w] for w in winner]
+    assert conflicts.loc[picked, "class"].tolist() == want
+    for i, c in zip(picked, want, strict=True):
+        other = next(o for o in CATEGORIES if o != c)
+        assert (out / c / f"{i}.png").exists() and not (out / other / f"{i}.png").exists()
+    dropped = tmp_path / "drop"
+    export.export_imagefolder(storage, CATEGORIES, str(dropped), combined=True, rule="drop")
+    assert not any((dropped / c / f"{i}.png").exists() for c in CATEGORIES for i in picked)
+
+
 def test_resolve_classes_rule():
     positive = np.array([[1, 1], [1, 1], [1, 1], [0, 1], [0, 0]], bool)
     by_people = np.array([[0, 1], [0, 0], [1, 1], [0, 0], [0, 0]], bool)
