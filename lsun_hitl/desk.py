@@ -55,6 +55,8 @@ class Batch:
     gold: list[bool]
     created_at: float
     submitted: bool = False
+    persisted: bool = True  # False between assignment and the batch file being written
+
 
     def public(self) -> dict[str, Any]:
         """What the labeler's page sees (which images are gold is not shown)."""
@@ -67,7 +69,7 @@ class Batch:
         }
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "submitted"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("submitted", "persisted")}
 
 
 @dataclass
@@ -129,6 +131,8 @@ class LabelingDesk:
         self._batch_locks: dict[str, threading.Lock] = {}
         self._requests: dict[tuple[str, str], _Request] = {}
         self._batches: dict[str, Batch] = {}
+        self._open: dict[str, Batch] = {}  # labeler -> its latest unsubmitted batch
+        self._refreshing = False
         self._votes: dict[str, list[pa.Table]] = {}
         self._gold: dict[str, pa.Table] = {}
         self._flagged: dict[str, set[str]] = {}
@@ -138,6 +142,7 @@ class LabelingDesk:
         self._scanned = 0.0
         write_qc(storage, self.qc)
         self.refresh(force=True)
+        _warm_up(self.qc)
 
     # ---- loading ---------------------------------------------------------------------------------
     def categories(self) -> list[str]:
@@ -185,6 +190,9 @@ class LabelingDesk:
             done = self.storage.path(votes_dir(category, batch.request_id), f"{batch.batch_id}.parquet")
             batch.submitted = self.storage.exists(done)
             self._batches[batch.batch_id] = batch
+            latest = self._open.get(batch.labeler)
+            if not batch.submitted and (latest is None or latest.created_at < batch.created_at):
+                self._open[batch.labeler] = batch
 
     def _add_request(self, category: str, request_id: str) -> None:
         meta, table = read_request(self.storage, category, request_id)
@@ -262,8 +270,40 @@ class LabelingDesk:
             return any(labeler in f for f in self._flagged.values())
 
     def next_batch(self, labeler: str) -> Batch | None:
-        """The labeler's unsubmitted batch if it has one, else a new one, else None (nothing to do)."""
+        """The labeler's unsubmitted batch if it has one, else a new one, else None (nothing to do).
+
+        The batch is on storage when this returns. (The service calls the parts -- ``assign`` in
+        memory, ``persist`` and ``refresh`` off its event loop -- itself.)
+        """
         self.refresh()
+        batch = self.assign(labeler)
+        if batch is not None and not batch.persisted:
+            self.persist(batch)
+        return batch
+
+    def refresh_due(self) -> bool:
+        return time.monotonic() - self._scanned >= self.refresh_s
+
+    def refresh_in_background(self) -> None:
+        """Start a refresh in a thread of its own unless one is running (callers never wait on storage)."""
+        with self._lock:
+            if self._refreshing or not self.refresh_due():
+                return
+            self._refreshing = True
+
+        def run() -> None:
+            try:
+                self.refresh()
+            except Exception as exc:  # noqa: BLE001 - the next call tries again
+                log.warning("refreshing the label requests failed: %s", exc)
+            finally:
+                self._refreshing = False
+
+        threading.Thread(target=run, name="desk-refresh", daemon=True).start()
+
+    def assign(self, labeler: str) -> Batch | None:
+        """In memory only, under the desk's lock (no storage I/O): the labeler's open batch, or a new
+        one reserved for it (``persisted=False`` until ``persist`` wrote it), or None."""
         with self._lock:
             if self.is_flagged(labeler):
                 raise DeskError(
@@ -272,9 +312,9 @@ class LabelingDesk:
                     status=403,
                 )
             now = time.time()
-            for batch in self._batches.values():
-                if batch.labeler == labeler and not batch.submitted and now < batch.created_at + self.qc.lease_s:
-                    return batch
+            batch = self._open.get(labeler)
+            if batch is not None and not batch.submitted and now < batch.created_at + self.qc.lease_s:
+                return batch
             for req in sorted(self._requests.values(), key=lambda r: r.request_id):
                 if req.complete:
                     continue
@@ -282,6 +322,23 @@ class LabelingDesk:
                 if rows:
                     return self._make_batch(req, labeler, rows, now)
             return None
+
+    def persist(self, batch: Batch) -> None:
+        """Write a newly assigned batch to storage (idempotent); if that fails, the reservation is undone
+        and the error raised, so no labeler works on a batch the desk could not record."""
+        try:
+            self.storage.write_json(self.storage.path(batch_key(batch.category, batch.batch_id)), batch.to_json())
+        except BaseException:
+            with self._lock:
+                if not batch.persisted:
+                    self._batches.pop(batch.batch_id, None)
+                    if self._open.get(batch.labeler) is batch:
+                        del self._open[batch.labeler]
+                    req = self._requests.get((batch.category, batch.request_id))
+                    if req is not None:
+                        req.pending.pop(batch.batch_id, None)
+            raise
+        batch.persisted = True
 
     def _pick(self, req: _Request, labeler: str, now: float) -> list[int]:
         for bid, (_, _, expires) in list(req.pending.items()):
@@ -336,9 +393,10 @@ class LabelingDesk:
             uris=uris,
             gold=gold_flags,
             created_at=now,
+            persisted=False,
         )
-        self.storage.write_json(self.storage.path(batch_key(req.category, batch.batch_id)), batch.to_json())
         self._batches[batch.batch_id] = batch
+        self._open[labeler] = batch
         req.pending[batch.batch_id] = (labeler, rows, now + self.qc.lease_s)
         return batch
 
@@ -383,6 +441,9 @@ class LabelingDesk:
             )
             stored = write_votes(self.storage, batch.category, batch.request_id, table, batch.batch_id)
             batch.submitted = True
+            with self._lock:
+                if self._open.get(labeler) is batch:
+                    del self._open[labeler]
             if stored is not None:
                 self._take(batch, stored)
         return {"stored": stored is not None, "request_complete": self._complete(batch)}
@@ -475,3 +536,13 @@ class LabelingDesk:
                 stats = labeler_stats(self._all_votes(c), gold, self.qc)
                 frames.append(stats.assign(category=c))
             return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _warm_up(qc: QCParams) -> None:
+    """Import what the first submission needs -- scipy for the gold check's Clopper-Pearson bound,
+    Parquet with its zstd codec for the answer file -- before any labeler arrives: loading them takes
+    about a second and holds the GIL, which stalled every labeler's call at the first submission."""
+    import pyarrow.parquet as pq
+
+    is_flagged(10, 9, qc)
+    pq.write_table(pa.table({"x": [1]}), pa.BufferOutputStream(), compression="zstd")

@@ -83,6 +83,10 @@ class TokenIndex:
             v["token_sha256"]: Labeler(n, v["role"]) for n, v in _read(self.storage).items() if v.get("active", True)
         }
 
+    def lookup(self, token: str | None) -> Labeler | None:
+        """The labeler for ``token`` among those loaded (no storage access)."""
+        return self._by_hash.get(token_hash(token)) if token else None
+
     def authenticate(self, token: str | None) -> Labeler | None:
         # A dict lookup by the hash of a 256-bit secret: timing reveals nothing usable about other tokens.
         if not token:

@@ -312,3 +312,43 @@ def test_service_restarted_while_labelers_work_loses_no_accepted_label(tmp_path,
     assert all_accepted and all_accepted <= stored, f"accepted but not stored: {sorted(all_accepted - stored)[:5]}"
     votes = labels.read_votes(storage, CATEGORY).to_pandas()
     assert not votes[~votes["gold"]].duplicated(["image_id", "labeler"]).any()
+
+
+def test_a_batch_the_desk_cannot_record_is_not_handed_out(tmp_path, fashion):
+    """Storage refuses the batch file (a file stands where the batches folder should be): the labeler gets a
+    503, not a batch whose answers could never be matched; once storage works, the same images are
+    handed out again (the failed reservation was undone)."""
+    storage, _ = make_root(tmp_path, fashion, n=60, n_request=20, n_gold=0)
+    token = create_labeler(storage, "ann")
+    blocker = tmp_path / "root" / "labels" / CATEGORY / "batches"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a folder")
+    app = create_app(storage, QCParams(batch_size=10, gold_rate=0.0))
+    with ServiceThread(app) as url:
+        ann = client(url, token)
+        r = ann.post("/api/batches/next")
+        assert r.status_code == 503 and "nothing was recorded" in r.json()["detail"]
+        assert app.state.desk.progress()[0]["outstanding_batches"] == 0
+        blocker.unlink()
+        batch = ann.post("/api/batches/next").json()["batch"]
+        assert batch is not None and len(batch["items"]) == 10
+        assert storage.exists(storage.path(f"labels/{CATEGORY}/batches/{batch['batch_id']}.json"))
+        # the images of a new batch are read ahead: served from memory, the same bytes as in storage
+        img = ann.get(f"/api/batches/{batch['batch_id']}/images/0")
+        assert img.status_code == 200 and img.headers["content-type"] == "image/png"
+        assert img.content == storage.read_bytes(
+            storage.path("images/" + str(int(batch["items"][0]["image_id"][3:])) + ".png")
+        )
+
+
+def test_image_cache_keeps_the_most_recent_within_its_budget():
+    from lsun_hitl.service import ImageCache
+
+    cache = ImageCache(max_bytes=10)
+    for k in range(4):
+        cache.put(f"u{k}", (b"abc", "image/png"))
+    assert cache.get("u0") is None and cache.get("u1") is not None  # 4 x 3 bytes > 10: the oldest went
+    cache.put("u4", (b"abcd", "image/png"))  # u2 is now the least recently used
+    assert cache.get("u2") is None and cache.get("u1") is not None and cache.get("u4") is not None
+    cache.put("huge", (b"x" * 11, "image/png"))  # larger than the whole budget: not kept
+    assert cache.get("huge") is None and cache.get("u4") is not None
