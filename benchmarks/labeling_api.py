@@ -9,20 +9,26 @@ root with one open request of Fashion-MNIST PNGs and a gold set. ``--profile FIL
 cProfile and writes the profile there. Each client is a thread with its own HTTP
 connection doing what the labeling page does: take the next batch, fetch each image, submit the
 answers. Latency is measured per call, client side. Printed: p50 / p99 / max per call type.
+The clients run as asyncio tasks in ``--client-procs`` processes (one connection each): threads in one
+process would add their own GIL queueing to the figures, which no browser has.
+``--server-src DIR`` runs the service from another checkout, for before/after figures in one harness.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
+import multiprocessing as mp
+import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
+from typing import Any
 
 import httpx
 import numpy as np
@@ -50,6 +56,60 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def client_process(
+    url: str,
+    tokens: list[str],
+    seeds: list[int],
+    delays: list[float],
+    truth: dict[str, bool],
+    think_ms: float,
+    stop: Any,
+    results: Any,
+) -> None:
+    """Labelers as asyncio tasks in one process, each with its own HTTP connection (as browsers would be)."""
+    latencies: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    errors: list[str] = []
+
+    async def labeler(token: str, seed: int, delay: float) -> None:
+        rng = np.random.default_rng(seed)
+        await asyncio.sleep(delay)  # labelers arrive one after another over the ramp, not all in one instant
+        limits = httpx.Limits(max_connections=1)
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30, limits=limits) as client:
+
+            async def call(kind: str, method: str, path: str, **kw: Any) -> httpx.Response:
+                t = time.perf_counter()
+                r = await client.request(method, path, **kw)
+                latencies[kind].append((t, time.perf_counter() - t))
+                if r.status_code >= 400:
+                    errors.append(f"{kind} {r.status_code} {r.text[:100]}")
+                return r
+
+            while not stop.is_set():
+                batch = (await call("next batch", "POST", "/api/batches/next")).json().get("batch")
+                if not batch:
+                    await asyncio.sleep(0.2)
+                    continue
+                answers = []
+                for item in batch["items"]:
+                    await call("image", "GET", f"/api/batches/{batch['batch_id']}/images/{item['index']}")
+                    if think_ms:
+                        await asyncio.sleep(rng.exponential(think_ms / 1000))
+                    right = rng.random() < 0.9
+                    answers.append(
+                        {"index": item["index"], "answer": "yes" if right == truth[item["image_id"]] else "no"}
+                    )
+                await call(
+                    "submit labels", "POST", f"/api/batches/{batch['batch_id']}/labels", json={"answers": answers}
+                )
+
+    async def all_labelers() -> None:
+        await asyncio.gather(*(labeler(t, s, d) for t, s, d in zip(tokens, seeds, delays, strict=True)))
+
+    asyncio.run(all_labelers())
+    results.put((dict(latencies), errors))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=50)
@@ -61,6 +121,17 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         help="a labeler's time per image before answering (0: clients fire back to back, saturating the service)",
+    )
+    ap.add_argument(
+        "--client-procs", type=int, default=2, help="client processes (each runs its labelers on one asyncio loop)"
+    )
+    ap.add_argument(
+        "--ramp-s", type=float, default=5.0, help="labelers arrive evenly spread over this many seconds (0: at once)"
+    )
+    ap.add_argument(
+        "--server-src",
+        help="run the service from another checkout (before/after comparisons); os.pathsep-separated paths "
+        "go on its PYTHONPATH, the first is its working directory",
     )
     args = ap.parse_args(argv)
     (_, pixels, classes), _ = load_arrays()
@@ -84,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd += ["--batch-size", str(args.batch_size), "--no-resume"]
     if args.profile:
         cmd[1:1] = ["-m", "cProfile", "-o", args.profile]
-    server = subprocess.Popen(cmd)
+    env = dict(os.environ)
+    if args.server_src:
+        env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in args.server_src.split(os.pathsep))
+    server = subprocess.Popen(cmd, cwd=args.server_src.split(os.pathsep)[0] if args.server_src else None, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while True:
@@ -95,60 +169,54 @@ def main(argv: list[str] | None = None) -> int:
             if time.time() > deadline:
                 raise
             time.sleep(0.2)
-    latencies: dict[str, list[float]] = defaultdict(list)
-    lock = threading.Lock()
-    stop = threading.Event()
-    errors: list[str] = []
-
-    def labeler(k: int) -> None:
-        rng = np.random.default_rng(k)
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {tokens[k]}"}, timeout=30) as client:
-
-            def call(kind: str, method: str, path: str, **kw: object) -> httpx.Response:
-                t = time.perf_counter()
-                r = client.request(method, path, **kw)
-                dt = time.perf_counter() - t
-                with lock:
-                    latencies[kind].append(dt)
-                if r.status_code >= 400:
-                    errors.append(f"{kind} {r.status_code} {r.text[:100]}")
-                return r
-
-            while not stop.is_set():
-                batch = call("next batch", "POST", "/api/batches/next").json().get("batch")
-                if not batch:
-                    stop.wait(0.2)
-                    continue
-                answers = []
-                for item in batch["items"]:
-                    call("image", "GET", f"/api/batches/{batch['batch_id']}/images/{item['index']}")
-                    if args.think_ms:
-                        stop.wait(rng.exponential(args.think_ms / 1000))
-                    right = rng.random() < 0.9
-                    answers.append(
-                        {"index": item["index"], "answer": "yes" if right == truth[item["image_id"]] else "no"}
-                    )
-                call("submit labels", "POST", f"/api/batches/{batch['batch_id']}/labels", json={"answers": answers})
-
+    stop = mp.Event()
+    results: mp.Queue = mp.Queue()
+    per_proc = np.array_split(np.arange(args.clients), args.client_procs)
+    procs = [
+        mp.Process(
+            target=client_process,
+            args=(
+                url,
+                [tokens[k] for k in ks],
+                list(ks),
+                [args.ramp_s * k / args.clients for k in ks],
+                truth,
+                args.think_ms,
+                stop,
+                results,
+            ),
+        )
+        for ks in per_proc
+        if len(ks)
+    ]
     try:
-        threads = [threading.Thread(target=labeler, args=(k,), daemon=True) for k in range(args.clients)]
         start = time.perf_counter()
-        for t in threads:
-            t.start()
+        for p in procs:
+            p.start()
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=30) as watcher:
             while time.perf_counter() - start < 600 and not watcher.get("/api/admin/requests").json()[0]["complete"]:
                 time.sleep(1)
         stop.set()
-        for t in threads:
-            t.join(30)
         took = time.perf_counter() - start
+        calls: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        errors: list[str] = []
+        for _ in procs:
+            lat, errs = results.get(timeout=120)
+            for kind, v in lat.items():
+                calls[kind].extend(v)
+            errors.extend(errs)
+        for p in procs:
+            p.join(30)
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(60)
 
+    latencies = {kind: [dt for _, dt in v] for kind, v in calls.items()}
+    after_ramp = [dt for v in calls.values() for t, dt in v if t - start >= args.ramp_s]
     total = sum(len(v) for v in latencies.values())
     print(
-        f"\nlabeling API: {args.clients} concurrent clients, {n:,} images, batches of {args.batch_size}, {took:.0f} s"
+        f"\nlabeling API: {args.clients} concurrent clients ({args.client_procs} client processes), {n:,} images, "
+        f"batches of {args.batch_size}, {took:.0f} s"
     )
     pace = f"labelers think {args.think_ms:.0f} ms per image (exponential)" if args.think_ms else "no think time"
     print(f"{total:,} calls ({total / took:,.0f}/s), {len(errors)} errors; {pace}")
@@ -160,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {kind} | {len(v):,} | {np.percentile(v, 50):.1f} | {np.percentile(v, 99):.1f} | {v.max():.1f} |")
     allv = np.concatenate([np.array(v) for v in latencies.values()]) * 1000
     print(f"all calls: p50 {np.percentile(allv, 50):.1f} ms, p99 {np.percentile(allv, 99):.1f} ms (goal p99 <= 50 ms)")
+    if args.ramp_s and after_ramp:
+        v = np.array(after_ramp) * 1000
+        print(
+            f"after the {args.ramp_s:.0f} s ramp: p50 {np.percentile(v, 50):.1f} ms, p99 {np.percentile(v, 99):.1f} ms"
+        )
+    slow = sorted((dt, t - start, kind) for kind, v in calls.items() for t, dt in v)[-5:]
+    print("slowest calls (ms at s):", ", ".join(f"{kind} {dt * 1000:.0f} at {at:.1f}" for dt, at, kind in slow))
     if errors:
         print("first errors:", errors[:3])
     return 0
