@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,11 +28,11 @@ import numpy as np
 from lsun_hitl.baselines import all_by_crowd, single_round
 from lsun_hitl.cascade import funnels
 from lsun_hitl.config import CascadeParams, ModelParams
-from lsun_hitl.crowd import CrowdParams, SimulatedCrowd, serve
+from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
 from lsun_hitl.evaluation import evaluate
 from lsun_hitl.fashion_mnist import CLASSES, import_fashion_mnist, read_truth
 from lsun_hitl.ingest import build_pool, read_pool
-from lsun_hitl.runner import resume, run_cascade
+from lsun_hitl.runner import run_cascade, simulated_crowd
 from lsun_hitl.storage import Storage, dataset_key, report_key
 
 SHARED = ("images", "pool", "groundtruth")
@@ -60,18 +59,8 @@ def run_root(base: Path, data: Storage, seed: int) -> Storage:
 
 def run_cascade_with_crowd(storage: Storage, category: str, params: CascadeParams, crowd: CrowdParams) -> dict:
     sim = SimulatedCrowd(read_truth(storage, category), crowd)
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=serve,
-        args=(storage, category, sim, lambda r: resume(storage, category, r.request_id), stop, 0.5),
-        daemon=True,
-    )
-    thread.start()
-    try:
+    with simulated_crowd(storage, category, sim):
         return run_cascade(category, storage.url, params=params)
-    finally:
-        stop.set()
-        thread.join(10)
 
 
 def copy_plots(storage: Storage, category: str, seed: int, plots: Path) -> None:

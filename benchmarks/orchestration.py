@@ -19,18 +19,17 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from lsun_hitl.config import CascadeParams, ModelParams  # noqa: E402
-from lsun_hitl.crowd import CrowdParams, SimulatedCrowd, serve  # noqa: E402
+from lsun_hitl.crowd import CrowdParams, SimulatedCrowd  # noqa: E402
 from lsun_hitl.fashion_mnist import import_fashion_mnist, read_truth  # noqa: E402
 from lsun_hitl.ingest import build_pool  # noqa: E402
 from lsun_hitl.labels import list_requests  # noqa: E402
-from lsun_hitl.runner import resume, run_cascade  # noqa: E402
+from lsun_hitl.runner import run_cascade, simulated_crowd  # noqa: E402
 from lsun_hitl.storage import Storage  # noqa: E402
 
 CATEGORY = "trouser"
@@ -53,16 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         model=ModelParams(image_size=32, epochs=1, batch_size=64),
     )
     crowd = SimulatedCrowd(read_truth(storage, CATEGORY), CrowdParams(seed=0))
-    stop = threading.Event()
-    threading.Thread(
-        target=serve,
-        args=(storage, CATEGORY, crowd, lambda r: resume(storage, CATEGORY, r.request_id), stop, 0.2),
-        daemon=True,
-    ).start()
-    wall = time.perf_counter()
-    run_cascade(CATEGORY, storage.url, params=params)
-    wall = time.perf_counter() - wall
-    stop.set()
+    with simulated_crowd(storage, CATEGORY, crowd, poll_s=0.2):
+        wall = time.perf_counter()
+        run_cascade(CATEGORY, storage.url, params=params)
+        wall = time.perf_counter() - wall
 
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

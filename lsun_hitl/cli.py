@@ -343,23 +343,6 @@ def cmd_gold(args: argparse.Namespace) -> None:
     print(f"{write_gold(storage, args.category, gold)} gold images stored for {args.category!r}")
 
 
-def _crowd_thread(storage: Storage, category: str, seed: int) -> tuple[threading.Event, threading.Thread]:
-    from .crowd import CrowdParams, SimulatedCrowd, serve
-    from .fashion_mnist import read_truth
-    from .runner import resume
-
-    crowd = SimulatedCrowd(read_truth(storage, category), CrowdParams(seed=seed))
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=serve,
-        name="simulated-crowd",
-        daemon=True,
-        args=(storage, category, crowd, lambda req: resume(storage, category, req.request_id), stop),
-    )
-    thread.start()
-    return stop, thread
-
-
 def cmd_crowd(args: argparse.Namespace) -> None:
     storage = _storage(args)
     if args.service:
@@ -374,13 +357,18 @@ def cmd_crowd(args: argparse.Namespace) -> None:
         except KeyboardInterrupt:
             stop.set()
         return
-    stop, thread = _crowd_thread(storage, args.category, args.seed)
-    print(f"simulated crowd serving label requests for {args.category!r} under {storage.url}; Ctrl-C to stop")
-    try:
-        while thread.is_alive():
-            thread.join(1.0)
-    except KeyboardInterrupt:
-        stop.set()
+    from .crowd import CrowdParams, SimulatedCrowd
+    from .fashion_mnist import read_truth
+    from .runner import simulated_crowd
+
+    crowd = SimulatedCrowd(read_truth(storage, args.category), CrowdParams(seed=args.seed))
+    with simulated_crowd(storage, args.category, crowd, poll_s=1.0) as thread:
+        print(f"simulated crowd serving label requests for {args.category!r} under {storage.url}; Ctrl-C to stop")
+        try:
+            while thread.is_alive():
+                thread.join(1.0)
+        except KeyboardInterrupt:
+            pass
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

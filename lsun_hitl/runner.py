@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from .config import CascadeParams
 from .labels import LabelError, read_request
 from .storage import Storage
+
+if TYPE_CHECKING:
+    from .crowd import SimulatedCrowd
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +78,37 @@ def resume(storage: Storage, category: str, request_id: str, *, wait_s: float = 
         if time.monotonic() > deadline:
             raise TimeoutError(f"flow run {request.flow_run_id} did not pause for {request_id!r} within {wait_s} s")
         time.sleep(1.0)
+
+
+@contextmanager
+def simulated_crowd(
+    storage: Storage,
+    category: str,
+    crowd: SimulatedCrowd,
+    *,
+    poll_s: float = 0.5,
+    on_resumed: Callable[[str], None] | None = None,
+) -> Iterator[threading.Thread]:
+    """While the block runs, a daemon thread answers every label request of ``category`` with ``crowd``
+    and resumes the flow run waiting for it (``on_resumed(run_id)`` after each): the stand-in for people
+    in ``lsun-hitl crowd``, the tests and the benchmarks. The thread is stopped when the block ends."""
+    from .crowd import serve
+
+    def delivered(request: Any) -> None:
+        run_id = resume(storage, category, request.request_id)
+        if on_resumed is not None:
+            on_resumed(run_id)
+
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=serve, name="simulated-crowd", args=(storage, category, crowd, delivered, stop, poll_s), daemon=True
+    )
+    thread.start()
+    try:
+        yield thread
+    finally:
+        stop.set()
+        thread.join(10)
 
 
 def _run_state(flow_run_id: str) -> Any:

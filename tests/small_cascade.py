@@ -5,12 +5,11 @@ and prints ``SUMMARY <category> <summary>`` for each. ``--key=value`` overrides 
 
 import dataclasses
 import sys
-import threading
 
 from lsun_hitl.config import CascadeParams, ModelParams
-from lsun_hitl.crowd import CrowdParams, SimulatedCrowd, serve
+from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
 from lsun_hitl.fashion_mnist import read_truth
-from lsun_hitl.runner import resume, run_cascade
+from lsun_hitl.runner import run_cascade, simulated_crowd
 from lsun_hitl.storage import Storage
 
 PARAMS = CascadeParams(
@@ -22,16 +21,8 @@ PARAMS = CascadeParams(
 
 def run(storage: Storage, category: str, params: CascadeParams = PARAMS) -> dict:
     crowd = SimulatedCrowd(read_truth(storage, category), CrowdParams(seed=3))
-    stop = threading.Event()
-    threading.Thread(
-        target=serve,
-        args=(storage, category, crowd, lambda r: resume(storage, category, r.request_id), stop, 0.5),
-        daemon=True,
-    ).start()
-    try:
+    with simulated_crowd(storage, category, crowd):
         return run_cascade(category, storage.url, params=params)
-    finally:
-        stop.set()
 
 
 def main() -> None:

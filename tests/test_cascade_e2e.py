@@ -1,7 +1,6 @@
 """End to end: the real flow, a real pause and resume through the Prefect API, a real Dask
 LocalCluster, and storage on moto's S3 server through s3fs, on 3,000 Fashion-MNIST images."""
 
-import threading
 
 import numpy as np
 import pytest
@@ -9,13 +8,13 @@ from prefect import get_client
 
 from lsun_hitl.cascade import Audit, Summary
 from lsun_hitl.config import CascadeParams, ModelParams
-from lsun_hitl.crowd import CrowdParams, SimulatedCrowd, serve
+from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
 from lsun_hitl.evaluation import evaluate
 from lsun_hitl.fashion_mnist import import_fashion_mnist, read_truth
 from lsun_hitl.ingest import build_pool, read_pool
 from lsun_hitl.labels import list_requests, read_votes
 from lsun_hitl.manifest import UNLABELED, manifest_iterations, read_manifest
-from lsun_hitl.runner import resume, run_cascade
+from lsun_hitl.runner import run_cascade, simulated_crowd
 from lsun_hitl.storage import Storage, calibration_set_key, dataset_key
 
 CATEGORY = "trouser"
@@ -51,18 +50,8 @@ def test_cascade_flow_pauses_resumes_and_writes_consistent_manifests(pool_on_s3,
     storage = pool_on_s3
     crowd = SimulatedCrowd(read_truth(storage, CATEGORY), CrowdParams(seed=2))
     resumed: list[str] = []
-
-    def deliver_and_resume(request):
-        resumed.append(resume(storage, CATEGORY, request.request_id))
-
-    stop = threading.Event()
-    thread = threading.Thread(target=serve, args=(storage, CATEGORY, crowd, deliver_and_resume, stop, 0.5), daemon=True)
-    thread.start()
-    try:
+    with simulated_crowd(storage, CATEGORY, crowd, on_resumed=resumed.append):
         summary = Summary(**run_cascade(CATEGORY, storage.url, params=PARAMS, storage_options=storage.options))
-    finally:
-        stop.set()
-        thread.join(10)
 
     # People were asked through published requests, and each resume went through the Prefect API.
     requests = list_requests(storage, CATEGORY)
