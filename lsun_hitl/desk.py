@@ -462,7 +462,13 @@ class LabelingDesk:
             recounted = False
             if any(batch.gold):
                 self._score_gold(category, table)
-                flagged = self._flag(category)
+                # only this labeler's gold figures changed: re-check it alone, not every labeler
+                flagged = set(self._flagged.get(category, set()))
+                n_gold, n_correct = self._gold_score[category].get(batch.labeler, (0, 0))
+                if is_flagged(n_gold, n_correct, self.qc):
+                    flagged.add(batch.labeler)
+                else:
+                    flagged.discard(batch.labeler)
                 if flagged != self._flagged.get(category, set()):
                     log.warning("labelers flagged for %s: %s", category, sorted(flagged))
                     self._flagged[category] = flagged
