@@ -98,7 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration-min-new", type=int, default=d.calibration_min_new)
     ap.add_argument("--carry-calibration", action="store_true")
     ap.add_argument("--max-iterations", type=int, default=d.max_iterations)
+    ap.add_argument(
+        "--report-only", action="store_true", help="rewrite results.md and the plot from --out's results.json"
+    )
     args = ap.parse_args(argv)
+    if args.report_only:
+        out = Path(args.out)
+        write_report(
+            json.loads((out / "results.json").read_text()), out, args.target_precision, args.target_false_omission
+        )
+        return 0
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     categories = list(CLASSES) if args.categories == ["all"] else args.categories
     base = Path(args.root)
