@@ -233,7 +233,7 @@ def write_report(results: list[dict], out: Path, target_precision: float, target
         "| category | seed | precision | false omission | people labeled | answers / image | amplification |"
         " iterations | audit: model precision [95% CI] / FO [95% CI] |"
         " (a) all-crowd precision / FO / answers per image | (b) single-round precision / FO / coverage |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (r["category"], r["seed"])):
         c = r["cascade"]
