@@ -57,7 +57,6 @@ class Batch:
     submitted: bool = False
     persisted: bool = True  # False between assignment and the batch file being written
 
-
     def public(self) -> dict[str, Any]:
         """What the labeler's page sees (which images are gold is not shown)."""
         return {
@@ -152,7 +151,7 @@ class LabelingDesk:
     def refresh(self, force: bool = False) -> None:
         """Pick up requests published since the last look (at most every ``refresh_s``)."""
         with self._lock:
-            if not force and time.monotonic() - self._scanned < self.refresh_s:
+            if not force and not self.refresh_due():
                 return
             self._scanned = time.monotonic()
         # list storage without the lock: labelers' calls go on meanwhile

@@ -89,9 +89,8 @@ class TokenIndex:
 
     def authenticate(self, token: str | None) -> Labeler | None:
         # A dict lookup by the hash of a 256-bit secret: timing reveals nothing usable about other tokens.
-        if not token:
-            return None
-        digest = token_hash(token)
-        if digest not in self._by_hash and time.monotonic() - self._loaded > self.reload_s:
+        who = self.lookup(token)
+        if who is None and token and time.monotonic() - self._loaded > self.reload_s:
             self.reload()  # labelers created since the last look (by an admin command)
-        return self._by_hash.get(digest)
+            who = self.lookup(token)
+        return who

@@ -194,13 +194,19 @@ def create_app(
     def healthz() -> dict:
         return {"ok": True}
 
+    def fetch_cached(uri: str) -> tuple[bytes, str]:
+        data = cache.get(uri)
+        if data is None:
+            data = _fetch(uri, storage)
+            cache.put(uri, data)
+        return data
+
     def read_ahead(uris: list[str]) -> None:
         for uri in uris:
-            if cache.get(uri) is None:
-                try:
-                    cache.put(uri, _fetch(uri, storage))
-                except HTTPException:
-                    pass  # the labeler's own request reports it
+            try:
+                fetch_cached(uri)
+            except HTTPException:
+                pass  # the labeler's own request reports it
 
     @app.get("/api/me")
     async def me(who: Annotated[Labeler, Depends(labeler)]) -> dict:
@@ -230,10 +236,7 @@ def create_app(
         if not 0 <= index < len(batch.uris):
             raise HTTPException(404, f"batch {batch_id!r} has no image {index}")
         uri = batch.uris[index]
-        data = cache.get(uri)
-        if data is None:
-            data = await run_in_threadpool(_fetch, uri, storage)
-            cache.put(uri, data)
+        data = cache.get(uri) or await run_in_threadpool(fetch_cached, uri)
         return Response(data[0], media_type=data[1], headers={"Cache-Control": "private, max-age=3600"})
 
     @app.post("/api/batches/{batch_id}/labels")
