@@ -98,6 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calibration-min-new", type=int, default=d.calibration_min_new)
     ap.add_argument("--carry-calibration", action="store_true")
     ap.add_argument("--max-iterations", type=int, default=d.max_iterations)
+    ap.add_argument("--no-recheck", action="store_true", help="count calibration and audit labels as first given")
+    ap.add_argument("--arch", default=d.model.arch)
+    ap.add_argument(
+        "--image-size",
+        type=int,
+        default=32,
+        help="model input side (Fashion-MNIST is 28 px: 32 scored better than 64 at a third of the time)",
+    )
+    ap.add_argument("--max-steps", type=int, default=d.model.max_steps)
     ap.add_argument(
         "--report-only", action="store_true", help="rewrite results.md and the plot from --out's results.json"
     )
@@ -135,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             carry_calibration=args.carry_calibration,
             max_iterations=args.max_iterations,
             audit_sample=args.audit_sample,
+            recheck=not args.no_recheck,
+            model=ModelParams(arch=args.arch, image_size=args.image_size, max_steps=args.max_steps),
         )
         for category in categories:
             if (category, seed) in done:
@@ -185,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                     from lsun_hitl.model import decode_many
 
                     print("   decoding the pool for baseline (b)", flush=True)
-                    images, _ = decode_many([data.fs.cat_file(data.fs._strip_protocol(u)) for u in uris], 64)
+                    images, _ = decode_many(
+                        [data.fs.cat_file(data.fs._strip_protocol(u)) for u in uris], params.model.image_size
+                    )
                 row["single_round"] = single_round(
                     images,
                     ids,
@@ -193,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                     truth,
                     budget=summary["human_labeled_images"],
                     crowd_params=crowd,
-                    model_params=ModelParams(),
+                    model_params=params.model,
                     target_precision=args.target_precision,
                     target_false_omission=args.target_false_omission,
                     seed=seed,

@@ -1,6 +1,7 @@
 """The per-category cascade as one Prefect flow: the LSUN paper's loop.
 
-    repeat:  sample -> people label it -> train -> score the rest -> calibrate -> split
+    repeat:  sample -> people label it -> train -> score the rest -> people recheck the calibration
+             labels the model disputes -> calibrate -> split
     until few images are left unlabeled, the human budget is spent, or the iteration limit is hit;
     then people label the remainder (or it stays unresolved) and the dataset is written;
     optionally people audit a random sample of what the model decided.
@@ -32,7 +33,9 @@ from tasks.cascade import (
     label_remainder,
     labels_complete,
     publish_audit,
+    publish_audit_recheck,
     publish_labels,
+    publish_recheck,
     publish_remainder,
     report_funnel,
     score_pool,
@@ -93,6 +96,8 @@ def category_cascade(
         wait_for_labels(storage, category, publish_labels(storage, category, params, iteration, run_id), params)
         train_model(storage, category, params, iteration)
         score_pool(storage, category, params, iteration, dask_address)
+        if (recheck := publish_recheck(storage, category, params, iteration, run_id)) is not None:
+            wait_for_labels(storage, category, recheck, params)
         calibrate_thresholds(storage, category, params, iteration)
         print(split_pool(storage, category, params, iteration))
         report_funnel(storage, category)
@@ -108,5 +113,7 @@ def category_cascade(
     print(summary)
     if params.audit_sample and (audit := publish_audit(storage, category, params, run_id)) is not None:
         wait_for_labels(storage, category, audit, params)
+        if (recheck := publish_audit_recheck(storage, category, params, run_id)) is not None:
+            wait_for_labels(storage, category, recheck, params)
         print(audit_dataset(storage, category, params))
     return summary.to_dict()

@@ -58,6 +58,7 @@ class Thresholds:
     confidence: float
     label_noise: float = 0.0
     n_carried: int = 0  # calibration images carried over from earlier iterations
+    n_rechecked: int = 0  # calibration images people were asked about again (the model disputed their label)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -10,16 +10,19 @@ was restarted goes on from the last completed step, and nothing is sent to peopl
     collect      -> labels/<c>/aggregated/...       (answers aggregated with Dawid-Skene)
     train        -> models/<c>/iteration=k
     score        -> scores/<c>/iteration=k          (every still-unlabeled image, on Dask)
+    recheck      -> labels/<c>/requests/iteration-k-recheck (calibration images whose label the model
+                                                     disputes go back to people for more answers)
     calibrate    -> calibration/<c>/iteration=k     (thresholds from held-out labels; the calibration
                                                      set, carried over while it stays undecided)
     split        -> manifests/<c>/iteration=k       (positive / negative / unlabeled)
     finish       -> datasets/<c>/dataset.parquet, summary.json
-    audit        -> datasets/<c>/audit.json         (people check a random sample of each model split)
+    audit        -> datasets/<c>/audit.json         (people check a random sample of each model split;
+                                                     answers the model disputes are rechecked too)
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -60,6 +63,7 @@ from .storage import (
     manifest_key,
     model_key,
     report_key,
+    request_key,
     sample_key,
 )
 
@@ -69,6 +73,11 @@ AUDIT = "audit"
 
 def request_id_for(iteration: int) -> str:
     return f"iteration-{iteration}"
+
+
+def recheck_id_for(request_id: str) -> str:
+    """The request that asks people again about some images of ``request_id``."""
+    return f"{request_id}-recheck"
 
 
 # ---- start ----------------------------------------------------------------------------------------
@@ -225,6 +234,44 @@ def _p_for(storage: Storage, category: str, request_id: str, state: CascadeState
     return np.array([agg[i] for i in ids], np.float32)
 
 
+def _p_checked(storage: Storage, category: str, request_id: str, state: CascadeState, rows: np.ndarray) -> np.ndarray:
+    """``_p_for``, with the posteriors of rechecked images (every answer to them, both requests) in place."""
+    p = _p_for(storage, category, request_id, state, rows)
+    recheck = recheck_id_for(request_id)
+    if len(rows) and storage.exists(storage.path(request_key(category, recheck, "json"))):
+        agg = _aggregated(storage, category, recheck)
+        ids = pc.take(state.image_id, pa.array(rows, pa.int64())).to_pylist()
+        p = np.array([agg.get(i, v) for i, v in zip(ids, p.tolist(), strict=True)], np.float32)
+    return p
+
+
+def disputed(p_positive: np.ndarray, model_positive: np.ndarray, *, unsure: float = 0.05) -> np.ndarray:
+    """Images whose aggregated human label should be asked again before it is counted as truth.
+
+    Parameters
+    ----------
+    p_positive : array of float, shape (n,)
+        Aggregated human posterior that each image is a positive.
+    model_positive : array of bool, shape (n,)
+        The model's side for each image (score >= 0.5, or the split the model put it in).
+    unsure : float
+        Posteriors in ``(unsure, 1 - unsure)`` are disputed whatever the model says.
+
+    Returns
+    -------
+    array of bool, shape (n,)
+        True where people and the model disagree, or people's answers leave the label unsure.
+
+    Why: the errors that set thresholds (and that an audit counts) are exactly the images where people
+    and the model disagree, and with ~99.5%-right crowd labels most of those are the crowd's mistakes,
+    not the model's. A second round of answers on them alone (a few percent of the calibration set)
+    removes that noise floor; images where people and the model agree are not asked again, so no
+    error can be hidden by the recheck that was not already hidden without it.
+    """
+    p = np.asarray(p_positive, np.float64)
+    return ((p >= 0.5) != np.asarray(model_positive, bool)) | ((p > unsure) & (p < 1 - unsure))
+
+
 # ---- train ---------------------------------------------------------------------------------------------
 def _read_images(storage: Storage, rows: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     uris = pc.take(read_pool(storage, columns=["uri"]).column("uri"), pa.array(rows, pa.int64())).to_pylist()
@@ -298,6 +345,29 @@ def score(
     return int(pc.sum(pc.is_valid(scores.column("score"))).as_py() or 0)
 
 
+# ---- recheck -------------------------------------------------------------------------------------------
+def recheck_rows(storage: Storage, category: str, params: CascadeParams, iteration: int) -> np.ndarray:
+    """Calibration images of ``iteration`` whose label the freshly scored model disputes (``disputed``)."""
+    drawn = sample(storage, category, params, iteration)
+    if not params.recheck or len(drawn.calibration) == 0:
+        return np.zeros(0, np.int64)
+    state = _state(storage, category, iteration - 1)
+    rows = candidates(state, drawn)
+    s = _scores(storage, category, iteration, len(rows))[np.searchsorted(rows, drawn.calibration)]
+    p = _p_for(storage, category, request_id_for(iteration), state, drawn.calibration)
+    return drawn.calibration[np.isfinite(s) & disputed(p, s >= 0.5)]
+
+
+def publish_recheck(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, flow_run_id: str | None = None
+) -> labels_lib.LabelRequest | None:
+    """Ask people again about the disputed calibration images; None when there are none (or recheck is off)."""
+    rows = recheck_rows(storage, category, params, iteration)
+    if len(rows) == 0:
+        return None
+    return publish(storage, category, recheck_id_for(request_id_for(iteration)), iteration, rows, flow_run_id)
+
+
 def model_key_path(storage: Storage, category: str, iteration: int) -> str:
     return storage.path(model_key(category, iteration))
 
@@ -325,7 +395,7 @@ def calibrate(storage: Storage, category: str, params: CascadeParams, iteration:
     rows = candidates(state, drawn)
     all_scores = _scores(storage, category, iteration, len(rows))
     new_scores = all_scores[np.searchsorted(rows, drawn.calibration)]
-    new_p = _p_for(storage, category, request_id_for(iteration), state, drawn.calibration)
+    new_p = _p_checked(storage, category, request_id_for(iteration), state, drawn.calibration)
     carried = carried_calibration(storage, category, params, iteration)
     carried_rows = carried.column("row").to_numpy()
     cal_scores = np.concatenate([new_scores, _score_rows(storage, category, iteration, carried_rows)])
@@ -357,6 +427,9 @@ def calibrate(storage: Storage, category: str, params: CascadeParams, iteration:
         min_region=params.min_region,
         n_carried=len(carried_rows),
     )
+    rechecked = storage.path(request_key(category, recheck_id_for(request_id_for(iteration))))
+    if storage.exists(rechecked):
+        thresholds = replace(thresholds, n_rechecked=storage.read_table(rechecked, columns=["image_id"]).num_rows)
     storage.write_json(key, thresholds.to_dict())
     png = report.score_histogram(category, iteration, all_scores, cal_scores, cal_p, thresholds)
     storage.write_bytes(storage.path(report_key(category, f"scores-iteration={iteration}.png")), png)
@@ -399,7 +472,11 @@ def split(storage: Storage, category: str, params: CascadeParams, iteration: int
     after = before.copy()
     apply_human_labels(after, drawn.train, _p_for(storage, category, rid, before, drawn.train), ROLE_TRAIN, iteration)
     apply_human_labels(
-        after, drawn.calibration, _p_for(storage, category, rid, before, drawn.calibration), ROLE_CALIBRATION, iteration
+        after,
+        drawn.calibration,
+        _p_checked(storage, category, rid, before, drawn.calibration),
+        ROLE_CALIBRATION,
+        iteration,
     )
     model_pos, model_neg = apply_thresholds(after, rows, scores, thresholds, iteration)
     check_transition(before, after)
@@ -599,7 +676,9 @@ def finish(storage: Storage, category: str, stop: str | None = None) -> Summary:
 class Audit:
     """What people found in random samples of the model's final positive and negative sets.
 
-    Intervals are two-sided Clopper-Pearson at ``confidence``, over the aggregated audit answers.
+    Intervals are two-sided Clopper-Pearson at ``confidence``, over the aggregated audit answers; the
+    ``rechecked`` images people and the model disagreed on were asked again first (``disputed``), so
+    the crowd's own mistakes do not read as the model's.
     ``dataset_precision`` estimates the whole positive set: people's positives by their posterior and
     the model's positives at the audited rate.
     """
@@ -618,6 +697,7 @@ class Audit:
     false_omission_high: float | None
     dataset_precision: float | None
     human_answers: int
+    rechecked: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -631,7 +711,7 @@ class Audit:
             f"model positives precision {rate(self.precision, self.precision_low, self.precision_high)} "
             f"({self.positives_confirmed}/{self.positives_audited} confirmed); model negatives false omission "
             f"{rate(self.false_omission, self.false_omission_low, self.false_omission_high)} "
-            f"({self.negatives_found_positive}/{self.negatives_audited} positive)"
+            f"({self.negatives_found_positive}/{self.negatives_audited} positive; {self.rechecked} rechecked)"
         )
 
 
@@ -659,6 +739,23 @@ def publish_audit(
     return publish(storage, category, AUDIT, manifest_iterations(storage, category)[-1] + 1, rows, flow_run_id)
 
 
+def publish_audit_recheck(
+    storage: Storage, category: str, params: CascadeParams, flow_run_id: str | None = None
+) -> labels_lib.LabelRequest | None:
+    """Ask people again about audit images whose answer the model's split disputes; None if there are none."""
+    state = _state(storage, category, manifest_iterations(storage, category)[-1])
+    pos, neg = audit_rows(storage, category, params)
+    rows = np.concatenate([pos, neg])
+    if not params.recheck or len(rows) == 0:
+        return None
+    p = _p_for(storage, category, AUDIT, state, rows)
+    rows = rows[disputed(p, np.arange(len(rows)) < len(pos))]
+    if len(rows) == 0:
+        return None
+    iteration = manifest_iterations(storage, category)[-1] + 1
+    return publish(storage, category, recheck_id_for(AUDIT), iteration, rows, flow_run_id)
+
+
 def audit(storage: Storage, category: str, params: CascadeParams) -> Audit:
     """Measure the delivered precision and false omission on the audit answers; write audit.json."""
     key = storage.path(dataset_key(category, "audit.json"))
@@ -666,8 +763,10 @@ def audit(storage: Storage, category: str, params: CascadeParams) -> Audit:
         return Audit(**storage.read_json(key))
     state = _state(storage, category, manifest_iterations(storage, category)[-1])
     pos, neg = audit_rows(storage, category, params)
-    yes_pos = int(np.sum(_p_for(storage, category, AUDIT, state, pos) >= 0.5)) if len(pos) else 0
-    yes_neg = int(np.sum(_p_for(storage, category, AUDIT, state, neg) >= 0.5)) if len(neg) else 0
+    yes_pos = int(np.sum(_p_checked(storage, category, AUDIT, state, pos) >= 0.5)) if len(pos) else 0
+    yes_neg = int(np.sum(_p_checked(storage, category, AUDIT, state, neg) >= 0.5)) if len(neg) else 0
+    recheck = storage.path(request_key(category, recheck_id_for(AUDIT)))
+    rechecked = storage.read_table(recheck, columns=["image_id"]).num_rows if storage.exists(recheck) else 0
     conf = params.confidence
     p_lo, p_hi = rate_interval(yes_pos, len(pos), conf) if len(pos) else (None, None)
     f_lo, f_hi = rate_interval(yes_neg, len(neg), conf) if len(neg) else (None, None)
@@ -695,7 +794,9 @@ def audit(storage: Storage, category: str, params: CascadeParams) -> Audit:
         false_omission_low=f_lo,
         false_omission_high=f_hi,
         dataset_precision=dataset_precision,
-        human_answers=labels_lib.read_votes(storage, category, AUDIT).num_rows,
+        human_answers=labels_lib.read_votes(storage, category, AUDIT).num_rows
+        + (labels_lib.read_votes(storage, category, recheck_id_for(AUDIT)).num_rows if rechecked else 0),
+        rechecked=rechecked,
     )
     storage.write_json(key, result.to_dict())
     return result

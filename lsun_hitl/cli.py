@@ -44,6 +44,7 @@ def _params(args: argparse.Namespace) -> CascadeParams:
         calibration_min_new=args.calibration_min_new,
         carry_calibration=args.carry_calibration,
         audit_sample=args.audit_sample,
+        recheck=not args.no_recheck,
         target_precision=args.target_precision,
         target_false_omission=args.target_false_omission,
         confidence=args.confidence,
@@ -77,6 +78,11 @@ def _add_cascade(p: argparse.ArgumentParser) -> None:
         help="never train on calibration images; carry the still-undecided ones into later calibration sets",
     )
     p.add_argument("--audit-sample", type=int, default=d.audit_sample, help="images per model split people audit")
+    p.add_argument(
+        "--no-recheck",
+        action="store_true",
+        help="count calibration and audit labels as first given (default: ask people again where the model disputes)",
+    )
     p.add_argument("--target-precision", type=float, default=d.target_precision)
     p.add_argument("--target-false-omission", type=float, default=d.target_false_omission)
     p.add_argument("--confidence", type=float, default=d.confidence)

@@ -55,7 +55,10 @@ class CascadeParams:
     each iteration only tops the set up to ``calibration_sample`` (at least ``calibration_min_new``
     new images). ``model_schedule`` gives a model per iteration (the last one repeats); empty means
     ``model`` at every iteration. ``audit_sample`` images of each model-decided split go to people
-    after the last iteration, to measure the delivered precision and false omission.
+    after the last iteration, to measure the delivered precision and false omission. With ``recheck``
+    the calibration and audit images whose aggregated label the model disputes (people said yes where
+    the model scores below 0.5, or no above it, or their answers left it unsure) are sent to people once
+    more before they count.
     """
 
     train_sample: int = 2500
@@ -76,6 +79,9 @@ class CascadeParams:
     # stop when the images left are no more than the next iteration would send to people
     stop_when_cheaper: bool = True
     audit_sample: int = 0
+    # ask people again about calibration (and audit) images whose label the model disputes, before
+    # thresholds are chosen: removes the crowd-noise floor under the false-omission bound
+    recheck: bool = True
     remainder: Literal["people", "unresolved"] = "people"
     seed: int = 0
     label_timeout_s: int = 7 * 24 * 3600

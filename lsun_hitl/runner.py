@@ -57,8 +57,9 @@ def resume(storage: Storage, category: str, request_id: str, *, wait_s: float = 
     while True:
         state = _run_state(request.flow_run_id)
         key = state.state_details.pause_key if state is not None else None
-        # resume only a pause for this request (keys are "<request>-<attempt>"); another pause is not ours
-        if state is not None and state.is_paused() and (not key or key.startswith(f"{request_id}-")):
+        # resume only a pause for this request (keys are "<request>-<attempt>"): "iteration-1" must not
+        # resume the pause of "iteration-1-recheck"
+        if state is not None and state.is_paused() and (not key or _pause_for(key, request_id)):
             try:
                 resume_flow_run(request.flow_run_id, run_input={"request_id": request_id})
                 log.info("resumed flow run %s with %s", request.flow_run_id, request_id)
@@ -109,6 +110,12 @@ def simulated_crowd(
     finally:
         stop.set()
         thread.join(10)
+
+
+def _pause_for(key: str, request_id: str) -> bool:
+    """True when pause ``key`` ("<request>-<attempt>") waits for ``request_id``."""
+    head, _, attempt = key.rpartition("-")
+    return head == request_id and attempt.isdigit()
 
 
 def _run_state(flow_run_id: str) -> Any:

@@ -56,6 +56,13 @@ def publish_remainder(storage: Storage, category: str, iteration: int, flow_run_
     return cascade.publish_remainder(storage, category, iteration, flow_run_id)
 
 
+@task(retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+def publish_recheck(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, flow_run_id: str | None
+) -> LabelRequest | None:
+    return cascade.publish_recheck(storage, category, params, iteration, flow_run_id)
+
+
 @task(cache_policy=NO_CACHE)
 def labels_complete(storage: Storage, category: str, request_id: str) -> bool:
     return cascade.labels_complete(storage, category, request_id)
@@ -119,6 +126,13 @@ def publish_audit(
     storage: Storage, category: str, params: CascadeParams, flow_run_id: str | None
 ) -> LabelRequest | None:
     return cascade.publish_audit(storage, category, params, flow_run_id)
+
+
+@task(retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+def publish_audit_recheck(
+    storage: Storage, category: str, params: CascadeParams, flow_run_id: str | None
+) -> LabelRequest | None:
+    return cascade.publish_audit_recheck(storage, category, params, flow_run_id)
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

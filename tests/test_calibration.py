@@ -44,3 +44,35 @@ def test_label_noise_is_reported_and_hard_counts_used():
     th = choose_thresholds(s, p, target_precision=0.95, target_false_omission=0.01)
     assert th.label_noise == pytest.approx(np.mean(np.minimum(p, 1 - p)))
     assert th.positive is not None
+
+
+def test_rechecking_disputed_labels_lifts_the_crowd_noise_floor():
+    """Crowd labels 99.3% right hide a well-separated model's negatives behind a false-omission floor;
+    asking again only where people and the model disagree (a few percent of the set) removes it."""
+    from lsun_hitl.cascade import disputed
+
+    rng = np.random.default_rng(5)
+    s, y = synthetic(1500, rng, separation=7.0)
+    flipped = rng.random(len(y)) < 0.007
+    p = np.where(y ^ flipped, 0.99, 0.01)
+    noisy = choose_thresholds(s, p, target_precision=0.95, target_false_omission=0.01)
+
+    asked = disputed(p, s >= 0.5)
+    assert asked.mean() < 0.05  # a few percent of the calibration set goes back to people
+    assert np.all(asked[flipped & ((s >= 0.5) == y)])  # every crowd mistake the model contradicts
+    rechecked = np.where(asked, y.astype(float), p)  # more answers settle the disputed ones
+    clean = choose_thresholds(s, rechecked, target_precision=0.95, target_false_omission=0.01)
+
+    assert clean.negative is not None
+    assert noisy.negative is None or clean.negative > noisy.negative
+    assert clean.n_negative_region > noisy.n_negative_region + 300
+    s2, y2 = synthetic(200_000, rng, separation=7.0)
+    assert y2[s2 <= clean.negative].mean() <= 0.01 and y2[s2 >= clean.positive].mean() >= 0.95
+
+
+def test_unsure_labels_are_disputed_whatever_the_model_says():
+    from lsun_hitl.cascade import disputed
+
+    p = np.array([0.999, 0.001, 0.5, 0.3, 0.97, 0.02])
+    model = np.array([True, False, True, False, True, True])
+    assert disputed(p, model).tolist() == [False, False, True, True, False, True]

@@ -120,7 +120,8 @@ def test_flow_process_killed_mid_iteration_restarts_from_the_last_step(small_poo
     votes_after = read_votes(storage, "trouser", request_id_for(1))
     assert votes_after.num_rows == votes_before.num_rows
     assert storage.read_bytes(model) == model_bytes
-    assert {r.request_id for r in list_requests(storage, "trouser")} <= {"iteration-1", "iteration-2", "remainder"}
+    asked = {r.request_id for r in list_requests(storage, "trouser")}
+    assert asked <= {"iteration-1", "iteration-1-recheck", "iteration-2", "iteration-2-recheck", "remainder"}
     # every manifest whole and consistent; the dataset complete
     for k in manifest_iterations(storage, "trouser"):
         assert len(read_manifest(storage, "trouser", k)) == 1500

@@ -99,3 +99,13 @@ def test_incomplete_request_names_missing_images(published):
     labels.submit_votes(storage, "cat", "iteration-1", frame, "partial")
     with pytest.raises(labels.LabelError, match="49 of 50 images have no yes/no answer"):
         labels.collect(storage, "cat", "iteration-1")
+
+
+def test_a_resume_matches_only_its_own_requests_pause():
+    from lsun_hitl.runner import _pause_for
+
+    assert _pause_for("iteration-1-2", "iteration-1")
+    assert not _pause_for("iteration-1-recheck-1", "iteration-1")
+    assert _pause_for("iteration-1-recheck-1", "iteration-1-recheck")
+    assert not _pause_for("audit-recheck-1", "audit") and _pause_for("audit-1", "audit")
+    assert not _pause_for("iteration-12-1", "iteration-1")
