@@ -245,7 +245,7 @@ def _p_checked(storage: Storage, category: str, request_id: str, state: CascadeS
     return p
 
 
-def disputed(p_positive: np.ndarray, model_positive: np.ndarray, *, unsure: float = 0.05) -> np.ndarray:
+def disputed(p_positive: np.ndarray, model_positive: np.ndarray, *, unsure: float = 0.15) -> np.ndarray:
     """Images whose aggregated human label should be asked again before it is counted as truth.
 
     Parameters
@@ -255,7 +255,8 @@ def disputed(p_positive: np.ndarray, model_positive: np.ndarray, *, unsure: floa
     model_positive : array of bool, shape (n,)
         The model's side for each image (score >= 0.5, or the split the model put it in).
     unsure : float
-        Posteriors in ``(unsure, 1 - unsure)`` are disputed whatever the model says.
+        Posteriors in ``(unsure, 1 - unsure)`` are disputed whatever the model says (split answers;
+        one answer alone, 0.9 under the majority rule, is not).
 
     Returns
     -------

@@ -81,6 +81,7 @@ confidence = 0.5
 max_iterations = 1
 stop_unlabeled = 0
 remainder = "unresolved"
+recheck = false  # one request, one suspension: this test is about suspend and resume
 wait = "auto"
 score_partition = 200
 model = {{ image_size = 32, epochs = 1, batch_size = 32 }}
