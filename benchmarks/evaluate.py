@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "--image-size",
         type=int,
         default=32,
-        help="model input side (Fashion-MNIST is 28 px: 32 scored better than 64 at a third of the time)",
+        help="model input side (Fashion-MNIST is 28 px: 32 scores about as well as 64 in 2/3 of the time)",
     )
     ap.add_argument("--max-steps", type=int, default=d.model.max_steps)
     ap.add_argument(
