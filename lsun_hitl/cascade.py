@@ -234,12 +234,17 @@ def _p_for(storage: Storage, category: str, request_id: str, state: CascadeState
     return np.array([agg[i] for i in ids], np.float32)
 
 
+def recheck_size(storage: Storage, category: str, request_id: str) -> int:
+    """Images people were asked about again for ``request_id`` (0 when nothing was rechecked)."""
+    path = storage.path(request_key(category, recheck_id_for(request_id), "json"))
+    return int(storage.read_json(path)["n_images"]) if storage.exists(path) else 0
+
+
 def _p_checked(storage: Storage, category: str, request_id: str, state: CascadeState, rows: np.ndarray) -> np.ndarray:
     """``_p_for``, with the posteriors of rechecked images (every answer to them, both requests) in place."""
     p = _p_for(storage, category, request_id, state, rows)
-    recheck = recheck_id_for(request_id)
-    if len(rows) and storage.exists(storage.path(request_key(category, recheck, "json"))):
-        agg = _aggregated(storage, category, recheck)
+    if len(rows) and recheck_size(storage, category, request_id):
+        agg = _aggregated(storage, category, recheck_id_for(request_id))
         ids = pc.take(state.image_id, pa.array(rows, pa.int64())).to_pylist()
         p = np.array([agg.get(i, v) for i, v in zip(ids, p.tolist(), strict=True)], np.float32)
     return p
@@ -428,9 +433,7 @@ def calibrate(storage: Storage, category: str, params: CascadeParams, iteration:
         min_region=params.min_region,
         n_carried=len(carried_rows),
     )
-    rechecked = storage.path(request_key(category, recheck_id_for(request_id_for(iteration))))
-    if storage.exists(rechecked):
-        thresholds = replace(thresholds, n_rechecked=storage.read_table(rechecked, columns=["image_id"]).num_rows)
+    thresholds = replace(thresholds, n_rechecked=recheck_size(storage, category, request_id_for(iteration)))
     storage.write_json(key, thresholds.to_dict())
     png = report.score_histogram(category, iteration, all_scores, cal_scores, cal_p, thresholds)
     storage.write_bytes(storage.path(report_key(category, f"scores-iteration={iteration}.png")), png)
@@ -744,7 +747,8 @@ def publish_audit_recheck(
     storage: Storage, category: str, params: CascadeParams, flow_run_id: str | None = None
 ) -> labels_lib.LabelRequest | None:
     """Ask people again about audit images whose answer the model's split disputes; None if there are none."""
-    state = _state(storage, category, manifest_iterations(storage, category)[-1])
+    last = manifest_iterations(storage, category)[-1]
+    state = _state(storage, category, last)
     pos, neg = audit_rows(storage, category, params)
     rows = np.concatenate([pos, neg])
     if not params.recheck or len(rows) == 0:
@@ -753,8 +757,7 @@ def publish_audit_recheck(
     rows = rows[disputed(p, np.arange(len(rows)) < len(pos))]
     if len(rows) == 0:
         return None
-    iteration = manifest_iterations(storage, category)[-1] + 1
-    return publish(storage, category, recheck_id_for(AUDIT), iteration, rows, flow_run_id)
+    return publish(storage, category, recheck_id_for(AUDIT), last + 1, rows, flow_run_id)
 
 
 def audit(storage: Storage, category: str, params: CascadeParams) -> Audit:
@@ -766,8 +769,7 @@ def audit(storage: Storage, category: str, params: CascadeParams) -> Audit:
     pos, neg = audit_rows(storage, category, params)
     yes_pos = int(np.sum(_p_checked(storage, category, AUDIT, state, pos) >= 0.5)) if len(pos) else 0
     yes_neg = int(np.sum(_p_checked(storage, category, AUDIT, state, neg) >= 0.5)) if len(neg) else 0
-    recheck = storage.path(request_key(category, recheck_id_for(AUDIT)))
-    rechecked = storage.read_table(recheck, columns=["image_id"]).num_rows if storage.exists(recheck) else 0
+    rechecked = recheck_size(storage, category, AUDIT)
     conf = params.confidence
     p_lo, p_hi = rate_interval(yes_pos, len(pos), conf) if len(pos) else (None, None)
     f_lo, f_hi = rate_interval(yes_neg, len(neg), conf) if len(neg) else (None, None)
