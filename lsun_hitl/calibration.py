@@ -16,16 +16,28 @@ residual noise mostly inflates the measured errors (people's false "yes" among m
 its effect on the bounds is conservative; ``label_noise`` reports its estimate (the mean posterior
 disagreement) beside each threshold.
 
-Thresholds come from a fixed grid (dense in logit space). The positive threshold is the lowest one
-whose region passes its bound, the negative threshold the highest one (the "upper-confidence
-correction" of threshold-based auto-labeling). The confidence is per threshold; with nested regions
-the chance that the chosen one misses its target is somewhat above ``1 - confidence``. The evaluation
-harness measures how often the targets hold.
+Thresholds come from a fixed grid (dense in logit space), and each side is a nested family of regions
+(``s >= t`` for positives, ``s <= t`` for negatives). Two ways to pick one (``scan``):
+
+* ``"nested"`` (the default): the widest region whose own bound passes, wherever it lies. The confidence
+  holds per threshold; taking the best of many nested regions makes the chance that the chosen one
+  misses its target somewhat higher than ``1 - confidence`` in principle. In simulation (1,500 calibration
+  images, 500 draws per setting, base rate 0.1) it missed in 0-4% of draws, under the stated 5%: nested
+  regions share most of their images, so their bounds move together (tests/test_calibration.py checks it).
+* ``"fixed-sequence"`` (Learn-then-Test's fixed-sequence test, Angelopoulos et al. 2021):
+  start from the safest region (the highest ``t`` for positives, the lowest for negatives) that is big
+  enough to pass at all, widen it one grid step at a time while the bound passes, and stop at the first
+  failure. The chosen region then meets its target with probability at least ``confidence``: the
+  sequence is fixed by the scores alone, before any label is looked at, so no correction for the number
+  of thresholds tried is needed. The price: one positive among the lowest-scored calibration images
+  stops the scan early. On pullover's first model it let the model decide 17,011 negatives where the
+  nested scan decided 46,488 (``benchmarks/one_iteration.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 from scipy.special import betaincinv
@@ -59,6 +71,7 @@ class Thresholds:
     label_noise: float = 0.0
     n_carried: int = 0  # calibration images carried over from earlier iterations
     n_rechecked: int = 0  # calibration images people were asked about again (the model disputed their label)
+    scan: str = "nested"  # how the thresholds were picked: "fixed-sequence" or "nested" (see the module)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +88,10 @@ def clopper_pearson(errors: float, n: float, confidence: float) -> tuple[float, 
     return lo, hi
 
 
+Scan = Literal["fixed-sequence", "nested"]
+SCANS: tuple[str, ...] = ("fixed-sequence", "nested")
+
+
 def choose_thresholds(
     scores: np.ndarray,
     p_positive: np.ndarray,
@@ -84,6 +101,7 @@ def choose_thresholds(
     confidence: float = 0.95,
     min_region: int = 30,
     n_carried: int = 0,
+    scan: Scan = "nested",
 ) -> Thresholds:
     """Choose ``t_pos`` and ``t_neg`` from a calibration sample.
 
@@ -101,7 +119,12 @@ def choose_thresholds(
         Regions with fewer calibration images are not considered.
     n_carried : int
         How many of the images were carried over from earlier iterations (recorded only).
+    scan : {"fixed-sequence", "nested"}
+        How the threshold is picked among the passing ones (see the module docstring):
+        "fixed-sequence" makes ``confidence`` hold for the chosen threshold.
     """
+    if scan not in SCANS:
+        raise ValueError(f"scan {scan!r} is unknown; use one of {', '.join(SCANS)}")
     scores = np.asarray(scores, np.float64)
     p = np.asarray(p_positive, np.float64)
     keep = np.isfinite(scores) & np.isfinite(p)
@@ -112,35 +135,57 @@ def choose_thresholds(
     cum_pos = np.concatenate([[0.0], np.cumsum(y_sorted)])  # positives among the k lowest
     total_pos = cum_pos[-1]
 
-    # Positive side: region s >= t, errors = people's "no" answers. The lowest t that passes.
-    t_pos, prec = None, None
-    for t in GRID:
-        k = int(np.searchsorted(s_sorted, t, side="left"))
-        size = n - k
-        if size < min_region:
-            break
-        negatives = size - (total_pos - cum_pos[k])
+    # Positive side: region s >= t, errors = people's "no" answers.
+    k_pos = np.searchsorted(s_sorted, GRID, side="left")
+    size_pos = n - k_pos
+    errors_pos = size_pos - (total_pos - cum_pos[k_pos])
+    i_pos = _pick(size_pos, errors_pos, 1 - target_precision, confidence, min_region, scan)
+    t_pos = prec = None
+    if i_pos is not None:
+        size, negatives = size_pos[i_pos], errors_pos[i_pos]
         lo, hi = clopper_pearson(negatives, size, confidence)
-        if 1 - hi >= target_precision:
-            t_pos, prec = float(t), Interval(1 - negatives / size, 1 - hi, 1 - lo)
-            break
-    # Negative side: region s <= t, errors = people's "yes" answers. The highest t that passes.
-    t_neg, fo = None, None
-    for t in GRID[::-1]:
-        if t_pos is not None and t >= t_pos:
-            continue
-        k = int(np.searchsorted(s_sorted, t, side="right"))
-        if k < min_region:
-            break
-        positives = cum_pos[k]
-        lo, hi = clopper_pearson(positives, k, confidence)
-        if hi <= target_false_omission:
-            t_neg, fo = float(t), Interval(positives / k, lo, hi)
-            break
+        t_pos, prec = float(GRID[i_pos]), Interval(1 - negatives / size, 1 - hi, 1 - lo)
+    # Negative side: region s <= t (below t_pos), errors = people's "yes" answers.
+    below = GRID < t_pos if t_pos is not None else np.ones(len(GRID), bool)
+    k_neg = np.searchsorted(s_sorted, GRID[below], side="right")
+    i_neg = _pick(k_neg[::-1], cum_pos[k_neg][::-1], target_false_omission, confidence, min_region, scan)
+    t_neg = fo = None
+    if i_neg is not None:
+        i_neg = int(below.sum()) - 1 - i_neg
+        size, positives = k_neg[i_neg], cum_pos[k_neg[i_neg]]
+        lo, hi = clopper_pearson(positives, size, confidence)
+        t_neg, fo = float(GRID[i_neg]), Interval(positives / size, lo, hi)
     n_pos = int(np.sum(scores >= t_pos)) if t_pos is not None else 0
     n_neg = int(np.sum(scores <= t_neg)) if t_neg is not None else 0
     noise = float(np.mean(np.minimum(p, 1 - p))) if n else 0.0
-    return Thresholds(t_pos, t_neg, prec, fo, n, n_pos, n_neg, confidence, noise, n_carried)
+    return Thresholds(t_pos, t_neg, prec, fo, n, n_pos, n_neg, confidence, noise, n_carried, scan=scan)
+
+
+def _pick(
+    sizes: np.ndarray, errors: np.ndarray, target: float, confidence: float, min_region: int, scan: Scan
+) -> int | None:
+    """Index of the chosen region among nested ones, ``sizes`` (m,) widest first, ``errors`` (m,) in each;
+    None when none may be chosen. A region passes when its upper bound on the error rate is <= ``target``."""
+    start = max(min_region, zero_error_size(target, confidence))  # smaller regions cannot pass at all
+
+    def passes(i: int) -> bool:
+        return clopper_pearson(errors[i], sizes[i], confidence)[1] <= target
+
+    if scan == "nested":
+        for i in range(len(sizes)):
+            if sizes[i] < start:
+                return None
+            if passes(i):
+                return i
+        return None
+    chosen = None
+    for i in range(len(sizes) - 1, -1, -1):  # safest (smallest) region first
+        if sizes[i] < start:
+            continue
+        if not passes(i):
+            break
+        chosen = i
+    return chosen
 
 
 def rate_interval(events: int, n: int, confidence: float) -> tuple[float, float]:

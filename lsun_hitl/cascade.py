@@ -432,6 +432,7 @@ def calibrate(storage: Storage, category: str, params: CascadeParams, iteration:
         confidence=params.confidence,
         min_region=params.min_region,
         n_carried=len(carried_rows),
+        scan=params.threshold_scan,
     )
     thresholds = replace(thresholds, n_rechecked=recheck_size(storage, category, request_id_for(iteration)))
     storage.write_json(key, thresholds.to_dict())

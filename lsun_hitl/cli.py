@@ -48,6 +48,7 @@ def _params(args: argparse.Namespace) -> CascadeParams:
         target_precision=args.target_precision,
         target_false_omission=args.target_false_omission,
         confidence=args.confidence,
+        threshold_scan=args.threshold_scan,
         max_iterations=args.max_iterations,
         stop_unlabeled=args.stop_unlabeled,
         human_budget=args.human_budget,
@@ -86,6 +87,12 @@ def _add_cascade(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-precision", type=float, default=d.target_precision)
     p.add_argument("--target-false-omission", type=float, default=d.target_false_omission)
     p.add_argument("--confidence", type=float, default=d.confidence)
+    p.add_argument(
+        "--threshold-scan",
+        choices=("fixed-sequence", "nested"),
+        default=d.threshold_scan,
+        help="fixed-sequence: the confidence holds for the chosen threshold; nested: per threshold, decides more",
+    )
     p.add_argument("--max-iterations", type=int, default=d.max_iterations)
     p.add_argument("--stop-unlabeled", type=int, default=d.stop_unlabeled)
     p.add_argument("--human-budget", type=int, default=d.human_budget)

@@ -76,3 +76,57 @@ def test_unsure_labels_are_disputed_whatever_the_model_says():
     p = np.array([0.999, 0.001, 0.5, 0.3, 0.97, 0.02])
     model = np.array([True, False, True, False, True, True])
     assert disputed(p, model).tolist() == [False, False, True, True, False, True]
+
+
+def test_fixed_sequence_stops_at_the_first_failing_region():
+    """A positive among the lowest scores stops the fixed-sequence scan where its bound first fails;
+    the nested scan takes the widest region that passes on its own, beyond it."""
+    s = np.linspace(0.001, 0.999, 1500)
+    y = np.zeros(1500)
+    y[[320, 1100, 1200, 1300, 1400]] = 1  # one early stray positive, then the real ones high up
+    fixed = choose_thresholds(s, y, target_precision=0.95, target_false_omission=0.01, scan="fixed-sequence")
+    nested = choose_thresholds(s, y, target_precision=0.95, target_false_omission=0.01, scan="nested")
+    assert fixed.scan == "fixed-sequence" and nested.scan == "nested"
+    # 299 clean images are the least that can show <= 1% at 95%; with the stray positive at 321 the
+    # bound stays above 1% until the region is ~470 images, so the sequence stops before that.
+    assert zero_error_size(0.01, 0.95) <= fixed.n_negative_region <= 321
+    assert fixed.false_omission.high <= 0.01 and nested.false_omission.high <= 0.01
+    assert nested.n_negative_region > 470
+    with pytest.raises(ValueError, match="scan"):
+        choose_thresholds(s, y, target_precision=0.95, target_false_omission=0.01, scan="best")
+
+
+def test_chosen_thresholds_meet_their_targets_in_about_95_percent_of_draws():
+    """Over many calibration draws the chosen thresholds miss their target in at most ~5% of them (the
+    stated confidence) with either scan, and the fixed sequence decides at most what the nested scan does."""
+    from scipy.stats import norm
+
+    base, sep = 0.1, 3.0
+
+    def logit(t):
+        return np.log(t / (1 - t))
+
+    def true_fo(t):
+        a, b = base * norm.cdf(logit(t) - sep / 2), (1 - base) * norm.cdf(logit(t) + sep / 2)
+        return a / (a + b)
+
+    def true_precision(t):
+        a, b = base * norm.sf(logit(t) - sep / 2), (1 - base) * norm.sf(logit(t) + sep / 2)
+        return a / (a + b)
+
+    rng = np.random.default_rng(7)
+    scans = ("fixed-sequence", "nested")
+    trials = 200
+    misses = {(scan, side): 0 for scan in scans for side in ("fo", "precision")}
+    decided = dict.fromkeys(scans, 0)
+    for _ in range(trials):
+        s, y = synthetic(1500, rng, separation=sep)
+        for scan in scans:
+            th = choose_thresholds(s, y.astype(float), target_precision=0.95, target_false_omission=0.01, scan=scan)
+            decided[scan] += th.n_negative_region + th.n_positive_region
+            misses[scan, "fo"] += th.negative is not None and true_fo(th.negative) > 0.01
+            misses[scan, "precision"] += th.positive is not None and true_precision(th.positive) < 0.95
+    # 5% of 200 is 10; 18 is beyond 2.5 binomial standard deviations
+    assert all(m <= 18 for m in misses.values()), misses
+    assert decided["fixed-sequence"] <= decided["nested"]
+    assert decided["fixed-sequence"] > 0
