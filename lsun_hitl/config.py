@@ -17,6 +17,7 @@ ARCHITECTURES = (
     "resnet50",
     "efficientnet_b0",
     "convnext_tiny",
+    "small_convnet",  # lsun_hitl.model.small_convnet: for small images such as Fashion-MNIST
 )
 
 

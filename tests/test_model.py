@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 import torchvision
 from PIL import Image
@@ -12,9 +13,10 @@ def prep(images, size):
     return np.stack([np.asarray(Image.fromarray(im).convert("RGB").resize((size, size))) for im in images])
 
 
-def test_small_model_learns_a_category_from_scratch(fashion):
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "small_convnet"])
+def test_small_model_learns_a_category_from_scratch(fashion, arch):
     images, classes = fashion
-    params = ModelParams(arch="mobilenet_v3_small", image_size=32, epochs=6, batch_size=64, threads=2)
+    params = ModelParams(arch=arch, image_size=32, epochs=6, batch_size=64, threads=2)
     x_train, y_train = prep(images[:1500], 32), (classes[:1500] == 7).astype(np.float32)
     x_test, y_test = prep(images[50000:51000], 32), classes[50000:51000] == 7
     net = model_lib.train(x_train, y_train, params, seed=0)
