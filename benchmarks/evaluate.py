@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lsun_hitl.baselines import all_by_crowd, single_round
+from lsun_hitl.calibration import SCANS
 from lsun_hitl.cascade import funnels
 from lsun_hitl.config import CascadeParams, ModelParams
 from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-recheck", action="store_true", help="count calibration and audit labels as first given")
     ap.add_argument(
         "--threshold-scan",
-        choices=["fixed-sequence", "nested"],
+        choices=SCANS,
         default=d.threshold_scan,
         help="how thresholds are picked among those whose bound passes (see lsun_hitl.calibration)",
     )

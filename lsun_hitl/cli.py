@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+from .calibration import SCANS
 from .cluster import ClusterError
 from .config import ARCHITECTURES, CascadeParams, ConfigError, ModelParams
 from .labelers import LabelerError
@@ -89,7 +90,7 @@ def _add_cascade(p: argparse.ArgumentParser) -> None:
     p.add_argument("--confidence", type=float, default=d.confidence)
     p.add_argument(
         "--threshold-scan",
-        choices=("fixed-sequence", "nested"),
+        choices=SCANS,
         default=d.threshold_scan,
         help="fixed-sequence: the confidence holds for the chosen threshold; nested: per threshold, decides more",
     )

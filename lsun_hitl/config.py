@@ -6,6 +6,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from .calibration import SCANS, Scan
+
 CATEGORY_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 ARCHITECTURES = (
     "mobilenet_v3_small",
@@ -74,7 +76,7 @@ class CascadeParams:
     # confidence holds for the chosen threshold (Learn-then-Test), but one low-scoring positive in the
     # calibration set stops the scan: on pullover's first model it decided 17,011 negatives against 46,488
     # (benchmarks/one_iteration.py), so it is opt-in; see lsun_hitl.calibration
-    threshold_scan: Literal["fixed-sequence", "nested"] = "nested"
+    threshold_scan: Scan = "nested"
     # off by default, by measurement: on bag (seed 0) it left 21.5% of the pool to people, against 12.4%
     # without (a smaller training set and noisier thresholds outweighed the calibration it saved)
     carry_calibration: bool = False
@@ -164,7 +166,7 @@ def validate(category: str, params: CascadeParams) -> None:
         (params.calibration_min_new >= 0, "calibration_min_new", "zero or more images"),
         (params.audit_sample >= 0, "audit_sample", "zero or more images per split"),
         (
-            params.threshold_scan in ("fixed-sequence", "nested"),
+            params.threshold_scan in SCANS,
             "threshold_scan",
             "'fixed-sequence' (the confidence holds for the chosen threshold) or 'nested'",
         ),
