@@ -1,5 +1,6 @@
 """The per-category cascade as one Prefect flow: the LSUN paper's loop.
 
+    (once per pool, if asked: learn a backbone from the unlabeled pool itself)
     repeat:  sample -> people label it -> train -> score the rest -> people recheck the calibration
              labels the model disputes -> calibrate -> split
     until few images are left unlabeled, the human budget is spent, or the iteration limit is hit;
@@ -32,6 +33,7 @@ from tasks.cascade import (
     finish_dataset,
     label_remainder,
     labels_complete,
+    pretrain_backbone,
     publish_audit,
     publish_audit_recheck,
     publish_labels,
@@ -89,6 +91,7 @@ def category_cascade(
     storage = Storage(root, storage_options or {})
     run_id = str(flow_run.id) if flow_run.id else None
     iteration = start_cascade(storage, category, params)
+    pretrain_backbone(storage, params)  # once per pool, when the model starts from the pool's own backbone
     stop = check_stop(storage, category, params, iteration) if iteration else None
     while stop is None:
         iteration += 1

@@ -50,9 +50,10 @@ from .manifest import (
     read_manifest,
     write_manifest,
 )
+from .pretrain import pool_weights
 from .progress import Progress
 from .sampling import Sample, draw_sample
-from .scoring import score_candidates
+from .scoring import read_pool_images, score_candidates
 from .split import Funnel, apply_human_labels, apply_thresholds, stop_reason
 from .storage import (
     Storage,
@@ -113,6 +114,14 @@ def start(storage: Storage, category: str, params: CascadeParams) -> int:
 
 def _state(storage: Storage, category: str, iteration: int) -> CascadeState:
     return read_manifest(storage, category, iteration)
+
+
+def pretrain(storage: Storage, params: CascadeParams, progress: Progress | None = None) -> list[str]:
+    """Pretrain, once per pool, every model of the run whose weights are ``"pool"``; return their paths."""
+    from .pretrain import POOL_WEIGHTS, pretrain_on_pool
+
+    models = {(m.arch, m.image_size): m for m in [params.model, *params.model_schedule] if m.weights == POOL_WEIGHTS}
+    return [pretrain_on_pool(storage, m, seed=params.seed, progress=progress) for m in models.values()]
 
 
 # ---- sample and ask people ---------------------------------------------------------------------------
@@ -279,18 +288,6 @@ def disputed(p_positive: np.ndarray, model_positive: np.ndarray, *, unsure: floa
 
 
 # ---- train ---------------------------------------------------------------------------------------------
-def _read_images(storage: Storage, rows: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    uris = pc.take(read_pool(storage, columns=["uri"]).column("uri"), pa.array(rows, pa.int64())).to_pylist()
-    from .scoring import _read_batch
-
-    images = np.zeros((len(rows), size, size, 3), np.uint8)
-    ok = np.zeros(len(rows), bool)
-    for start in range(0, len(uris), 512):
-        imgs, good, _ = _read_batch(uris[start : start + 512], storage.options, size)
-        images[start : start + len(good)], ok[start : start + len(good)] = imgs, good
-    return images, ok
-
-
 def train(
     storage: Storage, category: str, params: CascadeParams, iteration: int, progress: Progress | None = None
 ) -> str:
@@ -309,8 +306,15 @@ def train(
         [state.p_positive[earlier], _p_for(storage, category, request_id_for(iteration), state, drawn.train)]
     )
     model_params = params.model_for(iteration)
-    images, ok = _read_images(storage, rows, model_params.image_size)
-    net = model_lib.train(images[ok], targets[ok], model_params, seed=params.seed + iteration, progress=progress)
+    images, ok = read_pool_images(storage, rows, model_params.image_size)
+    net = model_lib.train(
+        images[ok],
+        targets[ok],
+        model_params,
+        seed=params.seed + iteration,
+        progress=progress,
+        pretrained=pool_weights(storage, model_params),
+    )
     storage.write_bytes(path, model_lib.save(net))
     return path
 
@@ -447,7 +451,7 @@ def _score_rows(storage: Storage, category: str, iteration: int, rows: np.ndarra
     if len(rows) == 0:
         return out
     net = model_lib.load(storage.read_bytes(model_key_path(storage, category, iteration)))
-    images, ok = _read_images(storage, rows, net.image_size)
+    images, ok = read_pool_images(storage, rows, net.image_size)
     out[ok] = model_lib.predict(net, images[ok])
     return out
 

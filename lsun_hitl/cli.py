@@ -103,7 +103,10 @@ def _add_cascade(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=ARCHITECTURES, default=m.arch)
     p.add_argument("--image-size", type=int, default=m.image_size)
     p.add_argument("--epochs", type=int, default=m.epochs)
-    p.add_argument("--weights", help="local file with pretrained torchvision weights for --arch")
+    p.add_argument(
+        "--weights",
+        help="local file with pretrained torchvision weights for --arch, or 'pool' (lsun-hitl pretrain's)",
+    )
     p.add_argument("--freeze-backbone", action="store_true", help="with --weights: train only the new head")
 
 
@@ -147,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_root(p)
     p.add_argument("--images", required=True, help="URL prefix holding the images, or @file with one URL a line")
     p.add_argument("--dask-address")
+
+    p = sub.add_parser("pretrain", help="learn a backbone from the unlabeled pool (rotation prediction), once per pool")
+    _add_root(p)
+    m = ModelParams()
+    p.add_argument("--arch", choices=ARCHITECTURES, default=m.arch)
+    p.add_argument("--image-size", type=int, default=m.image_size)
+    p.add_argument("--epochs", type=int, default=4, help="passes over the sample")
+    p.add_argument("--sample", type=int, default=50_000, help="pool images to learn from (a seeded random subset)")
+    p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("run", help="run the cascade flow for one category (waits for people's labels)")
     _add_root(p)
@@ -251,6 +263,25 @@ def ingest(storage: Storage, images: str, dask_address: str | None = None) -> No
     with dask_client(dask_address) as client:
         report = build_pool(storage, sources, client=client, progress=Bar("ingest", "chunk"))
     print(f"pool: {report}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from .pretrain import pretrain_on_pool
+    from .progress import Bar
+
+    if args.epochs < 1 or args.sample < 2 or not 16 <= args.image_size <= 1024:
+        raise ConfigError("--epochs must be at least 1, --sample at least 2 images, --image-size 16 to 1024 px")
+    params = ModelParams(arch=args.arch, image_size=args.image_size)
+    storage = _storage(args)
+    path = pretrain_on_pool(
+        storage, params, sample=args.sample, epochs=args.epochs, seed=args.seed, progress=Bar("pretrain", "step")
+    )
+    info = storage.read_json(path.removesuffix(".pt") + ".json")
+    print(
+        f"pretrained {info['arch']} at {info['image_size']} px on {info['images']:,} pool images "
+        f"({info['epochs']} passes, rotation accuracy {info['accuracy']:.3f}, {info['seconds']:.0f} s): {path}\n"
+        "start every model from it with --weights pool"
+    )
 
 
 def cmd_ingest(args: argparse.Namespace) -> None:
@@ -522,6 +553,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 COMMANDS = {
     "import-fashion-mnist": cmd_import,
     "ingest": cmd_ingest,
+    "pretrain": cmd_pretrain,
     "run": cmd_run,
     "resume": cmd_resume,
     "crowd": cmd_crowd,

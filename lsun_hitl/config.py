@@ -37,7 +37,8 @@ class ModelParams:
     max_steps: int = 500  # caps training time as the labels grow
     batch_size: int = 128
     learning_rate: float = 2e-3
-    weights: str | None = None  # local file with pretrained weights (a torchvision state dict)
+    weights: str | None = None  # a local file with pretrained weights (a torchvision state dict), or "pool"
+    # (the backbone lsun_hitl.pretrain learns from the unlabeled pool itself: `lsun-hitl pretrain`)
     # with weights: False fine-tunes the whole network, True trains only the new head (a linear probe)
     freeze_backbone: bool = False
     threads: int = 2

@@ -93,28 +93,36 @@ def _autocast(dev: torch.device) -> torch.autocast:
     return torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
 
-def build(params: ModelParams) -> Classifier:
-    """A new classifier; with ``params.weights`` its backbone starts from them, and with
-    ``params.freeze_backbone`` only the tensors the file did not provide (the head) will train."""
+def build(params: ModelParams, pretrained: bytes | None = None) -> Classifier:
+    """A new classifier; with ``pretrained`` (a state dict's bytes) or else ``params.weights`` (a file) its
+    backbone starts from them, and with ``params.freeze_backbone`` only the tensors they did not provide
+    (the head) will train."""
     model = Classifier(params.arch, params.image_size)
-    if params.weights:
-        loaded = load_pretrained(model, params.weights)
+    source = pretrained if pretrained is not None else params.weights
+    if source:
+        loaded = load_pretrained(model, source)
         if params.freeze_backbone:
             for name, tensor in model.net.named_parameters():
                 tensor.requires_grad_(name not in loaded)
     return model
 
 
-def load_pretrained(model: Classifier, path: str) -> set[str]:
-    """Load matching tensors from a local torchvision state dict; return the names loaded."""
+def load_pretrained(model: Classifier, source: str | bytes) -> set[str]:
+    """Load matching tensors from a torchvision state dict (a file path, or its bytes); return the names loaded."""
     import fsspec
 
+    path = "<bytes>" if isinstance(source, bytes) else source
     try:
-        with fsspec.open(path, "rb") as f:
-            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        if isinstance(source, bytes):
+            data = source
+        else:
+            with fsspec.open(source, "rb") as f:
+                data = f.read()
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
+        hint = " (the pool's own backbone: run `lsun-hitl pretrain --root <root>` first)" if source == "pool" else ""
         raise FileNotFoundError(
-            f"pretrained weights {path!r} not found; pass a local state-dict file "
+            f"pretrained weights {path!r} not found{hint}; pass a local state-dict file "
             "(e.g. from ~/.cache/torch/hub/checkpoints) or leave model.weights unset"
         ) from exc
     if isinstance(state, dict) and "state_dict" in state:
@@ -131,6 +139,14 @@ def load_pretrained(model: Classifier, path: str) -> set[str]:
 def head_name(net: nn.Module) -> str:
     """Name of the network's last linear layer: the one-logit head, always trained from scratch."""
     return [name for name, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
+
+
+def replace_head(net: nn.Module, outputs: int) -> None:
+    """Swap the network's last linear layer for a new one with ``outputs`` outputs (same inputs)."""
+    name = head_name(net)
+    parent, _, leaf = name.rpartition(".")
+    owner = net.get_submodule(parent) if parent else net
+    setattr(owner, leaf, nn.Linear(getattr(owner, leaf).in_features, outputs))  # Sequential children too
 
 
 def save(model: Classifier) -> bytes:
@@ -183,12 +199,14 @@ def train(
     *,
     seed: int = 0,
     progress: Progress | None = None,
+    pretrained: bytes | None = None,
 ) -> Classifier:
     """Train a classifier on ``images`` (N, H, W, 3) uint8 and ``targets`` (N,) in [0, 1].
 
         Targets may be soft (the aggregated human posterior), so label noise the crowd model knows of
         is not learned as certainty. AdamW with a one-cycle schedule, ``params.epochs`` passes (fewer when
-    they would exceed ``params.max_steps``).
+    they would exceed ``params.max_steps``). ``pretrained`` (a state dict's bytes) overrides
+    ``params.weights`` as the backbone's start.
     """
     if len(images) != len(targets) or len(images) == 0:
         raise ValueError(f"need equally many images and targets, got {len(images)} and {len(targets)}")
@@ -196,7 +214,7 @@ def train(
     torch.set_num_threads(max(1, params.threads))
     generator = torch.Generator().manual_seed(seed)
     dev = device()
-    model = build(params).to(dev).train()
+    model = build(params, pretrained).to(dev).train()
     x = torch.from_numpy(images)
     y = torch.from_numpy(np.asarray(targets, np.float32))
     steps_per_epoch = math.ceil(len(x) / params.batch_size)

@@ -29,6 +29,7 @@ from distributed import Client
 from fsspec.core import url_to_fs
 
 from .cluster import run_on_dask
+from .ingest import read_pool
 from .progress import Progress
 from .storage import Storage, scores_dir
 
@@ -65,6 +66,21 @@ def _read_batch(uris: list[str], options: dict[str, Any], size: int) -> tuple[np
     images, ok = decode_many(blobs, size, threads=2)
     errors = [e if e is not None or k else "not a decodable image" for e, k in zip(errors, ok, strict=True)]
     return images, ok, errors
+
+
+def read_pool_images(storage: Storage, rows: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode the pool images at ``rows`` in this process: ``(images (N, size, size, 3) uint8, ok (N,))``.
+
+    For the few thousand images a step trains or calibrates on; the whole pool is scored on Dask.
+    """
+    table = read_pool(storage, columns=["uri"])
+    uris = table.column("uri").take(pa.array(rows, pa.int64())).to_pylist()
+    images = np.zeros((len(rows), size, size, 3), np.uint8)
+    ok = np.zeros(len(rows), bool)
+    for start in range(0, len(uris), 512):
+        imgs, good, _ = _read_batch(uris[start : start + 512], storage.options, size)
+        images[start : start + len(good)], ok[start : start + len(good)] = imgs, good
+    return images, ok
 
 
 _MALLOC_TUNED = False

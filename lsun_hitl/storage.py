@@ -279,6 +279,10 @@ def model_key(category: str, iteration: int) -> str:
     return f"models/{category}/iteration={iteration}/model.pt"
 
 
+def pretrained_key(arch: str, image_size: int) -> str:
+    return f"models/pretrained/rotation-{arch}-{image_size}px.pt"
+
+
 def scores_dir(category: str, iteration: int) -> str:
     return f"scores/{category}/iteration={iteration}"
 

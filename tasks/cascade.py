@@ -38,6 +38,12 @@ def start_cascade(storage: Storage, category: str, params: CascadeParams) -> int
     return cascade.start(storage, category, params)
 
 
+@task(retries=1, retry_delay_seconds=5)
+def pretrain_backbone(storage: Storage, params: CascadeParams) -> list[str]:
+    progress = fan_out(Bar("pretrain", "step"), ui_progress("pool: self-supervised pretraining"))
+    return cascade.pretrain(storage, params, progress=progress)
+
+
 @task(retries=2, retry_delay_seconds=5)
 def draw_sample(storage: Storage, category: str, params: CascadeParams, iteration: int) -> dict[str, int]:
     drawn = cascade.sample(storage, category, params, iteration)
