@@ -121,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--max-steps", type=int, default=d.model.max_steps)
     ap.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="start every model (the cascade's and baseline (b)'s) from a backbone learned once from the unlabeled"
+        " pool by rotation prediction (lsun_hitl.pretrain; the product's --weights pool)",
+    )
+    ap.add_argument("--pretrain-epochs", type=int, default=4)
+    ap.add_argument("--pretrain-sample", type=int, default=50_000, help="pool images pretraining learns from")
+    ap.add_argument(
         "--report-only", action="store_true", help="rewrite results.md and the plot from --out's results.json"
     )
     args = ap.parse_args(argv)
@@ -142,6 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     pool = read_pool(data, columns=["image_id", "uri"])
     ids, uris = pool.column("image_id").to_pylist(), pool.column("uri").to_pylist()
     images = None
+    weights = None
+    if args.pretrain:
+        from lsun_hitl.pretrain import pretrain_on_pool
+        from lsun_hitl.progress import Bar
+
+        print("== pretraining a backbone on the unlabeled pool (rotation prediction)", flush=True)
+        weights = pretrain_on_pool(
+            data,
+            ModelParams(arch=args.arch, image_size=args.image_size),
+            sample=args.pretrain_sample,
+            epochs=args.pretrain_epochs,
+            progress=Bar("pretrain", "step"),
+        )
+        print(f"   {data.read_json(weights.removesuffix('.pt') + '.json')}", flush=True)
     for seed in args.seeds:
         storage = run_root(base, data, seed)
         crowd = CrowdParams(
@@ -160,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
             recheck=not args.no_recheck,
             threshold_scan=args.threshold_scan,
             model=ModelParams(
-                arch=args.arch, image_size=args.image_size, epochs=args.epochs, max_steps=args.max_steps
+                arch=args.arch,
+                image_size=args.image_size,
+                epochs=args.epochs,
+                max_steps=args.max_steps,
+                weights=weights,
             ),
         )
         for category in categories:
