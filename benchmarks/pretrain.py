@@ -20,19 +20,13 @@ import time
 
 import numpy as np
 import torch
+from one_iteration import resized  # benchmarks/ is on the path when run as a script
 from sklearn.metrics import roc_auc_score
 
 from lsun_hitl import model as model_lib
 from lsun_hitl.config import ModelParams
 from lsun_hitl.fashion_mnist import CLASSES, load_arrays
 from lsun_hitl.pretrain import rotation_pretrain
-
-
-def resized(images: np.ndarray, size: int) -> np.ndarray:
-    """(N, 28, 28) grey uint8 -> (N, size, size, 3) uint8, bilinear."""
-    t = torch.from_numpy(images).float().unsqueeze(1)
-    t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear")
-    return t.clamp(0, 255).round().to(torch.uint8).repeat(1, 3, 1, 1).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def decidable(scores: np.ndarray, truth: np.ndarray, fo: float = 0.007, precision: float = 0.965) -> tuple[int, int]:
