@@ -88,7 +88,7 @@ def device() -> torch.device:
     return torch.device(name)
 
 
-def _autocast(dev: torch.device) -> torch.autocast:
+def autocast(dev: torch.device) -> torch.autocast:
     """Mixed precision (bfloat16) on CUDA; a no-op on the CPU."""
     return torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda")
 
@@ -181,7 +181,7 @@ def decode_many(blobs: Sequence[bytes], size: int, threads: int = 4) -> tuple[np
     return out, ok
 
 
-def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random horizontal flip and a random crop from a 4-pixel reflection pad (uint8 NHWC)."""
     n, h, w, _ = batch.shape
     flip = torch.rand(n, generator=generator) < 0.5
@@ -231,8 +231,8 @@ def train(
             idx = order[start : start + params.batch_size]
             if len(idx) < 2:  # batch norm needs two samples
                 continue
-            with _autocast(dev):
-                logits = model(_augment(x[idx], generator).to(dev, non_blocking=True))
+            with autocast(dev):
+                logits = model(augment(x[idx], generator).to(dev, non_blocking=True))
             loss = loss_fn(logits.float(), y[idx].to(dev))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -274,7 +274,7 @@ def predict(model: Classifier, images: np.ndarray, batch_size: int = 256) -> np.
     dev = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
-        with _autocast(dev):
+        with autocast(dev):
             logits = model(torch.from_numpy(images[start : start + batch_size]).to(dev, non_blocking=True))
         out.append(torch.sigmoid(logits.float()).cpu())
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)

@@ -108,8 +108,8 @@ def rotation_pretrain(
             if len(idx) < 2:  # batch norm needs two samples
                 continue
             turns = torch.randint(0, ROTATIONS, (len(idx),), generator=generator)
-            batch = rotate(model_lib._augment(x[idx], generator), turns)
-            with model_lib._autocast(dev):
+            batch = rotate(model_lib.augment(x[idx], generator), turns)
+            with model_lib.autocast(dev):
                 logits = model.net((batch.permute(0, 3, 1, 2).to(dev) - model.mean) / model.std)
             loss = loss_fn(logits.float(), turns.to(dev))
             opt.zero_grad(set_to_none=True)
