@@ -33,7 +33,7 @@ from . import model as model_lib
 from . import report
 from .calibration import Interval, Thresholds, choose_thresholds, rate_interval
 from .cluster import dask_client
-from .config import CascadeParams, validate
+from .config import CascadeParams, ModelParams, validate
 from .ingest import read_pool
 from .manifest import (
     BY_HUMAN,
@@ -50,7 +50,7 @@ from .manifest import (
     read_manifest,
     write_manifest,
 )
-from .pretrain import pool_weights
+from .pretrain import POOL_WEIGHTS, pool_weights, pretrain_on_pool
 from .progress import Progress
 from .sampling import Sample, draw_sample
 from .scoring import read_pool_images, score_candidates
@@ -63,6 +63,7 @@ from .storage import (
     dataset_key,
     manifest_key,
     model_key,
+    pretrained_key,
     report_key,
     request_key,
     sample_key,
@@ -116,12 +117,20 @@ def _state(storage: Storage, category: str, iteration: int) -> CascadeState:
     return read_manifest(storage, category, iteration)
 
 
+def pool_backbones(params: CascadeParams) -> list[ModelParams]:
+    """The run's models that start from the pool's own backbone (``weights == "pool"``), one per arch and size."""
+    models = {(m.arch, m.image_size): m for m in [params.model, *params.model_schedule] if m.weights == POOL_WEIGHTS}
+    return list(models.values())
+
+
+def backbones_missing(storage: Storage, params: CascadeParams) -> bool:
+    """Whether one of the run's pool backbones is not stored yet (``pretrain`` would train)."""
+    return any(not storage.exists(storage.path(pretrained_key(m.arch, m.image_size))) for m in pool_backbones(params))
+
+
 def pretrain(storage: Storage, params: CascadeParams, progress: Progress | None = None) -> list[str]:
     """Pretrain, once per pool, every model of the run whose weights are ``"pool"``; return their paths."""
-    from .pretrain import POOL_WEIGHTS, pretrain_on_pool
-
-    models = {(m.arch, m.image_size): m for m in [params.model, *params.model_schedule] if m.weights == POOL_WEIGHTS}
-    return [pretrain_on_pool(storage, m, seed=params.seed, progress=progress) for m in models.values()]
+    return [pretrain_on_pool(storage, m, seed=params.seed, progress=progress) for m in pool_backbones(params)]
 
 
 # ---- sample and ask people ---------------------------------------------------------------------------

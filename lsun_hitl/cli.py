@@ -12,7 +12,7 @@ from typing import Any
 
 from .calibration import SCANS
 from .cluster import ClusterError
-from .config import ARCHITECTURES, CascadeParams, ConfigError, ModelParams
+from .config import ARCHITECTURES, CascadeParams, ConfigError, ModelParams, validate_model
 from .labelers import LabelerError
 from .labels import LabelError
 from .quality import QCParams, QualityError
@@ -269,9 +269,10 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from .pretrain import pretrain_on_pool
     from .progress import Bar
 
-    if args.epochs < 1 or args.sample < 2 or not 16 <= args.image_size <= 1024:
-        raise ConfigError("--epochs must be at least 1, --sample at least 2 images, --image-size 16 to 1024 px")
+    if args.epochs < 1 or args.sample < 2:
+        raise ConfigError("--epochs must be at least 1 and --sample at least 2 images")
     params = ModelParams(arch=args.arch, image_size=args.image_size)
+    validate_model(params)
     storage = _storage(args)
     path = pretrain_on_pool(
         storage, params, sample=args.sample, epochs=args.epochs, seed=args.seed, progress=Bar("pretrain", "step")

@@ -173,17 +173,7 @@ def validate(category: str, params: CascadeParams) -> None:
         ),
     ]
     for i, m in enumerate((params.model, *params.model_schedule)):
-        name = "model" if i == 0 else f"model_schedule[{i - 1}]"
-        checks += [
-            (m.arch in ARCHITECTURES, f"{name}.arch", f"one of {', '.join(ARCHITECTURES)}"),
-            (16 <= m.image_size <= 1024, f"{name}.image_size", "between 16 and 1024 pixels"),
-            (m.epochs >= 1, f"{name}.epochs", "at least 1"),
-            (
-                not m.freeze_backbone or bool(m.weights),
-                f"{name}.freeze_backbone",
-                "weights too (or freeze_backbone=false)",
-            ),
-        ]
+        checks += _model_checks(m, "model" if i == 0 else f"model_schedule[{i - 1}]")
     for ok, name, fix in checks:
         if not ok:
             raise ConfigError(f"setting {name} = {_value(params, name)!r} cannot work; use {fix}")
@@ -195,6 +185,23 @@ def validate(category: str, params: CascadeParams) -> None:
             f"<= {params.target_false_omission} at confidence {params.confidence}: even with no error "
             f"the bound needs >= {need} negatives. Raise calibration_sample or target_false_omission."
         )
+
+
+def _model_checks(m: ModelParams, name: str) -> list[tuple[bool, str, str]]:
+    """(passes, setting, fix) for each model setting that can be wrong; ``name`` prefixes the settings."""
+    return [
+        (m.arch in ARCHITECTURES, f"{name}.arch", f"one of {', '.join(ARCHITECTURES)}"),
+        (16 <= m.image_size <= 1024, f"{name}.image_size", "between 16 and 1024 pixels"),
+        (m.epochs >= 1, f"{name}.epochs", "at least 1"),
+        (not m.freeze_backbone or bool(m.weights), f"{name}.freeze_backbone", "weights too (or freeze_backbone=false)"),
+    ]
+
+
+def validate_model(m: ModelParams) -> None:
+    """Raise ConfigError naming the first model setting that cannot work (``validate`` checks these too)."""
+    for ok, name, fix in _model_checks(m, "model"):
+        if not ok:
+            raise ConfigError(f"setting {name} = {getattr(m, name.split('.', 1)[1])!r} cannot work; use {fix}")
 
 
 def _value(params: CascadeParams, name: str) -> object:

@@ -40,6 +40,8 @@ def start_cascade(storage: Storage, category: str, params: CascadeParams) -> int
 
 @task(retries=1, retry_delay_seconds=5)
 def pretrain_backbone(storage: Storage, params: CascadeParams) -> list[str]:
+    if not cascade.backbones_missing(storage, params):  # stored (or none asked for): no progress artifact in the UI
+        return cascade.pretrain(storage, params)
     progress = fan_out(Bar("pretrain", "step"), ui_progress("pool: self-supervised pretraining"))
     return cascade.pretrain(storage, params, progress=progress)
 
