@@ -21,14 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+from pretrain import decidable  # benchmarks/ is on the path when run as a script
 from sklearn.metrics import roc_auc_score
-
-
-def oracle_negatives(scores: np.ndarray, truth: np.ndarray, rate: float) -> int:
-    """The largest lowest-scored set whose share of positives is <= ``rate``."""
-    low = truth[np.argsort(scores)]
-    ok = np.flatnonzero(np.cumsum(low) / np.arange(1, len(low) + 1) <= rate)
-    return int(ok.max()) + 1 if len(ok) else 0
 
 
 def main() -> None:
@@ -57,7 +51,7 @@ def main() -> None:
                 th = json.loads((base / "calibration" / category / f"iteration={it}.json").read_text())
                 neg = s <= th["negative"] if th["negative"] is not None else np.zeros(len(s), bool)
                 fo = f"{y[neg].mean():.4f}" if neg.any() else "-"
-                oracle = f"{oracle_negatives(s, y, 0.0045):,} / {oracle_negatives(s, y, 0.007):,}"
+                oracle = f"{decidable(s, y, fo=0.0045)[0]:,} / {decidable(s, y, fo=0.007)[0]:,}"
                 auc = roc_auc_score(y, s)
                 print(f"| {name} | {category} | {it} | {auc:.4f} | {oracle} | {int(neg.sum()):,} | {fo} |")
 
