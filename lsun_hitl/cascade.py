@@ -153,6 +153,7 @@ def sample(storage: Storage, category: str, params: CascadeParams, iteration: in
         seed=params.seed,
         iteration=iteration,
         budget_left=budget_left,
+        category=category,
     )
     rows = np.concatenate([drawn.train, drawn.calibration])
     table = pa.table(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ def draw_sample(
     seed: int,
     iteration: int,
     budget_left: int | None = None,
+    category: str = "",
 ) -> Sample:
     """Draw disjoint uniform random train and calibration samples from ``unlabeled``.
 
@@ -38,8 +40,9 @@ def draw_sample(
     n_train, n_calibration
         Wanted sizes; each is capped at ``max_fraction * n``, and both together at ``budget_left``
         (calibration is kept whole first: thresholds without it are worthless).
-    seed, iteration
-        The draw is a pure function of (seed, iteration, unlabeled).
+    seed, iteration, category
+        The draw is a pure function of (seed, iteration, category, unlabeled): each category of a pool gets
+        its own draw, so runs of different categories are independent samples (of the calibration bounds too).
     """
     n = len(unlabeled)
     cap = int(max_fraction * n)
@@ -48,8 +51,13 @@ def draw_sample(
     if budget_left is not None:
         n_cal = min(n_cal, max(budget_left, 0))
         n_tr = min(n_tr, max(budget_left - n_cal, 0))
-    rng = np.random.default_rng([seed, iteration])
+    rng = np.random.default_rng([seed, iteration, category_stream(category)])
     chosen = rng.choice(n, n_cal + n_tr, replace=False, shuffle=True)  # O(sample), not O(pool)
     cal = np.sort(unlabeled[chosen[:n_cal]])
     train = np.sort(unlabeled[chosen[n_cal:]])
     return Sample(train=train, calibration=cal)
+
+
+def category_stream(category: str) -> int:
+    """A stable number per category name (CRC-32), to give each category its own random stream."""
+    return zlib.crc32(category.encode())
