@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from .calibration import SCANS, Scan
+from .calibration import SCANS, Scan, iteration_confidence
 
 CATEGORY_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 ARCHITECTURES = (
@@ -52,7 +52,9 @@ class CascadeParams:
     of the images still unlabeled. Thresholds are chosen on the calibration sample only, so that the
     positive set meets ``target_precision`` and the negative set ``target_false_omission``, each
     with a one-sided Clopper-Pearson bound at ``confidence``; ``threshold_scan`` says how one threshold is
-    picked among those that pass ("fixed-sequence" makes the confidence hold for the pick, at a cost).
+    picked among those that pass ("fixed-sequence" makes the confidence hold for the pick). With
+    ``confidence_scope="run"`` the confidence holds for each side over the whole run. After scoring, an
+    iteration may ask for ``calibration_more`` more calibration images where the model's own scores say they pay.
 
     With ``carry_calibration`` the calibration images are never trained on, and those of earlier
     iterations that still lie in the undecided band (between the last thresholds) are carried into
@@ -73,11 +75,20 @@ class CascadeParams:
     target_false_omission: float = 0.01
     confidence: float = 0.95
     min_region: int = 30
-    # "nested": the widest region that passes its own bound (per-threshold confidence); "fixed-sequence": the
-    # confidence holds for the chosen threshold (Learn-then-Test), but one low-scoring positive in the
-    # calibration set stops the scan: on pullover's first model it decided 17,011 negatives against 46,488
-    # (benchmarks/one_iteration.py), so it is opt-in; see lsun_hitl.calibration
-    threshold_scan: Scan = "nested"
+    # "fixed-sequence": the confidence holds for the chosen threshold (Learn-then-Test), the negative side
+    # starting from the half of the model's predicted negatives it is surest of (start_share); "nested": the
+    # widest region that passes its own bound, which holds per threshold only: on real first-model scores it
+    # missed in up to 7.7% of calibration draws at 95% (benchmarks/guarantee.py); see lsun_hitl.calibration
+    threshold_scan: Scan = "fixed-sequence"
+    start_share: float = 0.5
+    # "run": ``confidence`` holds for each side over the whole run, its error budget spent over the
+    # iterations (calibration.iteration_confidence: 0.975, 0.9875, ...); "threshold": each threshold's own
+    confidence_scope: Literal["run", "threshold"] = "run"
+    # after scoring, ask people for this many more calibration images when the model's own scores say they
+    # let it decide at least ``calibration_more_gain`` images each (calibration.expected_decided; no label is
+    # read, so the calibration sample stays a uniform draw); 0: never
+    calibration_more: int = 1500
+    calibration_more_gain: float = 2.0
     # off by default, by measurement: on bag (seed 0) it left 21.5% of the pool to people, against 12.4%
     # without (a smaller training set and noisier thresholds outweighed the calibration it saved)
     carry_calibration: bool = False
@@ -104,6 +115,12 @@ class CascadeParams:
     dask_workers: int | None = None
     model: ModelParams = field(default_factory=ModelParams)
     model_schedule: tuple[ModelParams, ...] = ()
+
+    def threshold_confidence(self, iteration: int) -> float:
+        """The confidence of ``iteration``'s thresholds (1-based): the run's spent over the iterations, or its own."""
+        if self.confidence_scope == "threshold":
+            return self.confidence
+        return iteration_confidence(self.confidence, iteration)
 
     def model_for(self, iteration: int) -> ModelParams:
         """The model trained at ``iteration`` (1-based)."""
@@ -171,6 +188,10 @@ def validate(category: str, params: CascadeParams) -> None:
             "threshold_scan",
             "'fixed-sequence' (the confidence holds for the chosen threshold) or 'nested'",
         ),
+        (0 <= params.start_share < 1, "start_share", "a share in [0, 1), e.g. 0.5"),
+        (params.confidence_scope in ("run", "threshold"), "confidence_scope", "'run' or 'threshold'"),
+        (params.calibration_more >= 0, "calibration_more", "zero (never) or more images"),
+        (params.calibration_more_gain > 0, "calibration_more_gain", "a positive number of images, e.g. 2"),
     ]
     for i, m in enumerate((params.model, *params.model_schedule)):
         checks += _model_checks(m, "model" if i == 0 else f"model_schedule[{i - 1}]")
@@ -178,12 +199,13 @@ def validate(category: str, params: CascadeParams) -> None:
         if not ok:
             raise ConfigError(f"setting {name} = {_value(params, name)!r} cannot work; use {fix}")
     # A calibration sample this small cannot certify the targets even with zero errors.
-    need = _min_n_for_bound(params.target_false_omission, params.confidence)
+    first = params.threshold_confidence(1)
+    need = _min_n_for_bound(params.target_false_omission, first)
     if params.calibration_sample < need:
         raise ConfigError(
             f"calibration_sample = {params.calibration_sample} cannot show a false-omission rate "
-            f"<= {params.target_false_omission} at confidence {params.confidence}: even with no error "
-            f"the bound needs >= {need} negatives. Raise calibration_sample or target_false_omission."
+            f"<= {params.target_false_omission} at confidence {first:g} (the first iteration's): even with no "
+            f"error the bound needs >= {need} negatives. Raise calibration_sample or target_false_omission."
         )
 
 

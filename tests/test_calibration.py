@@ -79,12 +79,15 @@ def test_unsure_labels_are_disputed_whatever_the_model_says():
 
 
 def test_fixed_sequence_stops_at_the_first_failing_region():
-    """A positive among the lowest scores stops the fixed-sequence scan where its bound first fails;
-    the nested scan takes the widest region that passes on its own, beyond it."""
+    """From the smallest region that could pass (start_share=0), a positive among the lowest scores stops
+    the fixed-sequence scan where its bound first fails; the nested scan takes the widest region that passes
+    on its own, beyond it."""
     s = np.linspace(0.001, 0.999, 1500)
     y = np.zeros(1500)
     y[[320, 1100, 1200, 1300, 1400]] = 1  # one early stray positive, then the real ones high up
-    fixed = choose_thresholds(s, y, target_precision=0.95, target_false_omission=0.01, scan="fixed-sequence")
+    fixed = choose_thresholds(
+        s, y, target_precision=0.95, target_false_omission=0.01, scan="fixed-sequence", start_share=0.0
+    )
     nested = choose_thresholds(s, y, target_precision=0.95, target_false_omission=0.01, scan="nested")
     assert fixed.scan == "fixed-sequence" and nested.scan == "nested"
     # 299 clean images are the least that can show <= 1% at 95%; with the stray positive at 321 the
@@ -94,6 +97,57 @@ def test_fixed_sequence_stops_at_the_first_failing_region():
     assert nested.n_negative_region > 470
     with pytest.raises(ValueError, match="scan"):
         choose_thresholds(s, y, target_precision=0.95, target_false_omission=0.01, scan="best")
+    with pytest.raises(ValueError, match="start_share"):
+        choose_thresholds(s, y, target_precision=0.95, target_false_omission=0.01, start_share=1.0)
+
+
+def test_a_wide_start_is_not_stopped_by_a_stray_positive_among_the_lowest_scores():
+    """Ambiguous items the model is sure of (a few positives with scores near 0) stop a sequence that starts
+    from the smallest region; one that starts from half the model's predicted negatives (chosen by the
+    scores alone) steps over them and decides about what the nested scan does."""
+    rng = np.random.default_rng(4)
+    s, y = synthetic(3000, rng, separation=5.0)
+    y = y.astype(float)
+    y[np.argsort(s)[[40, 150]]] = 1.0  # two strays among the 200 lowest scores
+    kw = {"target_precision": 0.95, "target_false_omission": 0.01, "scan": "fixed-sequence"}
+    narrow = choose_thresholds(s, y, start_share=0.0, **kw)
+    wide = choose_thresholds(s, y, **kw)
+    nested = choose_thresholds(s, y, target_precision=0.95, target_false_omission=0.01, scan="nested")
+    assert narrow.n_negative_region < 400  # stopped right after the strays
+    assert wide.false_omission.high <= 0.01
+    assert wide.n_negative_region > 0.9 * nested.n_negative_region
+    assert wide.n_negative_region > narrow.n_negative_region + 1000
+
+
+def test_a_run_spends_its_error_budget_over_its_iterations():
+    from lsun_hitl.calibration import iteration_confidence
+    from lsun_hitl.config import CascadeParams
+
+    run = [iteration_confidence(0.95, k) for k in range(1, 30)]
+    assert run[:3] == pytest.approx([0.975, 0.9875, 0.99375])
+    assert sum(1 - c for c in run) < 0.05  # union bound: the run misses with probability < 5% on each side
+    assert CascadeParams().threshold_confidence(2) == pytest.approx(0.9875)
+    assert CascadeParams(confidence_scope="threshold").threshold_confidence(2) == 0.95
+    with pytest.raises(ValueError, match="1-based"):
+        iteration_confidence(0.95, 0)
+
+
+def test_expected_decided_sees_what_more_calibration_buys_without_labels():
+    """The model's own scores say whether more calibration images pay: for a model that separates well, a
+    bigger sample decides about as much (nothing to buy); for a hard category it decides many more."""
+    from lsun_hitl.calibration import expected_decided
+
+    def calibrated(n, separation, base=0.1):  # scores that are P(positive | image), as trained models' nearly are
+        x = rng.normal(np.where(rng.random(n) < base, separation / 2, -separation / 2), 1.0)
+        return 1 / (1 + np.exp(-(separation * x + np.log(base / (1 - base)))))
+
+    rng = np.random.default_rng(6)
+    kw = {"target_precision": 0.95, "target_false_omission": 0.01, "confidence": 0.975, "scan": "fixed-sequence"}
+    easy, hard = calibrated(60_000, 7.0), calibrated(60_000, 3.5)
+    easy_gain = expected_decided(easy, 3000, **kw) - expected_decided(easy, 1500, **kw)
+    hard_gain = expected_decided(hard, 3000, **kw) - expected_decided(hard, 1500, **kw)
+    assert easy_gain < 1500 < 2 * 1500 < hard_gain, (easy_gain, hard_gain)
+    assert expected_decided(easy, 1500, **kw) > 0.9 * 58_500  # the easy model decides nearly everything
 
 
 def test_chosen_thresholds_meet_their_targets_in_about_95_percent_of_draws():
