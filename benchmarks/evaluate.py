@@ -106,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         default=d.threshold_scan,
         help="how thresholds are picked among those whose bound passes (see lsun_hitl.calibration)",
     )
+    ap.add_argument("--start-share", type=float, default=d.start_share, help="fixed-sequence start (negatives)")
+    ap.add_argument(
+        "--confidence-scope",
+        choices=("run", "threshold"),
+        default=d.confidence_scope,
+        help="run: 95%% per run and side, spent over the iterations; threshold: 95%% per threshold",
+    )
+    ap.add_argument("--first-calibration-sample", type=int, default=d.first_calibration_sample)
     ap.add_argument(
         "--arch",
         default="small_convnet",
@@ -181,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
             audit_sample=args.audit_sample,
             recheck=not args.no_recheck,
             threshold_scan=args.threshold_scan,
+            start_share=args.start_share,
+            confidence_scope=args.confidence_scope,
+            first_calibration_sample=args.first_calibration_sample,
             model=ModelParams(
                 arch=args.arch,
                 image_size=args.image_size,
@@ -307,7 +318,15 @@ def write_report(results: list[dict], out: Path, target_precision: float, target
         return f"{sum(map(bool, values))}/{len(values)}"
 
     mean_share = np.mean([r["cascade"]["human_labeled_share"] for r in results]) if results else float("nan")
-    scans = sorted({r["params"].get("threshold_scan", "nested") for r in results})
+    scans = sorted(
+        {
+            f"{r['params'].get('threshold_scan', 'nested')}, 95% per "
+            + {"run": "run (spent over the iterations)", "threshold": "threshold"}[
+                r["params"].get("confidence_scope", "threshold")
+            ]
+            for r in results
+        }
+    )
     versus_b = [
         r["cascade"]["eval_precision"] > r["single_round"]["precision"] for r in results if r.get("single_round")
     ]
@@ -315,7 +334,7 @@ def write_report(results: list[dict], out: Path, target_precision: float, target
         "",
         f"Runs: {n}. Against ground truth: positive-set precision >= {target_precision} in {share('precision_held')}; "
         f"negative-set false omission <= {target_fo} in {share('false_omission_held')}.",
-        f"The stated guarantee (on what the model decided, 95% one-sided bounds; threshold scan: {', '.join(scans)}):"
+        f"The stated guarantee (on what the model decided, one-sided bounds; threshold scan: {'; '.join(scans)}):"
         f" precision held in "
         f"{share('model_precision_held')}, false omission in {share('model_false_omission_held')}.",
         f"Audit intervals covered the true model-decided rate: precision {share('precision_covered', 'audit')}, "

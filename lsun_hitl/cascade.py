@@ -148,7 +148,9 @@ def sample(storage: Storage, category: str, params: CascadeParams, iteration: in
     drawn = draw_sample(
         state.unlabeled_index(),
         n_train=params.train_sample,
-        n_calibration=new_calibration_size(params, carried_calibration(storage, category, params, iteration).num_rows),
+        n_calibration=new_calibration_size(
+            params, carried_calibration(storage, category, params, iteration).num_rows, iteration
+        ),
         max_fraction=params.max_sample_fraction,
         seed=params.seed,
         iteration=iteration,
@@ -167,11 +169,12 @@ def sample(storage: Storage, category: str, params: CascadeParams, iteration: in
     return drawn
 
 
-def new_calibration_size(params: CascadeParams, carried: int) -> int:
-    """New calibration images an iteration asks for, given ``carried`` ones still usable."""
+def new_calibration_size(params: CascadeParams, carried: int, iteration: int = 2) -> int:
+    """New calibration images ``iteration`` asks for, given ``carried`` ones still usable."""
+    wanted = params.first_calibration_sample if iteration == 1 else params.calibration_sample
     if not params.carry_calibration:
-        return params.calibration_sample
-    return max(params.calibration_min_new, params.calibration_sample - carried)
+        return wanted
+    return max(params.calibration_min_new, wanted - carried)
 
 
 def carried_calibration(storage: Storage, category: str, params: CascadeParams, iteration: int) -> pa.Table:
@@ -443,10 +446,11 @@ def calibrate(storage: Storage, category: str, params: CascadeParams, iteration:
         cal_p,
         target_precision=params.target_precision,
         target_false_omission=params.target_false_omission,
-        confidence=params.confidence,
+        confidence=params.threshold_confidence(iteration),
         min_region=params.min_region,
         n_carried=len(carried_rows),
         scan=params.threshold_scan,
+        start_share=params.start_share,
     )
     thresholds = replace(thresholds, n_rechecked=recheck_size(storage, category, request_id_for(iteration)))
     storage.write_json(key, thresholds.to_dict())
@@ -541,7 +545,7 @@ def should_stop(storage: Storage, category: str, params: CascadeParams, iteratio
 def next_sample_size(storage: Storage, category: str, params: CascadeParams, iteration: int) -> int:
     """Images iteration ``iteration + 1`` would send to people (before the cap on its share)."""
     carried = carried_calibration(storage, category, params, iteration + 1).num_rows
-    return params.train_sample + new_calibration_size(params, carried)
+    return params.train_sample + new_calibration_size(params, carried, iteration + 1)
 
 
 def funnels(storage: Storage, category: str) -> list[Funnel]:

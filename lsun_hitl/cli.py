@@ -49,7 +49,9 @@ def _params(args: argparse.Namespace) -> CascadeParams:
         target_precision=args.target_precision,
         target_false_omission=args.target_false_omission,
         confidence=args.confidence,
+        confidence_scope=args.confidence_scope,
         threshold_scan=args.threshold_scan,
+        first_calibration_sample=args.first_calibration_sample,
         max_iterations=args.max_iterations,
         stop_unlabeled=args.stop_unlabeled,
         human_budget=args.human_budget,
@@ -89,10 +91,22 @@ def _add_cascade(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-false-omission", type=float, default=d.target_false_omission)
     p.add_argument("--confidence", type=float, default=d.confidence)
     p.add_argument(
+        "--confidence-scope",
+        choices=("run", "threshold"),
+        default=d.confidence_scope,
+        help="run: --confidence holds per run and side (spent over the iterations); threshold: per threshold",
+    )
+    p.add_argument(
         "--threshold-scan",
         choices=SCANS,
         default=d.threshold_scan,
-        help="fixed-sequence: the confidence holds for the chosen threshold; nested: per threshold, decides more",
+        help="fixed-sequence: the confidence holds for the chosen threshold; nested: per threshold only",
+    )
+    p.add_argument(
+        "--first-calibration-sample",
+        type=int,
+        default=d.first_calibration_sample,
+        help="the first iteration's calibration set size (its cut decides most of the pool)",
     )
     p.add_argument("--max-iterations", type=int, default=d.max_iterations)
     p.add_argument("--stop-unlabeled", type=int, default=d.stop_unlabeled)

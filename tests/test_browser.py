@@ -27,6 +27,7 @@ CATEGORY = "bag"
 PARAMS = CascadeParams(
     train_sample=20,
     calibration_sample=50,
+    first_calibration_sample=50,
     target_false_omission=0.2,
     confidence=0.5,
     max_iterations=1,

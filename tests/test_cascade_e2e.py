@@ -21,6 +21,7 @@ CATEGORY = "trouser"
 PARAMS = CascadeParams(
     train_sample=500,
     calibration_sample=600,
+    first_calibration_sample=600,
     max_sample_fraction=0.3,
     target_false_omission=0.02,
     max_iterations=2,

@@ -42,7 +42,8 @@ def finished(tmp_path_factory) -> Storage:
     env = os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(tmp / "prefect-home")}
     run = subprocess.run(
         [sys.executable, SMALL_CASCADE, storage.url, *CATEGORIES, "--target_precision=0.9",
-         "--target_false_omission=0.03", "--calibration_sample=600", "--epochs=5"],
+         "--target_false_omission=0.03", "--calibration_sample=600", "--first_calibration_sample=600",
+         "--epochs=5"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
