@@ -169,7 +169,7 @@ def sample(storage: Storage, category: str, params: CascadeParams, iteration: in
     return drawn
 
 
-def new_calibration_size(params: CascadeParams, carried: int, iteration: int = 2) -> int:
+def new_calibration_size(params: CascadeParams, carried: int, iteration: int) -> int:
     """New calibration images ``iteration`` asks for, given ``carried`` ones still usable."""
     wanted = params.first_calibration_sample if iteration == 1 else params.calibration_sample
     if not params.carry_calibration:

@@ -51,13 +51,13 @@ def draw_sample(
     if budget_left is not None:
         n_cal = min(n_cal, max(budget_left, 0))
         n_tr = min(n_tr, max(budget_left - n_cal, 0))
-    rng = np.random.default_rng([seed, iteration, category_stream(category)])
+    rng = np.random.default_rng([seed, iteration, _category_stream(category)])
     chosen = rng.choice(n, n_cal + n_tr, replace=False, shuffle=True)  # O(sample), not O(pool)
     cal = np.sort(unlabeled[chosen[:n_cal]])
     train = np.sort(unlabeled[chosen[n_cal:]])
     return Sample(train=train, calibration=cal)
 
 
-def category_stream(category: str) -> int:
+def _category_stream(category: str) -> int:
     """A stable number per category name (CRC-32), to give each category its own random stream."""
     return zlib.crc32(category.encode())

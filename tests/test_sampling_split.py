@@ -120,5 +120,7 @@ def test_calibration_images_still_undecided_are_carried_over(tmp_path):
     assert "score" not in carried.column_names
     assert carried_calibration(storage, "bag", params, 1).num_rows == 0
     assert carried_calibration(storage, "bag", CascadeParams(), 2).num_rows == 0  # off by default
-    assert new_calibration_size(params, 3) == 997 and new_calibration_size(params, 900) == 300
-    assert new_calibration_size(CascadeParams(carry_calibration=False, calibration_sample=800), 900) == 800
+    assert new_calibration_size(params, 3, 2) == 997 and new_calibration_size(params, 900, 2) == 300
+    assert new_calibration_size(CascadeParams(carry_calibration=False, calibration_sample=800), 900, 2) == 800
+    # the first iteration draws its own, larger calibration sample (its cut decides most of the pool)
+    assert new_calibration_size(CascadeParams(), 0, 1) == 3000 and new_calibration_size(CascadeParams(), 0, 2) == 1500
