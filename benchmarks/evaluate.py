@@ -28,7 +28,7 @@ import numpy as np
 from lsun_hitl.baselines import all_by_crowd, single_round
 from lsun_hitl.calibration import SCANS
 from lsun_hitl.cascade import funnels
-from lsun_hitl.config import CascadeParams, ModelParams
+from lsun_hitl.config import CONFIDENCE_SCOPES, CascadeParams, ModelParams
 from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
 from lsun_hitl.evaluation import evaluate
 from lsun_hitl.fashion_mnist import CLASSES, import_fashion_mnist, read_truth
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start-share", type=float, default=d.start_share, help="fixed-sequence start (negatives)")
     ap.add_argument(
         "--confidence-scope",
-        choices=("run", "threshold"),
+        choices=CONFIDENCE_SCOPES,
         default=d.confidence_scope,
         help="run: 95%% per run and side, spent over the iterations; threshold: 95%% per threshold",
     )
@@ -320,7 +320,7 @@ def write_report(results: list[dict], out: Path, target_precision: float, target
     mean_share = np.mean([r["cascade"]["human_labeled_share"] for r in results]) if results else float("nan")
     scans = sorted(
         {
-            f"{r['params'].get('threshold_scan', 'nested')}, 95% per "
+            f"{r['params'].get('threshold_scan', 'nested')}, {r['params'].get('confidence', 0.95):.0%} per "
             + {"run": "run (spent over the iterations)", "threshold": "threshold"}[
                 r["params"].get("confidence_scope", "threshold")
             ]

@@ -12,7 +12,7 @@ from typing import Any
 
 from .calibration import SCANS
 from .cluster import ClusterError
-from .config import ARCHITECTURES, CascadeParams, ConfigError, ModelParams, validate_model
+from .config import ARCHITECTURES, CONFIDENCE_SCOPES, CascadeParams, ConfigError, ModelParams, validate_model
 from .labelers import LabelerError
 from .labels import LabelError
 from .quality import QCParams, QualityError
@@ -92,7 +92,7 @@ def _add_cascade(p: argparse.ArgumentParser) -> None:
     p.add_argument("--confidence", type=float, default=d.confidence)
     p.add_argument(
         "--confidence-scope",
-        choices=("run", "threshold"),
+        choices=CONFIDENCE_SCOPES,
         default=d.confidence_scope,
         help="run: --confidence holds per run and side (spent over the iterations); threshold: per threshold",
     )

@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from .calibration import SCANS, Scan, iteration_confidence
+from .calibration import SCANS, Scan, iteration_confidence, zero_error_size
 
 CATEGORY_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 ARCHITECTURES = (
@@ -21,6 +21,10 @@ ARCHITECTURES = (
     "convnext_tiny",
     "small_convnet",  # lsun_hitl.model.small_convnet: for small images such as Fashion-MNIST
 )
+
+
+ConfidenceScope = Literal["run", "threshold"]
+CONFIDENCE_SCOPES: tuple[str, ...] = ("run", "threshold")
 
 
 class ConfigError(ValueError):
@@ -87,7 +91,7 @@ class CascadeParams:
     start_share: float = 0.5
     # "run": ``confidence`` holds for each side over the whole run, its error budget spent over the
     # iterations (calibration.iteration_confidence: 0.975, 0.9875, ...); "threshold": each threshold's own
-    confidence_scope: Literal["run", "threshold"] = "run"
+    confidence_scope: ConfidenceScope = "run"
     # off by default, by measurement: on bag (seed 0) it left 21.5% of the pool to people, against 12.4%
     # without (a smaller training set and noisier thresholds outweighed the calibration it saved)
     carry_calibration: bool = False
@@ -188,7 +192,7 @@ def validate(category: str, params: CascadeParams) -> None:
             "'fixed-sequence' (the confidence holds for the chosen threshold) or 'nested'",
         ),
         (0 <= params.start_share < 1, "start_share", "a share in [0, 1), e.g. 0.5"),
-        (params.confidence_scope in ("run", "threshold"), "confidence_scope", "'run' or 'threshold'"),
+        (params.confidence_scope in CONFIDENCE_SCOPES, "confidence_scope", "'run' or 'threshold'"),
         (params.first_calibration_sample >= 50, "first_calibration_sample", "at least 50 images"),
     ]
     for i, m in enumerate((params.model, *params.model_schedule)):
@@ -202,7 +206,7 @@ def validate(category: str, params: CascadeParams) -> None:
         ("calibration_sample", params.calibration_sample, 2),
     ):
         conf = params.threshold_confidence(iteration)
-        need = _min_n_for_bound(params.target_false_omission, conf)
+        need = zero_error_size(params.target_false_omission, conf)
         if size < need:
             raise ConfigError(
                 f"{name} = {size} cannot show a false-omission rate <= {params.target_false_omission} at "
@@ -238,9 +242,3 @@ def _value(params: CascadeParams, name: str) -> object:
             obj = getattr(obj, part, None)
     return obj
 
-
-def _min_n_for_bound(rate: float, confidence: float) -> int:
-    """Smallest n with zero events whose one-sided upper bound on the rate is <= ``rate``."""
-    import math
-
-    return math.ceil(math.log(1 - confidence) / math.log(1 - rate))
