@@ -108,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--start-share", type=float, default=d.start_share, help="fixed-sequence start (negatives)")
     ap.add_argument(
+        "--positive-start-errors",
+        type=int,
+        default=d.positive_start_errors,
+        help="fixed-sequence start (positives): errors the first region tolerates",
+    )
+    ap.add_argument(
         "--confidence-scope",
         choices=CONFIDENCE_SCOPES,
         default=d.confidence_scope,
@@ -190,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             recheck=not args.no_recheck,
             threshold_scan=args.threshold_scan,
             start_share=args.start_share,
+            positive_start_errors=args.positive_start_errors,
             confidence_scope=args.confidence_scope,
             first_calibration_sample=args.first_calibration_sample,
             model=ModelParams(

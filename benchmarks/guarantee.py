@@ -13,7 +13,12 @@ target in at most 5% of them. One cascade run is one draw, so ten runs cannot te
 2. then, for each threshold procedure (``lsun_hitl.calibration.SCANS``) and calibration size, it draws
    ``--draws`` calibration samples uniformly from the scored images (labels: the ground truth, which is
    what rechecked crowd labels were in the evaluation runs), chooses thresholds, applies them to the
-   rest, and compares what the model decided with the ground truth.
+   rest, and compares what the model decided with the ground truth. ``--label-noise`` first makes calibration
+   labels wrong at four rates, by truth and by which side of 0.5 the model scored them, as crowd labels are
+   after recheck (which asks again where the model disagrees). In the 17 evaluation runs of session 10, 42 of
+   17,342 positives scored >= 0.5 were left "no" (0.24%), 32 of 58,907 negatives scored < 0.5 "yes" (0.054%),
+   30 of 2,905 positives scored < 0.5 "no" (1.0%), 10 of 2,052 negatives scored >= 0.5 "yes" (0.49%):
+   ``--label-noise 0.0024 0.00054 0.010 0.0049``.
 
 It prints, per procedure: the share of draws whose model-decided positives were below the precision target
 (or negatives above the false-omission target) — the miss rate the stated confidence bounds — and the mean
@@ -81,6 +86,22 @@ def main() -> None:
         help="per-threshold confidences (0.975: a run's first iteration at 95%% per run, iteration_confidence)",
     )
     ap.add_argument("--start-share", nargs="+", type=float, default=[0.0, 0.5], help="fixed-sequence starts")
+    ap.add_argument(
+        "--positive-start-errors",
+        nargs="+",
+        type=int,
+        default=[0, 1],
+        help="fixed-sequence starts on the positive side: errors the first region tolerates",
+    )
+    ap.add_argument(
+        "--label-noise",
+        nargs=4,
+        type=float,
+        default=[0.0] * 4,
+        metavar=("POS_HIGH", "NEG_LOW", "POS_LOW", "NEG_HIGH"),
+        help="calibration label error rates: positives scored >= 0.5, negatives < 0.5, positives < 0.5, negatives"
+        " >= 0.5",
+    )
     ap.add_argument("--target-precision", type=float, default=0.95)
     ap.add_argument("--target-false-omission", type=float, default=0.01)
     args = ap.parse_args()
@@ -93,36 +114,47 @@ def main() -> None:
     if args.score_only:
         return
     procedures = [
-        (scan, conf, share)
+        (scan, conf, share, errors)
         for scan in args.scans
         for conf in args.confidence
         for share in (args.start_share if scan == "fixed-sequence" else [0.0])
+        for errors in (args.positive_start_errors if scan == "fixed-sequence" else [0])
     ]
     print(
         f"\n{args.draws} calibration draws per row; targets: precision >= {args.target_precision}, false omission <= "
-        f"{args.target_false_omission}; 'miss': the model-decided set is past its target against the ground truth"
+        f"{args.target_false_omission}; 'miss': the model-decided set is past its target against the ground truth; "
+        f"calibration label errors (positives >= 0.5, negatives < 0.5, positives < 0.5, negatives >= 0.5): "
+        f"{' '.join(f'{r:.2%}' for r in args.label_noise)}"
     )
     print(
-        "| category | model | calibration images | scan (start share) | confidence | precision miss | FO miss "
-        "| either miss | model positives | model negatives | left undecided |"
+        "| category | model | calibration images | scan (start share, positive start errors) | confidence "
+        "| precision miss | FO miss | either miss | model positives | model negatives | left undecided |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     pooled: dict[tuple, list[Replay]] = {}
     for category, seed in itertools.product(categories, args.models):
         run = first_model_scores(Path(args.cache), category, seed, images, classes)
-        for n_cal, (scan, conf, share) in itertools.product(args.calibration, procedures):
-            r = replay(run["scores"], run["truth"], n_cal, scan, conf, share, args, seed=[seed, n_cal])
-            pooled.setdefault((n_cal, scan, conf, share), []).append(r)
-            print(f"| {category} | {seed} | {n_cal:,} | {name(scan, share)} | {conf} | {r.row()} |", flush=True)
+        for n_cal, (scan, conf, share, errors) in itertools.product(args.calibration, procedures):
+            r = replay(run["scores"], run["truth"], n_cal, scan, conf, share, errors, args, seed=[seed, n_cal])
+            pooled.setdefault((n_cal, scan, conf, share, errors), []).append(r)
+            print(f"| {category} | {seed} | {n_cal:,} | {name(scan, share, errors)} | {conf} | {r.row()} |", flush=True)
     d = CascadeParams()
     first_conf = d.threshold_confidence(1)
     policies = {
-        "previous default (nested, 95% per threshold, 1,500)": ("nested", 0.95, 0.0, d.calibration_sample),
-        f"fixed-sequence, {first_conf:.1%}, 1,500": (d.threshold_scan, first_conf, d.start_share, d.calibration_sample),
-        f"default (fixed-sequence, {first_conf:.1%}, {d.first_calibration_sample:,})": (
+        "nested, 95% per threshold, 1,500 (before session 10)": ("nested", 0.95, 0.0, 0, d.calibration_sample),
+        f"fixed-sequence, {first_conf:.1%}, {d.first_calibration_sample:,}, positives from 0 errors (session 10)": (
             d.threshold_scan,
             first_conf,
             d.start_share,
+            0,
+            d.first_calibration_sample,
+        ),
+        f"default (fixed-sequence, {first_conf:.1%}, {d.first_calibration_sample:,}, positives from "
+        f"{d.positive_start_errors} error)": (
+            d.threshold_scan,
+            first_conf,
+            d.start_share,
+            d.positive_start_errors,
             d.first_calibration_sample,
         ),
     }
@@ -135,30 +167,32 @@ def main() -> None:
     for category, seed in itertools.product(categories, args.models):
         run = first_model_scores(Path(args.cache), category, seed, images, classes)
         cells = []
-        for p, (scan, conf, share, n_cal) in policies.items():
-            r = replay(run["scores"], run["truth"], n_cal, scan, conf, share, args, seed=[seed, n_cal])
+        for p, (scan, conf, share, errors, n_cal) in policies.items():
+            r = replay(run["scores"], run["truth"], n_cal, scan, conf, share, errors, args, seed=[seed, n_cal])
             totals[p].append((r, n_cal))
             cells.append(f"{r.either_miss:.3f} / {n_cal + r.undecided:,.0f}")
         print(f"| {category} | {seed} | " + " | ".join(cells) + " |", flush=True)
     for p, rows in totals.items():
         miss, worst = np.mean([r.either_miss for r, _ in rows]), max(r.either_miss for r, _ in rows)
         people = np.mean([n + r.undecided for r, n in rows])
+        positives = np.mean([r.positives for r, _ in rows])
         print(
-            f"{p}: either side missed in {miss:.2%} of draws (worst category {worst:.2%}); people label {people:,.0f}"
+            f"{p}: either side missed in {miss:.2%} of draws (worst category {worst:.2%}); model positives "
+            f"{positives:,.0f}; people label {people:,.0f}"
         )
 
     print("\nPooled over categories and models (miss rates: share of all draws):")
     print(
-        "| calibration images | scan (start share) | confidence | precision miss | FO miss | either miss "
-        "| model positives | model negatives | left undecided |"
+        "| calibration images | scan (start share, positive start errors) | confidence | precision miss | FO miss "
+        "| either miss | model positives | model negatives | left undecided |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for (n_cal, scan, conf, share), rs in pooled.items():
-        print(f"| {n_cal:,} | {name(scan, share)} | {conf} | {Replay.mean(rs).row()} |")
+    for (n_cal, scan, conf, share, errors), rs in pooled.items():
+        print(f"| {n_cal:,} | {name(scan, share, errors)} | {conf} | {Replay.mean(rs).row()} |")
 
 
-def name(scan: str, share: float) -> str:
-    return f"{scan} ({share:g})" if scan == "fixed-sequence" else scan
+def name(scan: str, share: float, errors: int) -> str:
+    return f"{scan} ({share:g}, {errors})" if scan == "fixed-sequence" else scan
 
 
 @dataclass(frozen=True)
@@ -190,6 +224,7 @@ def replay(
     scan: str,
     confidence: float,
     start_share: float,
+    positive_start_errors: int,
     args: argparse.Namespace,
     seed: list[int],
 ) -> Replay:
@@ -201,14 +236,18 @@ def replay(
         rest = np.ones(len(scores), bool)
         cal = rng.choice(len(scores), n_cal, replace=False)
         rest[cal] = False
+        t, high = truth[cal], scores[cal] >= 0.5
+        rate = np.select([t & high, ~t & ~high, t & ~high], args.label_noise[:3], args.label_noise[3])
+        labels = t ^ (rng.random(n_cal) < rate)
         th = choose_thresholds(
             scores[cal],
-            truth[cal].astype(np.float64),
+            labels.astype(np.float64),
             target_precision=args.target_precision,
             target_false_omission=args.target_false_omission,
             confidence=confidence,
             scan=scan,
             start_share=start_share,
+            positive_start_errors=positive_start_errors,
         )
         pos = rest & (scores >= th.positive) if th.positive is not None else np.zeros(len(scores), bool)
         neg = rest & (scores <= th.negative) & ~pos if th.negative is not None else np.zeros(len(scores), bool)

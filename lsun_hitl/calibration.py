@@ -36,7 +36,8 @@ Thresholds come from a fixed grid (dense in logit space), and each side is a nes
   of the model's own predicted negatives (scores < 0.5) it is surest of (``start_share=0.5``, the default),
   a few strays do not stop it, and with 3,000 calibration images it decides about what the nested scan does
   (``benchmarks/guarantee.py`` replays both on real model scores against the ground truth). The positive
-  side starts from its safest region (see ``start_share``).
+  side starts from its highest-scored region, made just wide enough that one wrong "no" does not stop it
+  (``positive_start_errors``).
 
 The confidence of one threshold is not the confidence of a run: a cascade chooses two thresholds per
 iteration, for several iterations. ``iteration_confidence`` spends a run's error budget over its
@@ -114,6 +115,7 @@ def choose_thresholds(
     n_carried: int = 0,
     scan: Scan = "nested",
     start_share: float = 0.5,
+    positive_start_errors: int = 1,
 ) -> Thresholds:
     """Choose ``t_pos`` and ``t_neg`` from a calibration sample.
 
@@ -137,15 +139,23 @@ def choose_thresholds(
     start_share : float in [0, 1)
         Fixed-sequence only, negative side: the first region tested holds this share of the calibration images
         the model calls negative (scores < 0.5), those it is surest of; 0 starts from the smallest region that
-        could pass at all. Chosen from the scores alone, it keeps the guarantee. The positive side always starts
-        from its safest region: stray positives sit among the lowest scores (ambiguous items the model is sure
-        of), stray negatives rarely among the highest, and a wide start there lost most model positives in
-        ``benchmarks/guarantee.py``.
+        could pass at all. Chosen from the scores alone, it keeps the guarantee. The positive side starts from
+        its highest-scored region (``positive_start_errors``), not from a share: stray positives sit among the
+        lowest scores (ambiguous items the model is sure of), stray negatives rarely among the highest, and a
+        wide start there lost most model positives in ``benchmarks/guarantee.py``.
+    positive_start_errors : int
+        Fixed-sequence only, positive side: the first region tested is the smallest in which this many people's
+        "no" answers would still pass (``passing_size``: 110 images at 97.5% for a 95% target with one, 72 with
+        none). With 0, one label left wrong after recheck among the highest-scored calibration images stops the
+        scan before it starts: on ankle-boot (seed 0) that lost all 6,000 model positives. Chosen from the sizes
+        alone, it keeps the guarantee.
     """
     if scan not in SCANS:
         raise ValueError(f"scan {scan!r} is unknown; use one of {', '.join(SCANS)}")
     if not 0 <= start_share < 1:
         raise ValueError(f"start_share {start_share!r} is outside [0, 1)")
+    if positive_start_errors < 0:
+        raise ValueError(f"positive_start_errors {positive_start_errors!r} is negative")
     scores = np.asarray(scores, np.float64)
     p = np.asarray(p_positive, np.float64)
     keep = np.isfinite(scores) & np.isfinite(p)
@@ -160,7 +170,15 @@ def choose_thresholds(
     k_pos = np.searchsorted(s_sorted, GRID, side="left")
     size_pos = n - k_pos
     errors_pos = size_pos - (total_pos - cum_pos[k_pos])
-    i_pos = _pick(size_pos, errors_pos, 1 - target_precision, confidence, min_region, scan)
+    i_pos = _pick(
+        size_pos,
+        errors_pos,
+        1 - target_precision,
+        confidence,
+        min_region,
+        scan,
+        passing_size(1 - target_precision, confidence, positive_start_errors),
+    )
     t_pos = prec = None
     if i_pos is not None:
         size, negatives = size_pos[i_pos], errors_pos[i_pos]
@@ -232,6 +250,18 @@ def rate_interval(events: int, n: int, confidence: float) -> tuple[float, float]
 def zero_error_size(rate: float, confidence: float) -> int:
     """Smallest region in which zero errors bound the error rate below ``rate`` at ``confidence``."""
     return int(np.ceil(np.log(1 - confidence) / np.log(1 - rate)))
+
+
+def passing_size(rate: float, confidence: float, errors: int = 0) -> int:
+    """Smallest region in which ``errors`` errors still bound the error rate below ``rate`` at ``confidence``
+    (``zero_error_size`` for none): 59 for none and 93 for one at 5% and 95%; 72 and 110 at 97.5%."""
+    n = zero_error_size(rate, confidence)
+    if errors <= 0:
+        return n
+    n = max(n, errors + 1)
+    while clopper_pearson(errors, n, confidence)[1] > rate:
+        n += 1
+    return n
 
 
 def iteration_confidence(confidence: float, iteration: int) -> float:

@@ -451,6 +451,7 @@ def calibrate(storage: Storage, category: str, params: CascadeParams, iteration:
         n_carried=len(carried_rows),
         scan=params.threshold_scan,
         start_share=params.start_share,
+        positive_start_errors=params.positive_start_errors,
     )
     thresholds = replace(thresholds, n_rechecked=recheck_size(storage, category, request_id_for(iteration)))
     storage.write_json(key, thresholds.to_dict())

@@ -89,6 +89,10 @@ class CascadeParams:
     # first cut missed a target in 5.5% of calibration draws at 95%, 8.75% on dress (benchmarks/guarantee.py)
     threshold_scan: Scan = "fixed-sequence"
     start_share: float = 0.5
+    # the positive side's first region is the smallest that passes with this many wrong "no" answers (110 images at
+    # 97.5%): one crowd error left among the highest-scored calibration images no longer stops it (ankle-boot,
+    # seed 0, lost its first model's 6,000 positives to one at 72); benchmarks/guarantee.py --label-noise
+    positive_start_errors: int = 1
     # "run": ``confidence`` holds for each side over the whole run, its error budget spent over the
     # iterations (calibration.iteration_confidence: 0.975, 0.9875, ...); "threshold": each threshold's own
     confidence_scope: ConfidenceScope = "run"
@@ -192,6 +196,7 @@ def validate(category: str, params: CascadeParams) -> None:
             "'fixed-sequence' (the confidence holds for the chosen threshold) or 'nested'",
         ),
         (0 <= params.start_share < 1, "start_share", "a share in [0, 1), e.g. 0.5"),
+        (params.positive_start_errors >= 0, "positive_start_errors", "zero or more errors, e.g. 1"),
         (params.confidence_scope in CONFIDENCE_SCOPES, "confidence_scope", "'run' or 'threshold'"),
         (params.first_calibration_sample >= 50, "first_calibration_sample", "at least 50 images"),
     ]

@@ -119,6 +119,31 @@ def test_a_wide_start_is_not_stopped_by_a_stray_positive_among_the_lowest_scores
     assert wide.n_negative_region > narrow.n_negative_region + 1000
 
 
+def test_one_wrong_no_among_the_highest_scores_does_not_stop_the_positive_side():
+    """A positive scored near the top that people left "no" fails the smallest region that could pass (72
+    images at 97.5%); a sequence starting at the smallest region that passes with one error (110) steps over
+    it and decides the positive side. The start depends on the sizes alone, and the bound still holds."""
+    from lsun_hitl.calibration import passing_size
+
+    assert (passing_size(0.05, 0.975), passing_size(0.05, 0.975, 1), passing_size(0.05, 0.95, 1)) == (72, 110, 93)
+    assert passing_size(0.05, 0.95) == zero_error_size(0.05, 0.95)
+    rng = np.random.default_rng(5)
+    s, y = synthetic(3000, rng, separation=6.0)
+    y = y.astype(float)
+    top = np.argsort(s)[::-1]
+    y[top[:200]] = 1.0
+    y[top[30]] = 0.0  # one wrong "no" among the 72 highest scores
+    kw = {"target_precision": 0.95, "target_false_omission": 0.01, "confidence": 0.975, "scan": "fixed-sequence"}
+    strict = choose_thresholds(s, y, positive_start_errors=0, **kw)
+    tolerant = choose_thresholds(s, y, **kw)
+    assert strict.positive is None and strict.n_positive_region == 0
+    assert tolerant.positive is not None and tolerant.precision.low >= 0.95
+    assert tolerant.n_positive_region > 200
+    assert tolerant.negative < tolerant.positive and tolerant.false_omission.high <= 0.01
+    with pytest.raises(ValueError, match="positive_start_errors"):
+        choose_thresholds(s, y, positive_start_errors=-1, **kw)
+
+
 def test_a_run_spends_its_error_budget_over_its_iterations():
     from lsun_hitl.calibration import iteration_confidence
     from lsun_hitl.config import CascadeParams

@@ -22,6 +22,8 @@ def test_impossible_targets_name_the_setting(tmp_path, capsys):
         ({"calibration_sample": 100}, "calibration_sample"),
         ({"remainder": "maybe"}, "remainder"),
         ({"max_iterations": 0}, "max_iterations"),
+        ({"positive_start_errors": -1}, "positive_start_errors"),
+        ({"start_share": 1.0}, "start_share"),
     ],
 )
 def test_validate_names_the_setting(change, setting):
