@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .labels import LabelError, batch_votes, list_requests, read_request, read_votes, write_votes
+from .labels import LabelError, RunEnded, batch_votes, list_requests, read_request, read_votes, write_votes
 from .quality import QCParams, image_done, is_flagged, labeler_stats, read_gold, votes_wanted, write_qc
 from .storage import Storage, batch_key, votes_dir
 
@@ -132,6 +132,8 @@ class LabelingDesk:
         self._batches: dict[str, Batch] = {}
         self._open: dict[str, Batch] = {}  # labeler -> its latest unsubmitted batch
         self._refreshing = False
+        self._threads: set[threading.Thread] = set()  # background refreshes and resumes, joined by close()
+        self._closed = False
         self._votes: dict[str, list[pa.Table]] = {}
         self._gold: dict[str, pa.Table] = {}
         self._flagged: dict[str, set[str]] = {}
@@ -298,7 +300,47 @@ class LabelingDesk:
             finally:
                 self._refreshing = False
 
-        threading.Thread(target=run, name="desk-refresh", daemon=True).start()
+        if not self._spawn(run, "desk-refresh"):
+            self._refreshing = False
+
+    def _spawn(self, target: Callable[[], None], name: str) -> bool:
+        """Run ``target`` in a daemon thread that ``close`` waits for; False (nothing started) once closed."""
+
+        def run() -> None:
+            try:
+                target()
+            finally:
+                with self._lock:
+                    self._threads.discard(threading.current_thread())
+
+        with self._lock:
+            if self._closed:
+                return False
+            thread = threading.Thread(target=run, name=name, daemon=True)
+            self._threads.add(thread)
+            thread.start()
+        return True
+
+    def open(self) -> None:
+        """Allow background work again after ``close`` (the service's app does so when it starts)."""
+        with self._lock:
+            self._closed = False
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Start no more background work and wait up to ``timeout`` seconds for what is running.
+
+        Background refreshes read storage and resumes call the Prefect API; left running while the
+        interpreter shuts down they can abort it (a native thread calling back into Python). Idempotent.
+        """
+        with self._lock:
+            self._closed = True
+            running = list(self._threads)
+        deadline = time.monotonic() + timeout
+        for thread in running:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        left = [t.name for t in running if t.is_alive()]
+        if left:
+            log.warning("labeling desk closed with background work still running: %s", ", ".join(left))
 
     def assign(self, labeler: str) -> Batch | None:
         """In memory only, under the desk's lock (no storage I/O): the labeler's open batch, or a new
@@ -499,6 +541,10 @@ class LabelingDesk:
         def call() -> None:
             try:
                 self.on_complete(category, request_id)  # type: ignore[misc]
+            except RunEnded as exc:  # nothing left to resume; retrying would not change that
+                # Completed: the run read the stored labels itself and went on (it polls storage too)
+                level = logging.INFO if exc.state == "Completed" else logging.WARNING
+                log.log(level, "not resuming %s/%s: %s", category, request_id, exc)
             except Exception as exc:  # noqa: BLE001 - report, retry on a later refresh; the CLI can resume too
                 log.warning(
                     "resuming the run waiting for %s/%s failed (attempt %s): %s",
@@ -512,7 +558,7 @@ class LabelingDesk:
                 if isinstance(exc, LabelError):
                     self.resync(category)
 
-        threading.Thread(target=call, name=f"resume-{request_id}", daemon=True).start()
+        self._spawn(call, f"resume-{request_id}")
 
     # ---- reports -----------------------------------------------------------------------------------
     def progress(self) -> list[dict[str, Any]]:

@@ -51,6 +51,17 @@ class LabelError(ValueError):
     """Malformed or inconsistent labels; nothing is stored when this is raised."""
 
 
+class RunEnded(LabelError):
+    """The flow run that waited for a request has ended, so there is nothing to resume.
+
+    ``state`` is the run's final state name (``Completed``, ``Failed``, ``Crashed``, ``Cancelled``).
+    """
+
+    def __init__(self, message: str, state: str) -> None:
+        super().__init__(message)
+        self.state = state
+
+
 @dataclass(frozen=True)
 class LabelRequest:
     """A batch of images published to people; ``flow_run_id`` is the run waiting for the answers."""

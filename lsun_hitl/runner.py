@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from .config import CascadeParams
-from .labels import LabelError, read_request
+from .labels import LabelError, RunEnded, read_request
 from .storage import Storage
 
 if TYPE_CHECKING:
@@ -40,7 +40,9 @@ def resume(storage: Storage, category: str, request_id: str, *, wait_s: float = 
 
     Validates before resuming (a run resumed with bad input would not ask again): raises LabelError
     if the request is unknown or some of its images have no answer yet. Waits up to ``wait_s`` for
-    the run to reach its pause (labels may arrive before the run pauses). Returns the run id.
+    the run to reach its pause (labels may arrive before the run pauses). Returns the run id. Raises
+    RunEnded (a LabelError) if the run has ended: a run that polls storage may take the labels and go on
+    before anyone resumes it.
     """
     from prefect.exceptions import ObjectNotFound
     from prefect.flow_runs import resume_flow_run
@@ -72,9 +74,10 @@ def resume(storage: Storage, category: str, request_id: str, *, wait_s: float = 
             StateType.CRASHED,
             StateType.CANCELLED,
         ):
-            raise LabelError(
+            raise RunEnded(
                 f"flow run {request.flow_run_id} waiting for {request_id!r} has ended ({state.name}); "
-                "start the cascade again and it will pick up the stored labels"
+                "start the cascade again and it will pick up the stored labels",
+                state.name,
             )
         if time.monotonic() > deadline:
             raise TimeoutError(f"flow run {request.flow_run_id} did not pause for {request_id!r} within {wait_s} s")

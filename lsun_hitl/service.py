@@ -18,14 +18,16 @@ labeler looks at the first one. FastAPI's built-in OpenTelemetry middleware is o
 """
 
 
+import asyncio
 import inspect
 import io
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any, Literal
 
@@ -142,7 +144,14 @@ def create_app(
     extra: dict[str, Any] = {}
     if not telemetry and "telemetry" in inspect.signature(FastAPI.__init__).parameters:
         extra["telemetry"] = {"tracing": False, "metrics": False, "logs": False}
-    app = FastAPI(title="lsun-hitl labeling", docs_url=None, redoc_url=None, **extra)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        desk.open()
+        yield
+        await asyncio.to_thread(desk.close)  # background refreshes and resumes end before the process does
+
+    app = FastAPI(title="lsun-hitl labeling", docs_url=None, redoc_url=None, lifespan=lifespan, **extra)
     app.state.desk = desk
     app.state.tokens = tokens
     page = resources.files("lsun_hitl").joinpath("static/label.html").read_text()
@@ -326,6 +335,7 @@ class ServiceThread:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.url = f"http://{host}:{port}"
+        self.app = app
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
         self._thread: threading.Thread | None = None
 
@@ -343,3 +353,6 @@ class ServiceThread:
         self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(10)
+        desk = getattr(self.app.state, "desk", None)
+        if desk is not None:  # also closed by the app's shutdown; again in case that was cut short
+            desk.close()

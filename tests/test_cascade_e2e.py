@@ -12,9 +12,9 @@ from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
 from lsun_hitl.evaluation import evaluate
 from lsun_hitl.fashion_mnist import import_fashion_mnist, read_truth
 from lsun_hitl.ingest import build_pool, read_pool
-from lsun_hitl.labels import list_requests, read_request, read_votes
+from lsun_hitl.labels import RunEnded, list_requests, read_request, read_votes
 from lsun_hitl.manifest import UNLABELED, manifest_iterations, read_manifest
-from lsun_hitl.runner import run_cascade, simulated_crowd
+from lsun_hitl.runner import resume, run_cascade, simulated_crowd
 from lsun_hitl.storage import Storage, calibration_key, calibration_set_key, dataset_key, sample_key
 
 CATEGORY = "trouser"
@@ -65,6 +65,10 @@ def test_cascade_flow_pauses_resumes_and_writes_consistent_manifests(pool_on_s3,
         states = client.read_flow_run_states(run_id)
     assert run.state.is_completed()
     assert sum(s.is_paused() for s in states) == len(resumed)
+    # A request of the finished run cannot resume it: the error says so (the labeling desk takes it as final).
+    with pytest.raises(RunEnded, match=r"has ended \(Completed\); start the cascade again") as ended:
+        resume(storage, CATEGORY, requests[0].request_id, wait_s=5)
+    assert ended.value.state == "Completed"
 
     # Every pool image appears exactly once in every manifest; decisions only ever move forward.
     pool_ids = read_pool(storage, columns=["image_id"]).column("image_id").to_pylist()

@@ -13,6 +13,7 @@ import pytest
 
 from lsun_hitl import labels
 from lsun_hitl.crowd import HttpLabeler
+from lsun_hitl.desk import LabelingDesk
 from lsun_hitl.labelers import create_labeler, token_hash
 from lsun_hitl.quality import QCParams, labeler_stats, read_gold, write_gold
 from lsun_hitl.service import ServiceThread, create_app
@@ -352,3 +353,32 @@ def test_image_cache_keeps_the_most_recent_within_its_budget():
     assert cache.get("u2") is None and cache.get("u1") is not None and cache.get("u4") is not None
     cache.put("huge", (b"x" * 11, "image/png"))  # larger than the whole budget: not kept
     assert cache.get("huge") is None and cache.get("u4") is not None
+
+
+def test_desk_takes_an_ended_run_as_final_and_close_waits_for_its_background_work(tmp_path, fashion, caplog):
+    """A run that read the stored labels itself and finished cannot be resumed: the desk neither retries nor
+    re-reads storage for it. ``close`` waits for background work, which must not outlive the process."""
+    storage, truth = make_root(tmp_path, fashion, n=40, n_request=20, n_gold=0)
+    calls: list[str] = []
+    finished = threading.Event()
+
+    def on_complete(category: str, request_id: str) -> None:
+        calls.append(request_id)
+        time.sleep(1.0)  # still running when close() is called
+        finished.set()
+        raise labels.RunEnded(f"flow run r1 waiting for {request_id!r} has ended (Completed)", "Completed")
+
+    desk = LabelingDesk(storage, QCParams(batch_size=10, gold_rate=0.0), on_complete=on_complete, refresh_s=0.0)
+    for name in ("ann", "bob", "cy"):
+        while (batch := desk.next_batch(name)) is not None:
+            desk.submit(batch.batch_id, name, [(i, "yes" if truth[x] else "no") for i, x in enumerate(batch.image_ids)])
+    assert calls == ["iteration-1"] and not finished.is_set()
+    desk.close(timeout=30)
+    assert finished.is_set(), "close() returned while the resume was still running"
+    assert not [t for t in threading.enumerate() if t.name.startswith(("resume-", "desk-refresh"))]
+    # closed: no new background work; and the ended run is not tried again nor the answers re-read
+    desk.refresh_in_background()
+    desk.refresh(force=True)
+    assert calls == ["iteration-1"]
+    assert not [t for t in threading.enumerate() if t.name.startswith("desk-refresh")]
+    assert "re-reading the answers" not in caplog.text
