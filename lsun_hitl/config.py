@@ -205,18 +205,22 @@ def validate(category: str, params: CascadeParams) -> None:
     for ok, name, fix in checks:
         if not ok:
             raise ConfigError(f"setting {name} = {_value(params, name)!r} cannot work; use {fix}")
-    # A calibration sample this small cannot certify the targets even with zero errors.
+    # A calibration sample this small cannot certify the targets even with zero errors. Each iteration's
+    # confidence is higher than the one before (the run's is spent over them), so the last one needs most:
+    # an iteration that cannot certify anything would only send its sample to people.
+    last = max(2, params.max_iterations)
     for name, size, iteration in (
         ("first_calibration_sample", params.first_calibration_sample, 1),
-        ("calibration_sample", params.calibration_sample, 2),
+        ("calibration_sample", params.calibration_sample, last),
     ):
         conf = params.threshold_confidence(iteration)
         need = zero_error_size(params.target_false_omission, conf)
         if size < need:
+            also = f", lower max_iterations ({params.max_iterations})" if iteration > 2 else ""
             raise ConfigError(
                 f"{name} = {size} cannot show a false-omission rate <= {params.target_false_omission} at "
                 f"confidence {conf:g} (iteration {iteration}'s): even with no error the bound needs >= {need} "
-                f"negatives. Raise {name} or target_false_omission."
+                f"negatives. Raise {name}{also} or raise target_false_omission."
             )
 
 

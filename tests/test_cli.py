@@ -31,6 +31,14 @@ def test_validate_names_the_setting(change, setting):
         validate("sneaker", CascadeParams(**change))
 
 
+def test_a_later_iteration_that_could_never_certify_is_refused():
+    # 500 calibration images pass at iteration 2 (437 needed at 98.75%) but not at iteration 3 (99.375%)
+    validate("sneaker", CascadeParams(calibration_sample=500, max_iterations=2))
+    with pytest.raises(ConfigError, match=r"calibration_sample = 500 .*iteration 3's.*lower max_iterations \(3\)"):
+        validate("sneaker", CascadeParams(calibration_sample=500, max_iterations=3))
+    validate("sneaker", CascadeParams())  # the defaults certify up to their last iteration
+
+
 def test_unreachable_dask_scheduler_is_a_clear_error():
     from lsun_hitl.cluster import ClusterError, dask_client
 
