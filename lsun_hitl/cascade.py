@@ -50,7 +50,7 @@ from .manifest import (
     read_manifest,
     write_manifest,
 )
-from .pretrain import POOL_WEIGHTS, pool_weights, pretrain_on_pool
+from .pretrain import POOL_WEIGHTS, pretrain_on_pool, pretrained_weights
 from .progress import Progress
 from .sampling import Sample, draw_sample
 from .scoring import read_pool_images, score_candidates
@@ -91,6 +91,9 @@ def preflight(
     storage.check_writable()
     if need_pool:
         read_pool(storage, columns=["image_id"])
+    # Pretrained weights are first used after people labeled the first sample: check them now.
+    for m in {m for m in (params.model, *params.model_schedule) if m.weights and m.weights != POOL_WEIGHTS}:
+        model_lib.build(m, pretrained_weights(storage, m))  # missing file or wrong architecture: a clear error
     if dask_address:
         with dask_client(dask_address):
             pass
@@ -326,7 +329,7 @@ def train(
         model_params,
         seed=params.seed + iteration,
         progress=progress,
-        pretrained=pool_weights(storage, model_params),
+        pretrained=pretrained_weights(storage, model_params),
     )
     storage.write_bytes(path, model_lib.save(net))
     return path

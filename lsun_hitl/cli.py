@@ -119,7 +119,8 @@ def _add_cascade(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=m.epochs)
     p.add_argument(
         "--weights",
-        help="local file with pretrained torchvision weights for --arch, or 'pool' (lsun-hitl pretrain's)",
+        help="pretrained torchvision weights for --arch: a local file or a URL on the storage root (read with its"
+        " storage options), or 'pool' (lsun-hitl pretrain's)",
     )
     p.add_argument("--freeze-backbone", action="store_true", help="with --weights: train only the new head")
 

@@ -170,3 +170,29 @@ def pool_weights(storage: Storage, params: ModelParams) -> bytes | None:
             f"--arch {params.arch} --image-size {params.image_size}` first"
         )
     return storage.read_bytes(path)
+
+
+def pretrained_weights(storage: Storage, params: ModelParams) -> bytes | None:
+    """The bytes of the backbone ``params.weights`` names, or None when it names none.
+
+    ``"pool"`` is the pool's own backbone (``pool_weights``). A URL on the storage root's filesystem
+    (``s3://...`` when the root is on S3) is read with the root's storage options (endpoint, credentials),
+    any other path or URL as fsspec opens it by default. Raises FileNotFoundError naming the weights.
+    """
+    import fsspec
+
+    if not params.weights:
+        return None
+    if params.weights == POOL_WEIGHTS:
+        return pool_weights(storage, params)
+    protocol = fsspec.core.split_protocol(params.weights)[0] or "file"
+    own = storage.fs.protocol
+    options = storage.options if protocol in ((own,) if isinstance(own, str) else own) else {}
+    try:
+        with fsspec.open(params.weights, "rb", **options) as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"pretrained weights {params.weights!r} not found; pass a state-dict file (local, e.g. from "
+            "~/.cache/torch/hub/checkpoints, or a URL on the storage root) or leave model.weights unset"
+        ) from exc

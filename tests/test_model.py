@@ -73,3 +73,34 @@ def test_freezing_without_weights_is_a_config_error():
     assert [schedule.model_for(k).arch for k in (1, 2, 3)] == ["mobilenet_v3_small", "resnet18", "resnet18"]
     with pytest.raises(ConfigError, match=r"model_schedule\[1\].arch"):
         validate("sneaker", CascadeParams.from_dict({"model_schedule": [{}, {"arch": "vgg11"}]}))
+
+
+def test_weights_on_the_s3_root_are_read_with_its_options_and_checked_before_any_work(s3_bucket):
+    import io
+
+    from lsun_hitl.cascade import preflight
+    from lsun_hitl.config import CascadeParams
+    from lsun_hitl.pretrain import pretrained_weights
+    from lsun_hitl.storage import Storage
+
+    url, options = s3_bucket
+    storage = Storage(f"{url}/root", options)
+    source = model_lib.Classifier("small_convnet", 32)
+    buf = io.BytesIO()
+    torch.save(source.net.state_dict(), buf)
+    storage.write_bytes(storage.path("weights/small.pt"), buf.getvalue())
+    params = ModelParams(arch="small_convnet", image_size=32, weights=storage.url_of("weights/small.pt"))
+    assert params.weights.startswith("s3://")
+    data = pretrained_weights(storage, params)  # the moto endpoint and keys come from the root's options
+    assert data == buf.getvalue()
+    built = model_lib.build(params, data)
+    assert torch.equal(built.net.state_dict()["0.weight"], source.net.state_dict()["0.weight"])
+    preflight(storage, "bag", CascadeParams(model=params), need_pool=False)
+
+    # a missing file or one for another architecture is refused before people label anything
+    missing = ModelParams(arch="small_convnet", image_size=32, weights=storage.url_of("weights/missing.pt"))
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt.* not found"):
+        preflight(storage, "bag", CascadeParams(model=missing), need_pool=False)
+    other = ModelParams(arch="mobilenet_v3_small", image_size=32, weights=params.weights)
+    with pytest.raises(ValueError, match="matches architecture 'mobilenet_v3_small'"):
+        preflight(storage, "bag", CascadeParams(model_schedule=(params, other)), need_pool=False)
