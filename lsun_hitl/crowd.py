@@ -12,6 +12,7 @@ answer file and calling ``on_delivered`` (which resumes the waiting flow run).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -55,11 +56,19 @@ class SimulatedCrowd:
         self.spammer[rng.permutation(n)[: round(params.spammer_share * n)]] = True
         self.accuracy[self.spammer] = 0.5
         self.names = [f"sim-{i:03d}" for i in range(n)]
-        self._rng = rng
+        self._calls = 0
 
-    def answer(self, request: pa.Table) -> pd.DataFrame:
-        """Answers (image_id, labeler, answer) for every image of ``request`` (image_id, uri)."""
-        p, rng = self.params, self._rng
+    def answer(self, request: pa.Table, key: str | None = None) -> pd.DataFrame:
+        """Answers (image_id, labeler, answer) for every image of ``request`` (image_id, uri).
+
+        Each image's answers are drawn from a generator seeded by (crowd seed, ``key``, image id) alone, so
+        they do not depend on which requests were answered before or in what order: a run is reproducible
+        even when requests, rechecks and audits race. ``key`` names the request (the same image in another
+        request gets fresh answers); without one, each call is a fresh key (its number in this crowd's calls).
+        """
+        p = self.params
+        if key is None:
+            key, self._calls = f"call-{self._calls}", self._calls + 1
         rows: list[tuple[str, str, str]] = []
         for image_id, uri in zip(
             request.column("image_id").to_pylist(), request.column("uri").to_pylist(), strict=True
@@ -67,6 +76,7 @@ class SimulatedCrowd:
             if uri not in self.truth:
                 raise KeyError(f"no ground truth for {uri}")
             truth = self.truth[uri]
+            rng = np.random.default_rng((p.seed, _stable_hash(key), _stable_hash(image_id)))
             order = rng.permutation(p.n_labelers)
             yes = no = 0
             for asked, who in enumerate(order[: p.max_labels_per_image], start=1):
@@ -82,6 +92,11 @@ class SimulatedCrowd:
         return pd.DataFrame(rows, columns=["image_id", "labeler", "answer"])
 
 
+def _stable_hash(text: str) -> int:
+    """A 64-bit hash of ``text`` that is the same in every process (``hash()`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
 SUBMISSION = "simulated-crowd"
 
 
@@ -91,7 +106,7 @@ def deliver(storage: Storage, category: str, crowd: SimulatedCrowd, request_id: 
     if storage.exists(path):
         return False
     _, table = read_request(storage, category, request_id)
-    return submit_votes(storage, category, request_id, crowd.answer(table), SUBMISSION)
+    return submit_votes(storage, category, request_id, crowd.answer(table, key=request_id), SUBMISSION)
 
 
 def serve(

@@ -109,3 +109,20 @@ def test_a_resume_matches_only_its_own_requests_pause():
     assert _pause_for("iteration-1-recheck-1", "iteration-1-recheck")
     assert not _pause_for("audit-recheck-1", "audit") and _pause_for("audit-1", "audit")
     assert not _pause_for("iteration-12-1", "iteration-1")
+
+
+def test_crowd_answers_do_not_depend_on_what_it_answered_before():
+    """The evaluation's figures must reproduce: a request's answers are fixed by the crowd's seed, the
+    request and the image, not by the order in which requests, rechecks and audits were answered."""
+    table, truth = request(n=300, seed=4)
+    first = SimulatedCrowd(truth, CrowdParams(seed=7)).answer(table, key="iteration-1")
+    other = SimulatedCrowd(truth, CrowdParams(seed=7))
+    other.answer(table.slice(0, 100), key="iteration-1-recheck")  # something else answered first
+    again = other.answer(table.slice(100), key="iteration-1")  # and a part of the request, in another call
+    pd.testing.assert_frame_equal(
+        first[first.image_id.isin(table.column("image_id").to_pylist()[100:])].reset_index(drop=True), again
+    )
+    # the same images in another request (a recheck) get answers of their own; another seed is another crowd
+    recheck = other.answer(table, key="iteration-1-recheck")
+    assert not recheck.equals(first)
+    assert not SimulatedCrowd(truth, CrowdParams(seed=8)).answer(table, key="iteration-1").equals(first)
