@@ -79,6 +79,40 @@ def copy_plots(storage: Storage, category: str, seed: int, plots: Path) -> None:
             (plots / f"{category}-seed{seed}-{name}.png").write_bytes(storage.read_bytes(path))
 
 
+def add_baselines(
+    row: dict,
+    storage: Storage,
+    data: Storage,
+    ids: list[str],
+    uris: list[str],
+    images: np.ndarray | None,
+    crowd: CrowdParams,
+    model: ModelParams,
+    args: argparse.Namespace,
+) -> np.ndarray:
+    """Baselines (a) and (b) into ``row``, (b) at the run's human budget; returns the decoded pool (reused)."""
+    truth = read_truth(storage, row["category"])
+    row["all_by_crowd"] = all_by_crowd(ids, uris, truth, crowd).to_dict()
+    if images is None:
+        from lsun_hitl.model import decode_many
+
+        print("   decoding the pool for baseline (b)", flush=True)
+        images, _ = decode_many([data.fs.cat_file(data.fs._strip_protocol(u)) for u in uris], model.image_size)
+    row["single_round"] = single_round(
+        images,
+        ids,
+        uris,
+        truth,
+        budget=row["cascade"]["human_labeled_images"],
+        crowd_params=crowd,
+        model_params=model,
+        target_precision=args.target_precision,
+        target_false_omission=args.target_false_omission,
+        seed=row["seed"],
+    ).to_dict()
+    return images
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="/tmp/lsun-eval")
@@ -92,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-precision", type=float, default=0.95)
     ap.add_argument("--target-false-omission", type=float, default=0.01)
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument(
+        "--baselines-only",
+        action="store_true",
+        help="add baselines (a) and (b) to --out's finished runs of --categories and --seeds that lack them"
+        " (the run's own budget and model settings); runs no cascade",
+    )
     ap.add_argument("--audit-sample", type=int, default=200, help="images per model split people audit")
     d = CascadeParams()
     ap.add_argument("--train-sample", type=int, default=d.train_sample)
@@ -178,6 +218,25 @@ def main(argv: list[str] | None = None) -> int:
             progress=Bar("pretrain", "step"),
         )
         print(f"   {data.read_json(weights.removesuffix('.pt') + '.json')}", flush=True)
+    if args.baselines_only:
+        for row in results:
+            if row["category"] not in categories or row["seed"] not in args.seeds or "single_round" in row:
+                continue
+            print(f"== baselines for {row['category']} seed {row['seed']}", flush=True)
+            crowd = CrowdParams(
+                accuracy=args.accuracy,
+                spammer_share=args.spammer_share,
+                labels_per_image=args.labels_per_image,
+                seed=row["seed"],
+            )
+            model = CascadeParams.from_dict(row["params"]).model
+            storage = run_root(base, data, row["seed"])
+            images = add_baselines(row, storage, data, ids, uris, images, crowd, model, args)
+            results_path.write_text(json.dumps(results, indent=1, default=float))
+            b = row["single_round"]
+            print(f"   (b) precision {b['precision']:.4f}, false omission {b['false_omission']:.4f}", flush=True)
+        write_report(results, out, args.target_precision, args.target_false_omission)
+        return 0
     for seed in args.seeds:
         storage = run_root(base, data, seed)
         crowd = CrowdParams(
@@ -250,27 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["audit"] = a
             copy_plots(storage, category, seed, out / "plots")
             if not args.no_baselines:
-                truth = read_truth(storage, category)
-                row["all_by_crowd"] = all_by_crowd(ids, uris, truth, crowd).to_dict()
-                if images is None:
-                    from lsun_hitl.model import decode_many
-
-                    print("   decoding the pool for baseline (b)", flush=True)
-                    images, _ = decode_many(
-                        [data.fs.cat_file(data.fs._strip_protocol(u)) for u in uris], params.model.image_size
-                    )
-                row["single_round"] = single_round(
-                    images,
-                    ids,
-                    uris,
-                    truth,
-                    budget=summary["human_labeled_images"],
-                    crowd_params=crowd,
-                    model_params=params.model,
-                    target_precision=args.target_precision,
-                    target_false_omission=args.target_false_omission,
-                    seed=seed,
-                ).to_dict()
+                images = add_baselines(row, storage, data, ids, uris, images, crowd, params.model, args)
             results.append(row)
             results_path.write_text(json.dumps(results, indent=1, default=float))
             c = row["cascade"]
