@@ -360,11 +360,12 @@ def test_desk_takes_an_ended_run_as_final_and_close_waits_for_its_background_wor
     re-reads storage for it. ``close`` waits for background work, which must not outlive the process."""
     storage, truth = make_root(tmp_path, fashion, n=40, n_request=20, n_gold=0)
     calls: list[str] = []
-    finished = threading.Event()
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
 
     def on_complete(category: str, request_id: str) -> None:
         calls.append(request_id)
-        time.sleep(1.0)  # still running when close() is called
+        started.set()
+        release.wait(30)  # still running when close() is called
         finished.set()
         raise labels.RunEnded(f"flow run r1 waiting for {request_id!r} has ended (Completed)", "Completed")
 
@@ -372,7 +373,8 @@ def test_desk_takes_an_ended_run_as_final_and_close_waits_for_its_background_wor
     for name in ("ann", "bob", "cy"):
         while (batch := desk.next_batch(name)) is not None:
             desk.submit(batch.batch_id, name, [(i, "yes" if truth[x] else "no") for i, x in enumerate(batch.image_ids)])
-    assert calls == ["iteration-1"] and not finished.is_set()
+    assert started.wait(30) and calls == ["iteration-1"] and not finished.is_set()
+    threading.Timer(0.5, release.set).start()
     desk.close(timeout=30)
     assert finished.is_set(), "close() returned while the resume was still running"
     assert not [t for t in threading.enumerate() if t.name.startswith(("resume-", "desk-refresh"))]
