@@ -79,6 +79,13 @@ def copy_plots(storage: Storage, category: str, seed: int, plots: Path) -> None:
             (plots / f"{category}-seed{seed}-{name}.png").write_bytes(storage.read_bytes(path))
 
 
+def crowd_params(args: argparse.Namespace, seed: int) -> CrowdParams:
+    """The simulated crowd of one seed's runs (and their baselines)."""
+    return CrowdParams(
+        accuracy=args.accuracy, spammer_share=args.spammer_share, labels_per_image=args.labels_per_image, seed=seed
+    )
+
+
 def add_baselines(
     row: dict,
     storage: Storage,
@@ -223,12 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             if row["category"] not in categories or row["seed"] not in args.seeds or "single_round" in row:
                 continue
             print(f"== baselines for {row['category']} seed {row['seed']}", flush=True)
-            crowd = CrowdParams(
-                accuracy=args.accuracy,
-                spammer_share=args.spammer_share,
-                labels_per_image=args.labels_per_image,
-                seed=row["seed"],
-            )
+            crowd = crowd_params(args, row["seed"])
             model = CascadeParams.from_dict(row["params"]).model
             storage = run_root(base, data, row["seed"])
             images = add_baselines(row, storage, data, ids, uris, images, crowd, model, args)
@@ -239,9 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for seed in args.seeds:
         storage = run_root(base, data, seed)
-        crowd = CrowdParams(
-            accuracy=args.accuracy, spammer_share=args.spammer_share, labels_per_image=args.labels_per_image, seed=seed
-        )
+        crowd = crowd_params(args, seed)
         params = CascadeParams(
             seed=seed,
             target_precision=args.target_precision,
