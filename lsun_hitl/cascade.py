@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from . import labels as labels_lib
 from . import model as model_lib
 from . import report
-from .calibration import Interval, Thresholds, choose_thresholds, rate_interval
+from .calibration import Interval, Thresholds, choose_thresholds, rate_interval, zero_error_size
 from .cluster import dask_client
 from .config import CascadeParams, ModelParams, validate
 from .ingest import read_pool
@@ -543,6 +543,7 @@ def should_stop(storage: Storage, category: str, params: CascadeParams, iteratio
         next_sample=next_sample_size(storage, category, params, iteration)
         if params.stop_when_cheaper and params.remainder == "people"
         else None,
+        min_sample=zero_error_size(params.target_false_omission, params.threshold_confidence(iteration + 1)),
     )
 
 

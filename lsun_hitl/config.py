@@ -222,6 +222,13 @@ def validate(category: str, params: CascadeParams) -> None:
                 f"confidence {conf:g} (iteration {iteration}'s): even with no error the bound needs >= {need} "
                 f"negatives. Raise {name}{also} or raise target_false_omission."
             )
+    first = params.train_sample + params.first_calibration_sample
+    if params.human_budget is not None and params.human_budget < first:
+        raise ConfigError(
+            f"human_budget = {params.human_budget} is less than the first iteration sends to people "
+            f"(train_sample {params.train_sample} + first_calibration_sample {params.first_calibration_sample}"
+            f" = {first}): raise human_budget or shrink those samples"
+        )
 
 
 def _model_checks(m: ModelParams, name: str) -> list[tuple[bool, str, str]]:

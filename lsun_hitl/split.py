@@ -94,11 +94,13 @@ def stop_reason(
     stop_unlabeled_fraction: float,
     human_budget: int | None,
     next_sample: int | None = None,
+    min_sample: int = 1,
 ) -> str | None:
     """Why the loop should stop after ``iteration``, or None to go on.
 
     ``next_sample``: what another iteration would send to people; when no more images than that are
-    left, people finishing them costs less than another round.
+    left, people finishing them costs less than another round. ``min_sample``: the fewest labels another
+    iteration can use (a calibration sample that could certify a threshold); a budget with less left is spent.
     """
     if unlabeled == 0:
         return "every image is decided"
@@ -108,6 +110,11 @@ def stop_reason(
         return f"{unlabeled} images left unlabeled: fewer than another iteration would send to people ({next_sample})"
     if human_budget is not None and human_labeled >= human_budget:
         return f"human-label budget spent ({human_labeled} >= {human_budget})"
+    if human_budget is not None and human_budget - human_labeled < min_sample:
+        return (
+            f"human-label budget nearly spent: {human_budget - human_labeled} labels left, fewer than the"
+            f" {min_sample} calibration images another iteration needs to certify a threshold"
+        )
     if iteration >= max_iterations:
         return f"iteration limit reached ({max_iterations})"
     return None

@@ -39,6 +39,12 @@ def test_a_later_iteration_that_could_never_certify_is_refused():
     validate("sneaker", CascadeParams())  # the defaults certify up to their last iteration
 
 
+def test_a_budget_smaller_than_the_first_iteration_is_refused():
+    with pytest.raises(ConfigError, match=r"human_budget = 5000 .*first_calibration_sample 3000 = 5500"):
+        validate("sneaker", CascadeParams(human_budget=5000))
+    validate("sneaker", CascadeParams(human_budget=5500))
+
+
 def test_unreachable_dask_scheduler_is_a_clear_error():
     from lsun_hitl.cluster import ClusterError, dask_client
 

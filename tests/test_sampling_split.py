@@ -83,6 +83,9 @@ def test_stop_rules():
     assert stop_reason(unlabeled=5000, **kw) is None
     assert "left unlabeled" in stop_reason(unlabeled=150, **kw)
     assert "budget" in stop_reason(unlabeled=5000, **kw | {"human_budget": 100})
+    # 300 labels left cannot buy a calibration sample that certifies anything (437 needed): spent
+    assert "300 labels left" in stop_reason(unlabeled=5000, **kw | {"human_budget": 400, "min_sample": 437})
+    assert stop_reason(unlabeled=5000, **kw | {"human_budget": 600, "min_sample": 437}) is None
     assert "iteration limit" in stop_reason(unlabeled=5000, **kw | {"iteration": 5})
     assert "every image" in stop_reason(unlabeled=0, **kw)
     # finishing by hand is cheaper than another iteration of 1,000 images
