@@ -31,6 +31,7 @@ class BaselineResult:
     human_images: int
     human_answers: int
     pool: int
+    recall: float  # share of the true positives in the positive set
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,10 +47,12 @@ def _crowd_labels(crowd: SimulatedCrowd, image_ids: list[str], uris: list[str]) 
     return p, len(votes)
 
 
-def _rates(label_pos: np.ndarray, label_neg: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+def _rates(label_pos: np.ndarray, label_neg: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
+    """Precision of the positive set, false omission of the negative set, recall of the positives."""
     precision = float(truth[label_pos].mean()) if label_pos.any() else float("nan")
     false_omission = float(truth[label_neg].mean()) if label_neg.any() else float("nan")
-    return precision, false_omission
+    recall = float(label_pos[truth].mean()) if truth.any() else float("nan")
+    return precision, false_omission, recall
 
 
 def all_by_crowd(
@@ -58,9 +61,9 @@ def all_by_crowd(
     crowd = SimulatedCrowd(truth_by_uri, params)
     p, answers = _crowd_labels(crowd, image_ids, uris)
     truth = np.array([truth_by_uri[u] for u in uris])
-    precision, false_omission = _rates(p >= 0.5, p < 0.5, truth)
+    precision, false_omission, recall = _rates(p >= 0.5, p < 0.5, truth)
     n = len(image_ids)
-    return BaselineResult("all-by-crowd", precision, false_omission, 1.0, n, answers, n)
+    return BaselineResult("all-by-crowd", precision, false_omission, 1.0, n, answers, n, recall)
 
 
 def thresholds_on_validation(
@@ -115,6 +118,6 @@ def single_round(
     label_neg[rest[scores < t_neg]] = True
     label_pos[chosen] = p >= 0.5
     label_neg[chosen] = p < 0.5
-    precision, false_omission = _rates(label_pos, label_neg, truth)
+    precision, false_omission, recall = _rates(label_pos, label_neg, truth)
     coverage = float((label_pos | label_neg).mean())
-    return BaselineResult("single-round", precision, false_omission, coverage, len(chosen), answers, n)
+    return BaselineResult("single-round", precision, false_omission, coverage, len(chosen), answers, n, recall)
