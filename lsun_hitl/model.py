@@ -107,24 +107,29 @@ def build(params: ModelParams, pretrained: bytes | None = None) -> Classifier:
     return model
 
 
-def load_pretrained(model: Classifier, source: str | bytes) -> set[str]:
-    """Load matching tensors from a torchvision state dict (a file path, or its bytes); return the names loaded."""
+def read_weights(source: str, **storage_options: object) -> bytes:
+    """The bytes of a weights file at ``source`` (a path or any fsspec URL, opened with ``storage_options``).
+
+    Raises FileNotFoundError naming the file and what to pass instead.
+    """
     import fsspec
 
-    path = "<bytes>" if isinstance(source, bytes) else source
     try:
-        if isinstance(source, bytes):
-            data = source
-        else:
-            with fsspec.open(source, "rb") as f:
-                data = f.read()
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with fsspec.open(source, "rb", **storage_options) as f:
+            return f.read()
     except FileNotFoundError as exc:
         hint = " (the pool's own backbone: run `lsun-hitl pretrain --root <root>` first)" if source == "pool" else ""
         raise FileNotFoundError(
-            f"pretrained weights {path!r} not found{hint}; pass a local state-dict file "
-            "(e.g. from ~/.cache/torch/hub/checkpoints) or leave model.weights unset"
+            f"pretrained weights {source!r} not found{hint}; pass a state-dict file (local, e.g. from "
+            "~/.cache/torch/hub/checkpoints, or a URL on the storage root) or leave model.weights unset"
         ) from exc
+
+
+def load_pretrained(model: Classifier, source: str | bytes) -> set[str]:
+    """Load matching tensors from a torchvision state dict (a file path, or its bytes); return the names loaded."""
+    path = "<bytes>" if isinstance(source, bytes) else source
+    data = source if isinstance(source, bytes) else read_weights(source)
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     own = model.net.state_dict()

@@ -188,11 +188,4 @@ def pretrained_weights(storage: Storage, params: ModelParams) -> bytes | None:
     protocol = fsspec.core.split_protocol(params.weights)[0] or "file"
     own = storage.fs.protocol
     options = storage.options if protocol in ((own,) if isinstance(own, str) else own) else {}
-    try:
-        with fsspec.open(params.weights, "rb", **options) as f:
-            return f.read()
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(
-            f"pretrained weights {params.weights!r} not found; pass a state-dict file (local, e.g. from "
-            "~/.cache/torch/hub/checkpoints, or a URL on the storage root) or leave model.weights unset"
-        ) from exc
+    return model_lib.read_weights(params.weights, **options)
