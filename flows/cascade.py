@@ -107,7 +107,7 @@ def category_cascade(
         stop = check_stop(storage, category, params, iteration)
     print(f"stopping after iteration {iteration}: {stop}")
     if params.remainder == "people":
-        remainder = publish_remainder(storage, category, iteration, run_id)
+        remainder = publish_remainder(storage, category, params, iteration, run_id)  # within the budget
         if remainder is not None:
             wait_for_labels(storage, category, remainder, params)
             label_remainder(storage, category, iteration)

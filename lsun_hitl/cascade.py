@@ -54,7 +54,7 @@ from .pretrain import POOL_WEIGHTS, pretrain_on_pool, pretrained_weights
 from .progress import Progress
 from .sampling import Sample, draw_sample
 from .scoring import read_pool_images, score_candidates
-from .split import Funnel, apply_human_labels, apply_thresholds, stop_reason
+from .split import Funnel, apply_human_labels, apply_thresholds, remainder_to_people, stop_reason
 from .storage import (
     Storage,
     aggregated_key,
@@ -219,11 +219,14 @@ def publish_iteration(
 
 
 def publish_remainder(
-    storage: Storage, category: str, iteration: int, flow_run_id: str | None = None
+    storage: Storage, category: str, params: CascadeParams, iteration: int, flow_run_id: str | None = None
 ) -> labels_lib.LabelRequest | None:
-    """Ask people to label every image still unlabeled after ``iteration``; None if there is none."""
-    rows = remainder_rows(storage, category, iteration)
-    if len(rows) == 0:
+    """Ask people to label every image still unlabeled after ``iteration``; None if there is none, or if
+    they do not fit in what ``params.human_budget`` leaves (they stay unresolved)."""
+    state = _state(storage, category, iteration)
+    rows = state.unlabeled_index()
+    spent = int(np.sum(state.decided_by == BY_HUMAN))
+    if not remainder_to_people(len(rows), spent, params.human_budget):
         return None
     return publish(storage, category, REMAINDER, iteration + 1, rows, flow_run_id)
 
@@ -560,10 +563,6 @@ def funnels(storage: Storage, category: str) -> list[Funnel]:
 
 
 # ---- the remainder -----------------------------------------------------------------------------------
-def remainder_rows(storage: Storage, category: str, iteration: int) -> np.ndarray:
-    return _state(storage, category, iteration).unlabeled_index()
-
-
 def finish_remainder(storage: Storage, category: str, iteration: int) -> Funnel:
     """Record people's labels for every image left unlabeled after ``iteration`` as iteration+1."""
     final_it = iteration + 1

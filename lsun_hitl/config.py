@@ -103,6 +103,8 @@ class CascadeParams:
     max_iterations: int = 5
     stop_unlabeled: int = 1000
     stop_unlabeled_fraction: float = 0.02
+    # a cap on the images people label (None: no cap): the loop stops when what is left cannot buy a calibration
+    # sample that certifies anything, and people finish the remainder only if it fits (else it stays unresolved)
     human_budget: int | None = None
     # stop when the images left are no more than the next iteration would send to people
     stop_when_cheaper: bool = True

@@ -118,3 +118,12 @@ def stop_reason(
     if iteration >= max_iterations:
         return f"iteration limit reached ({max_iterations})"
     return None
+
+
+def remainder_to_people(left: int, human_labeled: int, human_budget: int | None) -> bool:
+    """Whether people label the ``left`` images no model decided, once the loop has stopped.
+
+    Always without a budget; with one, only when they fit in what it leaves (``human_budget`` is a cap
+    on the images people label, the remainder included): otherwise they stay unresolved.
+    """
+    return left > 0 and (human_budget is None or human_labeled + left <= human_budget)

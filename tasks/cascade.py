@@ -60,8 +60,10 @@ def publish_labels(
 
 
 @task(retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
-def publish_remainder(storage: Storage, category: str, iteration: int, flow_run_id: str | None) -> LabelRequest | None:
-    return cascade.publish_remainder(storage, category, iteration, flow_run_id)
+def publish_remainder(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, flow_run_id: str | None
+) -> LabelRequest | None:
+    return cascade.publish_remainder(storage, category, params, iteration, flow_run_id)
 
 
 @task(retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)

@@ -1,6 +1,6 @@
 """A human-label budget, end to end: the real flow (Prefect's harness, a Dask LocalCluster, the simulated
-crowd) stops when the budget cannot buy another useful iteration, and with ``remainder="unresolved"``
-what is left undecided stays out of both label sets instead of going to people."""
+crowd) stops when the budget cannot buy another useful iteration, and what is left undecided goes to people
+only if it fits in what the budget leaves: here it does not, so it stays out of both label sets."""
 
 import dataclasses
 
@@ -25,13 +25,14 @@ BUDGET = 1_100  # the first iteration takes 700 (300 to train, 400 to calibrate)
 def test_a_budgeted_run_stops_within_it_and_leaves_the_rest_unresolved(tmp_path, dask_cluster, prefect_harness):
     storage = Storage(str(tmp_path / "root"))
     build_pool(storage, import_fashion_mnist(storage, limit=2000, seed=6), client=dask_cluster)
-    params = dataclasses.replace(PARAMS, human_budget=BUDGET, remainder="unresolved", max_iterations=4)
+    params = dataclasses.replace(PARAMS, human_budget=BUDGET, remainder="people", max_iterations=4)
     crowd = SimulatedCrowd(read_truth(storage, CATEGORY), CrowdParams(seed=4))
     address = dask_cluster.scheduler.address
     with simulated_crowd(storage, CATEGORY, crowd):
         summary = Summary(**run_cascade(CATEGORY, storage.url, params=params, dask_address=address))
 
-    # People labeled exactly the images the samples drew, never more than the budget, and no remainder.
+    # People labeled exactly the images the samples drew, never more than the budget: the remainder did not
+    # fit in it, so nobody was asked to finish it.
     iterations = [k for k in manifest_iterations(storage, CATEGORY) if k > 0]
     drawn = sum(storage.read_table(storage.path(sample_key(CATEGORY, k))).num_rows for k in iterations)
     assert summary.human_labeled_images == drawn <= BUDGET

@@ -93,6 +93,16 @@ def test_stop_rules():
     assert stop_reason(unlabeled=1100, **kw | {"next_sample": 1000}) is None
 
 
+def test_the_remainder_goes_to_people_only_within_the_budget():
+    from lsun_hitl.split import remainder_to_people
+
+    assert remainder_to_people(25_000, 5_500, None)  # no budget: people always finish
+    assert remainder_to_people(1_200, 5_500, 7_000)  # fits in the 1,500 left
+    assert remainder_to_people(1_500, 5_500, 7_000)
+    assert not remainder_to_people(1_501, 5_500, 7_000)  # does not fit: stays unresolved
+    assert not remainder_to_people(0, 5_500, None)  # nothing to ask
+
+
 def test_calibration_images_still_undecided_are_carried_over(tmp_path):
     """Earlier calibration images between the last thresholds join the next calibration set."""
     from lsun_hitl.cascade import carried_calibration, new_calibration_size
