@@ -534,17 +534,21 @@ def split(storage: Storage, category: str, params: CascadeParams, iteration: int
 
 def should_stop(storage: Storage, category: str, params: CascadeParams, iteration: int) -> str | None:
     state = _state(storage, category, iteration)
+    unlabeled = int(np.sum(state.state == UNLABELED))
+    spent = int(np.sum(state.decided_by == BY_HUMAN))
+    # "people finishing is cheaper than another round" holds only where people will finish
+    people_finish = params.remainder == "people" and remainder_to_people(unlabeled, spent, params.human_budget)
     return stop_reason(
-        unlabeled=int(np.sum(state.state == UNLABELED)),
+        unlabeled=unlabeled,
         pool=len(state),
         iteration=iteration,
-        human_labeled=int(np.sum(state.decided_by == BY_HUMAN)),
+        human_labeled=spent,
         max_iterations=params.max_iterations,
         stop_unlabeled=params.stop_unlabeled,
         stop_unlabeled_fraction=params.stop_unlabeled_fraction,
         human_budget=params.human_budget,
         next_sample=next_sample_size(storage, category, params, iteration)
-        if params.stop_when_cheaper and params.remainder == "people"
+        if params.stop_when_cheaper and people_finish
         else None,
         min_sample=zero_error_size(params.target_false_omission, params.threshold_confidence(iteration + 1)),
     )

@@ -137,3 +137,24 @@ def test_calibration_images_still_undecided_are_carried_over(tmp_path):
     assert new_calibration_size(CascadeParams(carry_calibration=False, calibration_sample=800), 900, 2) == 800
     # the first iteration draws its own, larger calibration sample (its cut decides most of the pool)
     assert new_calibration_size(CascadeParams(), 0, 1) == 3000 and new_calibration_size(CascadeParams(), 0, 2) == 1500
+
+
+def test_a_remainder_that_does_not_fit_the_budget_is_no_reason_to_stop(tmp_path):
+    """"People finishing is cheaper than another round" holds only where people will finish: under a budget
+    the remainder does not fit, the loop goes on while the budget can still buy a useful iteration."""
+    from lsun_hitl.cascade import should_stop
+    from lsun_hitl.config import CascadeParams
+    from lsun_hitl.manifest import NEGATIVE, CascadeState, write_manifest
+    from lsun_hitl.split import apply_human_labels
+    from lsun_hitl.storage import Storage
+
+    storage = Storage(str(tmp_path))
+    state = CascadeState.initial(pa.array([f"i{k}" for k in range(20_000)]))
+    apply_human_labels(state, np.arange(5_500), np.zeros(5_500), 1, 1)  # the first iteration's samples
+    state.state[5_500:16_800] = NEGATIVE  # the model decided 11,300 negatives; 3,200 are left
+    write_manifest(storage, "coat", 1, state)
+    params = CascadeParams(stop_unlabeled=0, stop_unlabeled_fraction=0.0)
+    assert "fewer than another iteration" in should_stop(storage, "coat", params, 1)  # people finish 3,200
+    budget = CascadeParams(stop_unlabeled=0, stop_unlabeled_fraction=0.0, human_budget=7_000)
+    assert should_stop(storage, "coat", budget, 1) is None  # 1,500 left: another iteration, not a remainder
+    assert "budget nearly spent" in should_stop(storage, "coat", CascadeParams(human_budget=5_900), 1)
