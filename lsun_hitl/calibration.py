@@ -19,8 +19,8 @@ disagreement) beside each threshold.
 Thresholds come from a fixed grid (dense in logit space), and each side is a nested family of regions
 (``s >= t`` for positives, ``s <= t`` for negatives). Two ways to pick one (``scan``):
 
-* ``"nested"`` (the default, here and in the cascade, until the fixed sequence below could start wide): the
-  widest region whose own bound passes, wherever it lies. The confidence holds per threshold;
+* ``"nested"`` (formerly the default, here and in the cascade, before the fixed sequence below could start
+  wide): the widest region whose own bound passes, wherever it lies. The confidence holds per threshold;
   taking the best of many nested regions makes the chance that the chosen one misses its target higher than
   ``1 - confidence``. On smooth simulated scores (1,500 calibration images, base rate 0.1) it missed in 0-4%
   of draws, under the stated 5% (tests/test_calibration.py); on real first-model scores, where the share of
