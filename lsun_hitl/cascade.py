@@ -146,7 +146,7 @@ def sample(storage: Storage, category: str, params: CascadeParams, iteration: in
         role = table.column("role").to_numpy(zero_copy_only=False)
         return Sample(train=idx[role == "train"], calibration=idx[role == "calibration"])
     state = _state(storage, category, iteration - 1)
-    spent = int(np.sum(state.decided_by == BY_HUMAN))
+    spent = state.human_labeled()
     budget_left = None if params.human_budget is None else params.human_budget - spent
     drawn = draw_sample(
         state.unlabeled_index(),
@@ -225,7 +225,7 @@ def publish_remainder(
     they do not fit in what ``params.human_budget`` leaves (they stay unresolved)."""
     state = _state(storage, category, iteration)
     rows = state.unlabeled_index()
-    spent = int(np.sum(state.decided_by == BY_HUMAN))
+    spent = state.human_labeled()
     if not remainder_to_people(len(rows), spent, params.human_budget):
         return None
     return publish(storage, category, REMAINDER, iteration + 1, rows, flow_run_id)
@@ -535,7 +535,7 @@ def split(storage: Storage, category: str, params: CascadeParams, iteration: int
 def should_stop(storage: Storage, category: str, params: CascadeParams, iteration: int) -> str | None:
     state = _state(storage, category, iteration)
     unlabeled = int(np.sum(state.state == UNLABELED))
-    spent = int(np.sum(state.decided_by == BY_HUMAN))
+    spent = state.human_labeled()
     # "people finishing is cheaper than another round" holds only where people will finish
     people_finish = params.remainder == "people" and remainder_to_people(unlabeled, spent, params.human_budget)
     return stop_reason(
@@ -672,7 +672,7 @@ def finish(storage: Storage, category: str, stop: str | None = None) -> Summary:
             est += f.model_positive * f.precision
             low += f.model_positive * (f.precision_low or 0.0)
     n_pos = int(pos.sum())
-    human = int(np.sum(state.decided_by == BY_HUMAN))
+    human = state.human_labeled()
     decided = int(np.sum(state.state != UNLABELED))
     summary = Summary(
         category=category,

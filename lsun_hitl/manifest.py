@@ -76,6 +76,10 @@ class CascadeState:
     def unlabeled_index(self) -> np.ndarray:
         return np.flatnonzero(self.state == UNLABELED)
 
+    def human_labeled(self) -> int:
+        """Images people decided so far (what a human budget counts)."""
+        return int(np.sum(self.decided_by == BY_HUMAN))
+
     def to_table(self) -> pa.Table:
         decided = self.state != UNLABELED
         return pa.table(
