@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .labels import LabelRequest, list_requests, read_request, submit_votes
+from .labels import LabelRequest, RunEnded, list_requests, read_request, submit_votes
 from .storage import Storage, votes_dir
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def serve(
 
     Runs until ``stop`` is set. ``on_delivered`` runs in a thread of its own (resuming a run may wait
     for it to pause), so one slow notice never holds up answering the next request; it is retried on
-    a later poll if it raises.
+    a later poll if it raises, except with RunEnded (the run is over: it is logged once, not retried).
     """
     notified: set[str] = set()
     outcome: dict[str, BaseException | None] = {}  # key -> None when notified, the error when it failed
@@ -145,6 +145,12 @@ def serve(
                 running.discard(key)
                 error = outcome.pop(key)
                 if error is None:
+                    notified.add(key)
+                    continue
+                if isinstance(error, RunEnded):  # nothing left to resume; retrying would not change that
+                    # Completed: the run read the stored labels itself and went on (it polls storage too)
+                    level = logging.INFO if error.state == "Completed" else logging.WARNING
+                    log.log(level, "crowd: not resuming for %s: %s", key, error)
                     notified.add(key)
                     continue
                 log.warning("crowd: notice for %s failed (%s); will retry", key, error)

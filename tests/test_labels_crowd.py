@@ -126,3 +126,34 @@ def test_crowd_answers_do_not_depend_on_what_it_answered_before():
     recheck = other.answer(table, key="iteration-1-recheck")
     assert not recheck.equals(first)
     assert not SimulatedCrowd(truth, CrowdParams(seed=8)).answer(table, key="iteration-1").equals(first)
+
+
+def test_the_crowd_stops_notifying_a_run_that_has_ended(published):
+    """A notice that fails is retried on a later poll; one whose run has ended (RunEnded) is logged once and
+    dropped, so a serving crowd does not retry it for as long as it runs."""
+    import threading
+    import time
+
+    from lsun_hitl.crowd import serve
+
+    storage, table, truth = published
+    labels.publish_request(storage, "cat", "iteration-2", 2, table, "run-2")
+    calls: dict[str, int] = {}
+
+    def on_delivered(request: labels.LabelRequest) -> None:
+        calls[request.request_id] = calls.get(request.request_id, 0) + 1
+        if request.request_id == "iteration-1":
+            raise labels.RunEnded("flow run run-1 waiting for 'iteration-1' has ended (Completed)", "Completed")
+        raise TimeoutError("flow run run-2 did not pause for 'iteration-2'")
+
+    stop = threading.Event()
+    thread = threading.Thread(target=serve, args=(storage, "cat", SimulatedCrowd(truth), on_delivered, stop, 0.02))
+    thread.start()
+    time.sleep(1.0)
+    stop.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert calls["iteration-1"] == 1, calls
+    assert calls["iteration-2"] >= 3, calls  # other failures are still retried
+    for request_id in ("iteration-1", "iteration-2"):  # both were answered before their notices
+        assert labels.read_votes(storage, "cat", request_id).num_rows >= table.num_rows
