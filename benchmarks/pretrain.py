@@ -57,8 +57,10 @@ def main() -> None:
     else:
         started = time.time()
         backbone, info = rotation_pretrain(images, params, epochs=args.pretrain_epochs)
-        print(f"pretrained on {info.images:,} unlabeled images, rotation accuracy {info.accuracy:.3f}, "
-              f"{time.time() - started:.0f} s")
+        print(
+            f"pretrained on {info.images:,} unlabeled images, rotation accuracy {info.accuracy:.3f}, "
+            f"{time.time() - started:.0f} s"
+        )
     torch.load(io.BytesIO(backbone), weights_only=True)  # fail early on a bad file
     print("| category | seed | start | AUC | decidable negatives | decidable positives | train s |")
     print("|---|---|---|---|---|---|---|")

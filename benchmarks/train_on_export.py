@@ -99,9 +99,13 @@ def main() -> None:
     labels = np.array([c == positive_class for _, c in folder.samples])
 
     facts = pa.concat_tables(export.dataset_batches(storage, category)).select(["image_id", "uri", "decided_by"])
-    by_id = dict(zip(facts.column("image_id").to_pylist(),
-                     zip(facts.column("uri").to_pylist(), facts.column("decided_by").to_pylist(), strict=True),
-                     strict=True))
+    by_id = dict(
+        zip(
+            facts.column("image_id").to_pylist(),
+            zip(facts.column("uri").to_pylist(), facts.column("decided_by").to_pylist(), strict=True),
+            strict=True,
+        )
+    )
     uris = [by_id[i][0] for i in image_ids]
     human = np.array([by_id[i][1] != "model" for i in image_ids])
     truth = np.array([truth_of[u] for u in uris])
@@ -112,8 +116,10 @@ def main() -> None:
         train_idx = np.sort(np.random.default_rng(args.seed).choice(train_idx, args.train_limit, replace=False))
     test_idx = np.flatnonzero(split == "test")
     if len(test_idx) == 0 or len(train_idx) == 0:
-        sys.exit(f"{category}: the export holds {len(train_idx)} train-split and {len(test_idx)} test-split "
-                 "images; build the dataset over the whole Fashion-MNIST pool (both splits)")
+        sys.exit(
+            f"{category}: the export holds {len(train_idx)} train-split and {len(test_idx)} test-split "
+            "images; build the dataset over the whole Fashion-MNIST pool (both splits)"
+        )
 
     started = time.time()
     need = np.concatenate([train_idx, test_idx])
@@ -128,8 +134,9 @@ def main() -> None:
         progress(start + len(part), len(need))
     print(f"read and decoded {len(need)} images in {time.time() - started:.0f} s")
 
-    params = ModelParams(image_size=args.image_size, max_steps=args.max_steps, epochs=args.epochs,
-                         threads=len(os.sched_getaffinity(0)))
+    params = ModelParams(
+        image_size=args.image_size, max_steps=args.max_steps, epochs=args.epochs, threads=len(os.sched_getaffinity(0))
+    )
     runs = {
         "export": (train_idx, labels[train_idx]),
         "human only": (train_idx[human[train_idx]], labels[train_idx[human[train_idx]]]),
@@ -138,8 +145,13 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     for name, (idx, targets) in runs.items():
         started = time.time()
-        net = model_lib.train(images[idx], targets.astype(np.float32), params, seed=args.seed,
-                              progress=Bar(f"train on {name} ({len(idx)} images)", "step"))
+        net = model_lib.train(
+            images[idx],
+            targets.astype(np.float32),
+            params,
+            seed=args.seed,
+            progress=Bar(f"train on {name} ({len(idx)} images)", "step"),
+        )
         scores = model_lib.predict(net, images[test_idx])
         results[name] = metrics(truth[test_idx], scores) | {
             "train_images": len(idx),
@@ -149,15 +161,21 @@ def main() -> None:
 
     t = results["truth"]
     people = int(human[train_idx].sum())
-    print(f"\n{category}: {len(train_idx)} train-split images exported ({people} labeled by people), "
-          f"tested on {len(test_idx)} test-split images against ground truth; "
-          f"{params.arch} at {params.image_size} px, {params.max_steps} steps max of {params.batch_size}")
-    print(f"{'trained on':<12} {'images':>7} {'labels right':>12} {'accuracy':>9} {'bal. acc.':>9} {'AP':>6} "
-          f"{'AP / truth':>10} {'seconds':>8}")
+    print(
+        f"\n{category}: {len(train_idx)} train-split images exported ({people} labeled by people), "
+        f"tested on {len(test_idx)} test-split images against ground truth; "
+        f"{params.arch} at {params.image_size} px, {params.max_steps} steps max of {params.batch_size}"
+    )
+    print(
+        f"{'trained on':<12} {'images':>7} {'labels right':>12} {'accuracy':>9} {'bal. acc.':>9} {'AP':>6} "
+        f"{'AP / truth':>10} {'seconds':>8}"
+    )
     for name, r in results.items():
-        print(f"{name:<12} {r['train_images']:>7} {r['label_accuracy']:>12.4f} {r['accuracy']:>9.4f} "
-              f"{r['balanced_accuracy']:>9.4f} {r['average_precision']:>6.4f} "
-              f"{r['average_precision'] / t['average_precision']:>10.3f} {r['seconds']:>8.0f}")
+        print(
+            f"{name:<12} {r['train_images']:>7} {r['label_accuracy']:>12.4f} {r['accuracy']:>9.4f} "
+            f"{r['balanced_accuracy']:>9.4f} {r['average_precision']:>6.4f} "
+            f"{r['average_precision'] / t['average_precision']:>10.3f} {r['seconds']:>8.0f}"
+        )
     if tmp is not None:
         tmp.cleanup()
 

@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         serve(*deployments)
     else:
         if not args.pool:
-            print("error: apply needs --pool NAME (create it with `prefect work-pool create NAME --type process`)",
-                  file=sys.stderr)
+            print(
+                "error: apply needs --pool NAME (create it with `prefect work-pool create NAME --type process`)",
+                file=sys.stderr,
+            )
             return 2
         for deployment in deployments:
             deployment_id = deployment.apply(work_pool_name=args.pool)

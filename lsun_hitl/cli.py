@@ -223,29 +223,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", nargs="+", required=True, help="one or more finished categories")
     p.add_argument("--format", required=True, choices=("lsun", "parquet", "imagefolder", "label-studio"))
     p.add_argument("--out", required=True, help="destination folder (parquet and label-studio: any fsspec URL)")
-    p.add_argument("--splits", nargs="+", choices=("positive", "negative", "unresolved"),
-                   help="which decisions to export (default: lsun positive; imagefolder positive negative; others all)")
+    p.add_argument(
+        "--splits",
+        nargs="+",
+        choices=("positive", "negative", "unresolved"),
+        help="which decisions to export (default: lsun positive; imagefolder positive negative; others all)",
+    )
     p.add_argument("--with-images", action="store_true", help="parquet: add each image's bytes (column image)")
-    p.add_argument("--combined", action="store_true",
-                   help="imagefolder: one class folder per category, conflicts resolved by --rule")
-    p.add_argument("--rule", choices=("human-first", "drop"), default="human-first",
-                   help="combined: an image positive for several categories goes to the one people decided, then the "
-                   "most confident, then the first listed (human-first), or to none (drop)")
+    p.add_argument(
+        "--combined",
+        action="store_true",
+        help="imagefolder: one class folder per category, conflicts resolved by --rule",
+    )
+    p.add_argument(
+        "--rule",
+        choices=("human-first", "drop"),
+        default="human-first",
+        help="combined: an image positive for several categories goes to the one people decided, then the "
+        "most confident, then the first listed (human-first), or to none (drop)",
+    )
     p.add_argument("--short-side", type=int, help="resize so the shorter side is this (lsun: 256; imagefolder: keep)")
     p.add_argument("--quality", type=int, default=75, help="lsun: JPEG quality (LSUN released 75)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="lsun: share of images in <name>_val_lmdb")
     p.add_argument("--name", help="lsun: the LMDB name prefix (default: the category)")
-    p.add_argument("--image-url", default="{uri}",
-                   help="label-studio: task image URL template with {uri}, {path} or {image_id}")
+    p.add_argument(
+        "--image-url", default="{uri}", help="label-studio: task image URL template with {uri}, {path} or {image_id}"
+    )
     p.add_argument("--threads", type=int, default=4, help="images read and encoded at once")
-    p.add_argument("--out-options", help="fsspec storage options of --out as JSON (default: those of --root when it "
-                   "is remote, else LSUN_HITL_STORAGE_OPTIONS or the AWS environment)")
+    p.add_argument(
+        "--out-options",
+        help="fsspec storage options of --out as JSON (default: those of --root when it "
+        "is remote, else LSUN_HITL_STORAGE_OPTIONS or the AWS environment)",
+    )
 
     p = sub.add_parser("review", help="store Label Studio's annotation export of review tasks as people's labels")
     _add_root(p)
     p.add_argument("--category", required=True)
-    p.add_argument("--labels", required=True,
-                   help="Label Studio JSON export of the tasks of export --format label-studio")
+    p.add_argument(
+        "--labels", required=True, help="Label Studio JSON export of the tasks of export --format label-studio"
+    )
 
     p = sub.add_parser("demo", help="import Fashion-MNIST, build the pool, run the cascade with a simulated crowd")
     _add_root(p)
@@ -347,8 +363,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     storage = _storage(args)
     storage.check_writable()
     print(f"labeling service on http://{args.host}:{args.port}/ over {storage.url} (Ctrl-C to stop)")
-    serve(storage, _qc(args), host=args.host, port=args.port, resume_runs=not args.no_resume,
-          cors_origins=args.cors_origin)
+    serve(
+        storage,
+        _qc(args),
+        host=args.host,
+        port=args.port,
+        resume_runs=not args.no_resume,
+        cors_origins=args.cors_origin,
+    )
 
 
 def cmd_labelers(args: argparse.Namespace) -> None:
@@ -369,8 +391,10 @@ def cmd_labelers(args: argparse.Namespace) -> None:
         from .labels import read_votes
 
         qc = read_qc(storage)
-        categories = [args.category] if args.category else sorted(
-            {p.split("/")[-3] for p in storage.glob(storage.path("labels/*/requests/*.json"))}
+        categories = (
+            [args.category]
+            if args.category
+            else sorted({p.split("/")[-3] for p in storage.glob(storage.path("labels/*/requests/*.json"))})
         )
         for category in categories:
             stats = labeler_stats(read_votes(storage, category), read_gold(storage, category), qc)
@@ -399,8 +423,10 @@ def cmd_gold(args: argparse.Namespace) -> None:
         pool = read_pool(storage, columns=["image_id", "uri"]).to_pandas()
         gold = frame.merge(pool, on="image_id", how="left")
         if gold["uri"].isna().any():
-            raise ConfigError(f"gold file {args.labels!r} names images that are not in the pool, e.g. "
-                              f"{list(gold.loc[gold['uri'].isna(), 'image_id'][:3])}")
+            raise ConfigError(
+                f"gold file {args.labels!r} names images that are not in the pool, e.g. "
+                f"{list(gold.loc[gold['uri'].isna(), 'image_id'][:3])}"
+            )
     print(f"{write_gold(storage, args.category, gold)} gold images stored for {args.category!r}")
 
 
@@ -469,20 +495,49 @@ def _export_one(export: Any, storage: Storage, args: argparse.Namespace, bar: An
     fmt, categories = args.format, args.category
     if fmt == "lsun":
         return export.export_lsun(
-            storage, categories[0], args.out, name=args.name, split=(args.splits or ["positive"])[0],
-            short_side=args.short_side or 256, quality=args.quality, val_fraction=args.val_fraction,
-            threads=args.threads, progress=bar,
+            storage,
+            categories[0],
+            args.out,
+            name=args.name,
+            split=(args.splits or ["positive"])[0],
+            short_side=args.short_side or 256,
+            quality=args.quality,
+            val_fraction=args.val_fraction,
+            threads=args.threads,
+            progress=bar,
         )
     if fmt == "parquet":
-        return export.export_parquet(storage, categories, args.out, with_images=args.with_images,
-                                     splits=args.splits or export.SPLITS, threads=args.threads,
-                                     out_options=_out_options(args), progress=bar)
+        return export.export_parquet(
+            storage,
+            categories,
+            args.out,
+            with_images=args.with_images,
+            splits=args.splits or export.SPLITS,
+            threads=args.threads,
+            out_options=_out_options(args),
+            progress=bar,
+        )
     if fmt == "imagefolder":
-        return export.export_imagefolder(storage, categories, args.out, splits=args.splits or ("positive", "negative"),
-                                         combined=args.combined, rule=args.rule, short_side=args.short_side,
-                                         threads=args.threads, progress=bar)
-    return export.export_label_studio(storage, categories[0], args.out, splits=args.splits or export.SPLITS,
-                                      image_url=args.image_url, out_options=_out_options(args), progress=bar)
+        return export.export_imagefolder(
+            storage,
+            categories,
+            args.out,
+            splits=args.splits or ("positive", "negative"),
+            combined=args.combined,
+            rule=args.rule,
+            short_side=args.short_side,
+            threads=args.threads,
+            progress=bar,
+        )
+    return export.export_label_studio(
+        storage,
+        categories[0],
+        args.out,
+        splits=args.splits or export.SPLITS,
+        image_url=args.image_url,
+        out_options=_out_options(args),
+        progress=bar,
+    )
 
 
 def _out_options(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -491,8 +546,10 @@ def _out_options(args: argparse.Namespace) -> dict[str, Any] | None:
     try:
         options = json.loads(args.out_options)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"--out-options is not valid JSON ({exc}); give a JSON object such as "
-                          "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}'") from exc
+        raise ConfigError(
+            f"--out-options is not valid JSON ({exc}); give a JSON object such as "
+            '\'{"endpoint_url": "http://127.0.0.1:9000"}\''
+        ) from exc
     if not isinstance(options, dict):
         raise ConfigError("--out-options must be a JSON object")
     return options
@@ -595,7 +652,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except (
-        ConfigError, StorageError, ClusterError, LabelError, LabelerError, QualityError, FileNotFoundError, ValueError
+        ConfigError,
+        StorageError,
+        ClusterError,
+        LabelError,
+        LabelerError,
+        QualityError,
+        FileNotFoundError,
+        ValueError,
     ) as exc:
         print(f"lsun-hitl {args.command}: error: {exc}", file=sys.stderr)
         return 2

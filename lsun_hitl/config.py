@@ -259,4 +259,3 @@ def _value(params: CascadeParams, name: str) -> object:
         else:
             obj = getattr(obj, part, None)
     return obj
-

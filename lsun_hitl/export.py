@@ -85,8 +85,13 @@ class ExportReport:
     skipped_file: str = "skipped.csv"
 
     def to_dict(self) -> dict:
-        return {"format": self.format, "out": self.out, "written": self.written,
-                "skipped": [list(s) for s in self.skipped], "seconds": round(self.seconds, 2)}
+        return {
+            "format": self.format,
+            "out": self.out,
+            "written": self.written,
+            "skipped": [list(s) for s in self.skipped],
+            "seconds": round(self.seconds, 2),
+        }
 
     def __str__(self) -> str:
         what = ", ".join(f"{k} {v:,}" for k, v in self.written.items()) or "nothing"
@@ -427,8 +432,9 @@ def export_lsun(
                 ]
                 _lmdb_put(envs[part], items)
                 report.written[part] = report.written.get(part, 0) + len(items)
-            report.skipped += [(u, j) for u, j in zip(chosen.column("uri").to_pylist(), jpegs, strict=True)
-                               if isinstance(j, str)]
+            report.skipped += [
+                (u, j) for u, j in zip(chosen.column("uri").to_pylist(), jpegs, strict=True) if isinstance(j, str)
+            ]
         for env in envs.values():
             env.sync()
             env.close()
@@ -502,15 +508,24 @@ def export_parquet(
             rows = 0
             skipped.clear()  # a retried write starts over
             writer = None
-            for batch in dataset_batches(storage, category, batch_size=batch_size if not with_images else 512,
-                                         splits=splits, progress=progress, progress_offset=n * total
-                                         // len(categories), progress_total=total):
+            for batch in dataset_batches(
+                storage,
+                category,
+                batch_size=batch_size if not with_images else 512,
+                splits=splits,
+                progress=progress,
+                progress_offset=n * total // len(categories),
+                progress_total=total,
+            ):
                 table = batch.drop_columns(["category"])  # the partition key, as the hive layout carries it
                 if with_images:
                     blobs = _convert_all(table, storage, lambda data, _fmt: data, threads)
                     keep = np.array([isinstance(b, bytes) for b in blobs], bool)
-                    skipped.extend((u, b) for u, b in zip(table.column("uri").to_pylist(), blobs, strict=True)
-                                   if isinstance(b, str))
+                    skipped.extend(
+                        (u, b)
+                        for u, b in zip(table.column("uri").to_pylist(), blobs, strict=True)
+                        if isinstance(b, str)
+                    )
                     table = table.filter(pa.array(keep)).append_column(
                         "image", pa.array([b for b in blobs if isinstance(b, bytes)], pa.binary())
                     )
@@ -591,8 +606,9 @@ def export_imagefolder(
 
     def put(table: pa.Table, folders: list[str]) -> None:
         files = _convert_all(table, storage, lambda data, fmt: folder_file(data, fmt, short_side), threads)
-        for image, uri, folder, got in zip(table.column("image_id").to_pylist(), table.column("uri").to_pylist(),
-                                           folders, files, strict=True):
+        for image, uri, folder, got in zip(
+            table.column("image_id").to_pylist(), table.column("uri").to_pylist(), folders, files, strict=True
+        ):
             if isinstance(got, str):
                 report.skipped.append((uri, got))
                 continue
@@ -611,8 +627,15 @@ def export_imagefolder(
         else:
             total = _total(storage, categories)
             for n, c in enumerate(categories):
-                for batch in dataset_batches(storage, c, batch_size=batch_size, splits=splits, progress=progress,
-                                             progress_offset=n * total // len(categories), progress_total=total):
+                for batch in dataset_batches(
+                    storage,
+                    c,
+                    batch_size=batch_size,
+                    splits=splits,
+                    progress=progress,
+                    progress_offset=n * total // len(categories),
+                    progress_total=total,
+                ):
                     labels = batch.column("label").to_pylist()
                     put(batch, [lab if len(categories) == 1 else f"{c}/{lab}" for lab in labels])
         _write_skipped(stage.path, report.skipped)
@@ -635,8 +658,10 @@ def _combined(
 ) -> None:
     streams = [dataset_batches(storage, c, batch_size=batch_size) for c in categories[1:]]
     streams.insert(0, dataset_batches(storage, categories[0], batch_size=batch_size, progress=progress))
-    with open(os.path.join(directory, "labels.csv"), "w", newline="") as lf, \
-            open(os.path.join(directory, "conflicts.csv"), "w", newline="") as cf:
+    with (
+        open(os.path.join(directory, "labels.csv"), "w", newline="") as lf,
+        open(os.path.join(directory, "conflicts.csv"), "w", newline="") as cf,
+    ):
         labels, conflicts = csv.writer(lf), csv.writer(cf)
         labels.writerow(["image_id", "uri", "class", "claimed_by"])
         conflicts.writerow(["image_id", "uri", "claimed_by", "class", "rule"])
@@ -644,12 +669,24 @@ def _combined(
             first = batches[0]
             for c, b in zip(categories, batches, strict=True):
                 if not b.column("image_id").equals(first.column("image_id")):
-                    raise ExportError(f"the datasets of {categories[0]!r} and {c!r} were built on different pools; "
-                                      "finish both on the same pool before a combined export")
-            positive = np.stack([np.asarray(pc.equal(b.column("label"), "positive").to_numpy(zero_copy_only=False),
-                                            bool) for b in batches], axis=1)
-            by_people = np.stack([np.asarray(pc.not_equal(b.column("decided_by"), "model").to_numpy(
-                zero_copy_only=False), bool) for b in batches], axis=1)
+                    raise ExportError(
+                        f"the datasets of {categories[0]!r} and {c!r} were built on different pools; "
+                        "finish both on the same pool before a combined export"
+                    )
+            positive = np.stack(
+                [
+                    np.asarray(pc.equal(b.column("label"), "positive").to_numpy(zero_copy_only=False), bool)
+                    for b in batches
+                ],
+                axis=1,
+            )
+            by_people = np.stack(
+                [
+                    np.asarray(pc.not_equal(b.column("decided_by"), "model").to_numpy(zero_copy_only=False), bool)
+                    for b in batches
+                ],
+                axis=1,
+            )
             confidence = np.stack([b.column("confidence").to_numpy(zero_copy_only=False) for b in batches], axis=1)
             winner, claims = resolve_classes(positive, by_people, confidence, rule)
             ids, uris = first.column("image_id").to_pylist(), first.column("uri").to_pylist()
@@ -666,7 +703,7 @@ def _combined(
 # ---- Label Studio --------------------------------------------------------------------------------------
 def _image_url(template: str, uri: str, image_id: str, storage: Storage) -> str:
     root = storage.url_of("")
-    path = uri[len(root):].lstrip("/") if uri.startswith(root) else uri.split("://", 1)[-1]
+    path = uri[len(root) :].lstrip("/") if uri.startswith(root) else uri.split("://", 1)[-1]
     return template.format(uri=uri, image_id=image_id, path=path)
 
 
@@ -718,12 +755,20 @@ def export_label_studio(
                 p = r["probability"]
                 if p is not None and p == p:
                     yes = r["label"] == "positive" if r["label"] != "unresolved" else p >= 0.5
-                    task["predictions"] = [{
-                        "model_version": f"lsun-hitl {category} iteration {r['decided_iteration']}",
-                        "score": round(float(p), 6),
-                        "result": [{"from_name": "answer", "to_name": "image", "type": "choices",
-                                    "value": {"choices": ["Yes" if yes else "No"]}}],
-                    }]
+                    task["predictions"] = [
+                        {
+                            "model_version": f"lsun-hitl {category} iteration {r['decided_iteration']}",
+                            "score": round(float(p), 6),
+                            "result": [
+                                {
+                                    "from_name": "answer",
+                                    "to_name": "image",
+                                    "type": "choices",
+                                    "value": {"choices": ["Yes" if yes else "No"]},
+                                }
+                            ],
+                        }
+                    ]
                 f.write((",\n" if written else "\n").encode() + json.dumps(task).encode())
                 written += 1
         f.write(b"\n]\n")
@@ -748,8 +793,10 @@ class ReviewReport:
     def __str__(self) -> str:
         changes = ", ".join(f"{k} {v}" for k, v in self.changed.items()) or "none"
         again = "" if self.stored else " (this export was imported before: nothing stored again)"
-        return (f"review of {self.category}: {self.answers} answers on {self.reviewed} images{again}; "
-                f"labels changed: {changes}")
+        return (
+            f"review of {self.category}: {self.answers} answers on {self.reviewed} images{again}; "
+            f"labels changed: {changes}"
+        )
 
 
 def import_review(storage: Storage, category: str, path: str, *, batch_size: int = 65536) -> ReviewReport:
@@ -772,8 +819,10 @@ def import_review(storage: Storage, category: str, path: str, *, batch_size: int
     except LabelError as exc:
         raise LabelError(f"label file {path!r}: {exc}") from exc
     except (ValueError, UnicodeDecodeError) as exc:
-        raise LabelError(f"label file {path!r} is not Label Studio's JSON export ({exc}); export the project "
-                         "as JSON in Label Studio and give that file") from exc
+        raise LabelError(
+            f"label file {path!r} is not Label Studio's JSON export ({exc}); export the project "
+            "as JSON in Label Studio and give that file"
+        ) from exc
     wanted = pa.array(sorted(set(frame["image_id"])), pa.string())
     known: set[str] = set()
     before: dict[str, str] = {}
@@ -783,9 +832,11 @@ def import_review(storage: Storage, category: str, path: str, *, batch_size: int
         before.update(zip(hit.column("image_id").to_pylist(), hit.column("label").to_pylist(), strict=True))
     unknown = sorted(set(frame["image_id"]) - known)
     if unknown:
-        raise LabelError(f"label file {path!r} names {len(unknown)} image(s) that are not in the dataset of "
-                         f"{category!r}, e.g. {unknown[:3]}; export review tasks from this dataset "
-                         f"(lsun-hitl export --format label-studio) and import their annotations")
+        raise LabelError(
+            f"label file {path!r} names {len(unknown)} image(s) that are not in the dataset of "
+            f"{category!r}, e.g. {unknown[:3]}; export review tasks from this dataset "
+            f"(lsun-hitl export --format label-studio) and import their annotations"
+        )
     table = validate_votes(frame, known, REVIEW)
     stored = write_votes(storage, category, REVIEW, table, "labelstudio-" + hashlib.sha256(raw).hexdigest()[:24])
     verdict = review_labels(storage, category)
@@ -802,8 +853,14 @@ def _uri_ids(storage: Storage, dataset: str, tasks: Any, batch_size: int) -> pa.
     """``image_id, uri`` of the dataset images that tasks without ``data.image_id`` name by URI."""
     uris = []
     if isinstance(tasks, list):
-        uris = [t["data"].get("image") for t in tasks if isinstance(t, dict) and isinstance(t.get("data"), dict)
-                and not t["data"].get("image_id") and t["data"].get("image")]
+        uris = [
+            t["data"].get("image")
+            for t in tasks
+            if isinstance(t, dict)
+            and isinstance(t.get("data"), dict)
+            and not t["data"].get("image_id")
+            and t["data"].get("image")
+        ]
     parts = []
     if uris:
         want = pa.array(sorted(set(uris)), pa.string())

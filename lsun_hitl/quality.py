@@ -125,7 +125,13 @@ def labeler_stats(votes: pa.Table, gold: pa.Table, qc: QCParams) -> pd.DataFrame
     """
     df = votes.select(["image_id", "labeler", "answer", "gold"]).to_pandas()
     cols = [
-        "labeler", "answers", "gold_answers", "gold_correct", "gold_accuracy", "gold_accuracy_high", "agreement",
+        "labeler",
+        "answers",
+        "gold_answers",
+        "gold_correct",
+        "gold_accuracy",
+        "gold_accuracy_high",
+        "agreement",
         "flagged",
     ]
     if df.empty:
@@ -156,9 +162,7 @@ def labeler_stats(votes: pa.Table, gold: pa.Table, qc: QCParams) -> pd.DataFrame
         for c, n in zip(out["gold_correct"], out["gold_answers"], strict=True)
     ]
     out["gold_accuracy_high"] = upper
-    out["flagged"] = [
-        is_flagged(n, c, qc) for c, n in zip(out["gold_correct"], out["gold_answers"], strict=True)
-    ]
+    out["flagged"] = [is_flagged(n, c, qc) for c, n in zip(out["gold_correct"], out["gold_answers"], strict=True)]
     return out.reset_index().rename(columns={"index": "labeler"})[cols]
 
 

@@ -17,7 +17,6 @@ labeler looks at the first one. FastAPI's built-in OpenTelemetry middleware is o
 ``telemetry=True`` (it costs more per request than the endpoints themselves).
 """
 
-
 import asyncio
 import inspect
 import io
@@ -180,8 +179,11 @@ def create_app(
         if who is None and token:
             who = await run_in_threadpool(tokens.authenticate, token)  # may re-read the registry
         if who is None:
-            raise HTTPException(401, "missing or invalid token: send 'Authorization: Bearer <token>'",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401,
+                "missing or invalid token: send 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         return who
 
     async def admin(who: Annotated[Labeler, Depends(labeler)]) -> Labeler:

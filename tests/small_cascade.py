@@ -13,10 +13,19 @@ from lsun_hitl.runner import run_cascade, simulated_crowd
 from lsun_hitl.storage import Storage
 
 PARAMS = CascadeParams(
-    train_sample=300, calibration_sample=400, first_calibration_sample=400,
-    max_sample_fraction=0.3, target_false_omission=0.02,
-    max_iterations=2, stop_unlabeled=100, label_poll_s=1, label_timeout_s=600, score_partition=200,
-    score_batch=100, dask_workers=1, model=ModelParams(image_size=32, epochs=3, batch_size=64),
+    train_sample=300,
+    calibration_sample=400,
+    first_calibration_sample=400,
+    max_sample_fraction=0.3,
+    target_false_omission=0.02,
+    max_iterations=2,
+    stop_unlabeled=100,
+    label_poll_s=1,
+    label_timeout_s=600,
+    score_partition=200,
+    score_batch=100,
+    dask_workers=1,
+    model=ModelParams(image_size=32, epochs=3, batch_size=64),
 )
 
 

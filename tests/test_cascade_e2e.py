@@ -1,7 +1,6 @@
 """End to end: the real flow, a real pause and resume through the Prefect API, a real Dask
 LocalCluster, and storage on moto's S3 server through s3fs, on 3,000 Fashion-MNIST images."""
 
-
 import numpy as np
 import pytest
 from prefect import get_client

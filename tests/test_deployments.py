@@ -60,9 +60,7 @@ def test_config_mistakes_name_the_file_and_the_fix(tmp_path, text, message):
     assert message in str(err.value) and "categories.toml" in str(err.value)
 
 
-def test_a_deployed_run_is_suspended_while_people_label_and_resumes_on_arrival(
-    tmp_path, dask_cluster, prefect_harness
-):
+def test_a_deployed_run_is_suspended_while_people_label_and_resumes_on_arrival(tmp_path, dask_cluster, prefect_harness):
     from prefect.settings import PREFECT_API_URL
 
     category = "trouser"

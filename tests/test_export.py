@@ -44,10 +44,21 @@ def finished(tmp_path_factory) -> Storage:
     build_pool(storage, import_fashion_mnist(storage, limit=2500, seed=4))
     env = os.environ | {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(tmp / "prefect-home")}
     run = subprocess.run(
-        [sys.executable, SMALL_CASCADE, storage.url, *CATEGORIES, "--target_precision=0.9",
-         "--target_false_omission=0.03", "--calibration_sample=600", "--first_calibration_sample=600",
-         "--epochs=12"],
-        env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            SMALL_CASCADE,
+            storage.url,
+            *CATEGORIES,
+            "--target_precision=0.9",
+            "--target_false_omission=0.03",
+            "--calibration_sample=600",
+            "--first_calibration_sample=600",
+            "--epochs=12",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return storage
@@ -145,12 +156,44 @@ def test_parquet_export_to_s3(finished, s3_bucket, capsys):
     assert table.num_rows == report.written["dress"] > 0
     assert set(table.column("label").to_pylist()) == {"positive"}
     # the CLI, with the destination's own storage options
-    assert cli(["export", "--root", finished.url, "--category", "trouser", "--format", "parquet",
-                "--out", f"{url}/cli", "--out-options", json.dumps(options)]) == 0
+    assert (
+        cli(
+            [
+                "export",
+                "--root",
+                finished.url,
+                "--category",
+                "trouser",
+                "--format",
+                "parquet",
+                "--out",
+                f"{url}/cli",
+                "--out-options",
+                json.dumps(options),
+            ]
+        )
+        == 0
+    )
     cli_table = pads.dataset(f"{url.removeprefix('s3://')}/cli", filesystem=fs, partitioning="hive").to_table()
     assert cli_table.num_rows == 2500 and set(cli_table.column("category").to_pylist()) == {"trouser"}
-    assert cli(["export", "--root", finished.url, "--category", "trouser", "--format", "parquet",
-                "--out", f"{url}/bad", "--out-options", "{endpoint"]) == 2
+    assert (
+        cli(
+            [
+                "export",
+                "--root",
+                finished.url,
+                "--category",
+                "trouser",
+                "--format",
+                "parquet",
+                "--out",
+                f"{url}/bad",
+                "--out-options",
+                "{endpoint",
+            ]
+        )
+        == 2
+    )
     assert "--out-options is not valid JSON" in capsys.readouterr().err
     assert not fs.exists(f"{url.removeprefix('s3://')}/bad")
 
@@ -229,8 +272,19 @@ def test_combined_export_resolves_real_conflicts_by_the_rule(finished, tmp_path)
     t = dataset(storage, "trouser")
     picked = list(t.loc[t["label"] == "positive", "image_id"][:3])
     review = tmp_path / "review.json"
-    review.write_text(json.dumps([{"data": {"image_id": i}, "annotations": [
-        {"completed_by": 1, "result": [{"type": "choices", "value": {"choices": ["Yes"]}}]}]} for i in picked]))
+    review.write_text(
+        json.dumps(
+            [
+                {
+                    "data": {"image_id": i},
+                    "annotations": [
+                        {"completed_by": 1, "result": [{"type": "choices", "value": {"choices": ["Yes"]}}]}
+                    ],
+                }
+                for i in picked
+            ]
+        )
+    )
     assert export.import_review(storage, "dress", str(review)).changed == {"negative->positive": 3}
 
     out = tmp_path / "combined"
@@ -290,17 +344,34 @@ def test_a_changed_or_vanished_image_is_left_out_and_listed(finished, tmp_path):
 
 def test_cli_exports_and_refuses_unfinished_category(finished, tmp_path, capsys):
     out = tmp_path / "cli"
-    assert cli(["export", "--root", finished.url, "--category", *CATEGORIES, "--format", "lsun",
-                "--out", str(out)]) == 0
+    assert (
+        cli(["export", "--root", finished.url, "--category", *CATEGORIES, "--format", "lsun", "--out", str(out)]) == 0
+    )
     assert {"trouser_train_lmdb", "dress_train_lmdb"} <= set(os.listdir(out))
     assert "lsun export" in capsys.readouterr().out
-    assert cli(["export", "--root", finished.url, "--category", "sneaker", "--format", "parquet",
-                "--out", str(tmp_path / "p")]) == 2
+    assert (
+        cli(
+            [
+                "export",
+                "--root",
+                finished.url,
+                "--category",
+                "sneaker",
+                "--format",
+                "parquet",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "'sneaker' has no finished dataset" in err and "lsun-hitl run" in err
     assert not (tmp_path / "p").exists(), "nothing written for a refused export"
-    assert cli(["export", "--root", finished.url, "--category", "dress", "--format", "lsun",
-                "--out", "s3://bucket/x"]) == 2
+    assert (
+        cli(["export", "--root", finished.url, "--category", "dress", "--format", "lsun", "--out", "s3://bucket/x"])
+        == 2
+    )
     assert "local directory" in capsys.readouterr().err
 
 
@@ -308,8 +379,9 @@ def test_cli_exports_and_refuses_unfinished_category(finished, tmp_path, capsys)
 def label_studio_bin() -> str:
     """Label Studio lives in its own virtual environment (.venv-ls, made by scripts/setup.sh): its pinned
     dependencies clash with this project's."""
-    path = os.environ.get("LABEL_STUDIO_BIN") or os.path.join(os.path.dirname(__file__), "..", ".venv-ls", "bin",
-                                                               "label-studio")
+    path = os.environ.get("LABEL_STUDIO_BIN") or os.path.join(
+        os.path.dirname(__file__), "..", ".venv-ls", "bin", "label-studio"
+    )
     assert os.path.exists(path), f"Label Studio is not installed at {path}: run bash scripts/setup.sh"
     return path
 
@@ -324,10 +396,31 @@ def label_studio(tmp_path_factory):
     env = os.environ | {"LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true", "DJANGO_DB": "sqlite"}
     log = open(data / "server.log", "w")
     proc = subprocess.Popen(
-        [label_studio_bin(), "start", "--no-browser", "--data-dir", str(data), "--port", str(port),
-         "--internal-host", "127.0.0.1", "--username", "reviewer@example.com", "--password", "review-pass-1",
-         "--user-token", token, "--enable-legacy-api-token", "--log-level", "WARNING"],
-        cwd=data, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            label_studio_bin(),
+            "start",
+            "--no-browser",
+            "--data-dir",
+            str(data),
+            "--port",
+            str(port),
+            "--internal-host",
+            "127.0.0.1",
+            "--username",
+            "reviewer@example.com",
+            "--password",
+            "review-pass-1",
+            "--user-token",
+            token,
+            "--enable-legacy-api-token",
+            "--log-level",
+            "WARNING",
+        ],
+        cwd=data,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -359,8 +452,12 @@ def test_label_studio_round_trip(finished, label_studio, tmp_path):
     assert len(tasks) == report.written["tasks"] > 0
     assert all(t["predictions"][0]["result"][0]["value"]["choices"] == ["No"] for t in tasks)
 
-    project = requests.post(f"{url}/api/projects", headers=headers, timeout=30,
-                            json={"title": "trouser review", "label_config": (out / "label_config.xml").read_text()})
+    project = requests.post(
+        f"{url}/api/projects",
+        headers=headers,
+        timeout=30,
+        json={"title": "trouser review", "label_config": (out / "label_config.xml").read_text()},
+    )
     assert project.status_code == 201, project.text
     pid = project.json()["id"]
     sent = tasks[:30]
@@ -368,17 +465,26 @@ def test_label_studio_round_trip(finished, label_studio, tmp_path):
     assert imported.status_code == 201, imported.text
     assert imported.json()["task_count"] == 30 and imported.json()["prediction_count"] == 30
 
-    listed = requests.get(f"{url}/api/tasks", params={"project": pid, "page_size": 100}, headers=headers,
-                          timeout=30).json()["tasks"]
+    listed = requests.get(
+        f"{url}/api/tasks", params={"project": pid, "page_size": 100}, headers=headers, timeout=30
+    ).json()["tasks"]
     flip = {t["data"]["image_id"] for t in sent[:4]}
     for task in listed:  # the reviewer overturns four model negatives, confirms the rest, is unsure of none
         choice = "Yes" if task["data"]["image_id"] in flip else "No"
-        done = requests.post(f"{url}/api/tasks/{task['id']}/annotations", headers=headers, timeout=30,
-                             json={"result": [{"from_name": "answer", "to_name": "image", "type": "choices",
-                                               "value": {"choices": [choice]}}]})
+        done = requests.post(
+            f"{url}/api/tasks/{task['id']}/annotations",
+            headers=headers,
+            timeout=30,
+            json={
+                "result": [
+                    {"from_name": "answer", "to_name": "image", "type": "choices", "value": {"choices": [choice]}}
+                ]
+            },
+        )
         assert done.status_code == 201, done.text
-    exported = requests.get(f"{url}/api/projects/{pid}/export", params={"exportType": "JSON"}, headers=headers,
-                            timeout=60)
+    exported = requests.get(
+        f"{url}/api/projects/{pid}/export", params={"exportType": "JSON"}, headers=headers, timeout=60
+    )
     assert exported.status_code == 200
     path = tmp_path / "annotations.json"
     path.write_bytes(exported.content)

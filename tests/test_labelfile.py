@@ -33,14 +33,23 @@ def test_label_studio_round_trip(tmp_path):
     assert tasks[0]["predictions"][0]["result"][0]["value"]["choices"] == ["Yes"] and "predictions" not in tasks[1]
     # what Label Studio exports after people annotated: data by URL, choices, annotator objects
     export = [
-        {"data": {"image": "s3://x/a.jpg"}, "annotations": [
-            {"completed_by": {"email": "ann@x.org"}, "result": [{"type": "choices", "value": {"choices": ["Yes"]}}]},
-            {"completed_by": 7, "result": [{"type": "choices", "value": {"choices": ["bag"]}}]},
-        ]},
-        {"data": {"image_id": "b2"}, "annotations": [
-            {"completed_by": 7, "result": [{"type": "choices", "value": {"choices": ["No"]}}]},
-            {"completed_by": 8, "was_cancelled": True, "result": []},
-        ]},
+        {
+            "data": {"image": "s3://x/a.jpg"},
+            "annotations": [
+                {
+                    "completed_by": {"email": "ann@x.org"},
+                    "result": [{"type": "choices", "value": {"choices": ["Yes"]}}],
+                },
+                {"completed_by": 7, "result": [{"type": "choices", "value": {"choices": ["bag"]}}]},
+            ],
+        },
+        {
+            "data": {"image_id": "b2"},
+            "annotations": [
+                {"completed_by": 7, "result": [{"type": "choices", "value": {"choices": ["No"]}}]},
+                {"completed_by": 8, "was_cancelled": True, "result": []},
+            ],
+        },
     ]
     path = tmp_path / "export.json"
     path.write_text(json.dumps(export))

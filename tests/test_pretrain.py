@@ -67,14 +67,34 @@ def test_pool_backbone_is_stored_once_and_the_cascade_trains_from_it(tmp_path, d
     build_pool(storage, import_fashion_mnist(storage, limit=400, seed=5), client=dask_cluster)
     model = ModelParams(arch="small_convnet", image_size=32, epochs=1, batch_size=64, weights="pool")
     params = CascadeParams(
-        train_sample=100, calibration_sample=100, first_calibration_sample=100, target_false_omission=0.05,
-        max_iterations=2, model=model,
+        train_sample=100,
+        calibration_sample=100,
+        first_calibration_sample=100,
+        target_false_omission=0.05,
+        max_iterations=2,
+        model=model,
     )
     with pytest.raises(FileNotFoundError, match="lsun-hitl pretrain --root"):
         pool_weights(storage, model)
 
-    assert cli(["pretrain", "--root", storage.url, "--arch", "small_convnet", "--image-size", "32",
-                "--sample", "300", "--epochs", "1"]) == 0
+    assert (
+        cli(
+            [
+                "pretrain",
+                "--root",
+                storage.url,
+                "--arch",
+                "small_convnet",
+                "--image-size",
+                "32",
+                "--sample",
+                "300",
+                "--epochs",
+                "1",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     path = storage.path(pretrained_key("small_convnet", 32))
     assert "on 300 pool images" in out and path in out and "--weights pool" in out

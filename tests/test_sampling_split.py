@@ -140,7 +140,7 @@ def test_calibration_images_still_undecided_are_carried_over(tmp_path):
 
 
 def test_a_remainder_that_does_not_fit_the_budget_is_no_reason_to_stop(tmp_path):
-    """"People finishing is cheaper than another round" holds only where people will finish: under a budget
+    """ "People finishing is cheaper than another round" holds only where people will finish: under a budget
     the remainder does not fit, the loop goes on while the budget can still buy a useful iteration."""
     from lsun_hitl.cascade import should_stop
     from lsun_hitl.config import CascadeParams
