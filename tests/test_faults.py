@@ -41,15 +41,20 @@ def test_a_worker_killed_while_scoring_changes_nothing_every_image_scored_once(t
         LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
         Client(cluster) as client,
     ):
-        killed: list[str] = []
+        killed: list[int] = []  # the killed worker's process id
+        parts_at_kill: list[int] = []
 
         def kill_one_worker_mid_way() -> None:
             while not storage.glob(f"{out_dir}/part-*.parquet"):
                 time.sleep(0.05)
             busy = [w for w, tasks in client.processing().items() if tasks]
             target = busy[0] if busy else list(client.scheduler_info()["workers"])[0]
-            killed.append(target)
-            client.run(os._exit, 1, workers=[target], wait=False)  # the process dies; its nanny restarts it
+            pid = client.run(os.getpid, workers=[target])[target]
+            # SIGKILL, mid-task: no clean-up runs; the worker's nanny starts a new process. (client.run(os._exit,
+            # wait=False) killed nothing: Dask refuses wait=False for plain functions before calling them.)
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            parts_at_kill.append(len(storage.glob(f"{out_dir}/part-*.parquet")))
 
         killer = threading.Thread(target=kill_one_worker_mid_way, daemon=True)
         killer.start()
@@ -58,9 +63,11 @@ def test_a_worker_killed_while_scoring_changes_nothing_every_image_scored_once(t
         )
         killer.join(30)
         assert killed, "a worker was killed while scoring"
+        assert killed[0] not in client.run(os.getpid).values(), "the killed worker process is gone from the cluster"
         parts_done_before_end = len(storage.glob(f"{out_dir}/part-*.parquet"))
 
     assert parts_done_before_end == n // 50
+    assert parts_at_kill[0] < n // 50, "the worker died while parts were still to be scored"
     ids = scores.column("image_id").to_pylist()
     assert ids == candidates.column("image_id").to_pylist() and len(set(ids)) == n  # each once, in order
     assert np.isfinite(scores.column("score").to_numpy(zero_copy_only=False)).all()
