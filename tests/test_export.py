@@ -156,44 +156,11 @@ def test_parquet_export_to_s3(finished, s3_bucket, capsys):
     assert table.num_rows == report.written["dress"] > 0
     assert set(table.column("label").to_pylist()) == {"positive"}
     # the CLI, with the destination's own storage options
-    assert (
-        cli(
-            [
-                "export",
-                "--root",
-                finished.url,
-                "--category",
-                "trouser",
-                "--format",
-                "parquet",
-                "--out",
-                f"{url}/cli",
-                "--out-options",
-                json.dumps(options),
-            ]
-        )
-        == 0
-    )
+    parquet = ["export", "--root", finished.url, "--category", "trouser", "--format", "parquet"]
+    assert cli([*parquet, "--out", f"{url}/cli", "--out-options", json.dumps(options)]) == 0
     cli_table = pads.dataset(f"{url.removeprefix('s3://')}/cli", filesystem=fs, partitioning="hive").to_table()
     assert cli_table.num_rows == 2500 and set(cli_table.column("category").to_pylist()) == {"trouser"}
-    assert (
-        cli(
-            [
-                "export",
-                "--root",
-                finished.url,
-                "--category",
-                "trouser",
-                "--format",
-                "parquet",
-                "--out",
-                f"{url}/bad",
-                "--out-options",
-                "{endpoint",
-            ]
-        )
-        == 2
-    )
+    assert cli([*parquet, "--out", f"{url}/bad", "--out-options", "{endpoint"]) == 2
     assert "--out-options is not valid JSON" in capsys.readouterr().err
     assert not fs.exists(f"{url.removeprefix('s3://')}/bad")
 
