@@ -148,9 +148,7 @@ def serve(
                     notified.add(key)
                     continue
                 if isinstance(error, RunEnded):  # nothing left to resume; retrying would not change that
-                    # Completed: the run read the stored labels itself and went on (it polls storage too)
-                    level = logging.INFO if error.state == "Completed" else logging.WARNING
-                    log.log(level, "crowd: not resuming for %s: %s", key, error)
+                    log.log(error.log_level, "crowd: not resuming for %s: %s", key, error)
                     notified.add(key)
                     continue
                 log.warning("crowd: notice for %s failed (%s); will retry", key, error)

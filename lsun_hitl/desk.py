@@ -542,9 +542,7 @@ class LabelingDesk:
             try:
                 self.on_complete(category, request_id)  # type: ignore[misc]
             except RunEnded as exc:  # nothing left to resume; retrying would not change that
-                # Completed: the run read the stored labels itself and went on (it polls storage too)
-                level = logging.INFO if exc.state == "Completed" else logging.WARNING
-                log.log(level, "not resuming %s/%s: %s", category, request_id, exc)
+                log.log(exc.log_level, "not resuming %s/%s: %s", category, request_id, exc)
             except Exception as exc:  # noqa: BLE001 - report, retry on a later refresh; the CLI can resume too
                 log.warning(
                     "resuming the run waiting for %s/%s failed (attempt %s): %s",

@@ -11,6 +11,7 @@ positive. Answers on gold images and answers of labelers flagged by quality cont
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Iterable
@@ -60,6 +61,12 @@ class RunEnded(LabelError):
     def __init__(self, message: str, state: str) -> None:
         super().__init__(message)
         self.state = state
+
+    @property
+    def log_level(self) -> int:
+        """How loudly whoever tried to resume reports it: INFO when the run completed (it read the stored labels
+        itself and went on: it polls storage too), WARNING when it failed, crashed or was cancelled."""
+        return logging.INFO if self.state == "Completed" else logging.WARNING
 
 
 @dataclass(frozen=True)
