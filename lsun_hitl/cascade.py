@@ -35,6 +35,7 @@ from .calibration import Interval, Thresholds, choose_thresholds, rate_interval,
 from .cluster import dask_client
 from .config import CascadeParams, ModelParams, validate
 from .ingest import read_pool
+from .inputs import InputCache
 from .manifest import (
     BY_HUMAN,
     BY_MODEL,
@@ -358,18 +359,26 @@ def score(
     """Score every candidate of ``iteration`` on Dask; return how many were scored."""
     state = _state(storage, category, iteration - 1)
     rows = candidates(state, sample(storage, category, params, iteration))
-    pool = read_pool(storage, columns=["image_id", "uri"]).take(pa.array(rows, pa.int64()))
+    pool = read_pool(storage, columns=["image_id", "uri"])
+    todo = pool.take(pa.array(rows, pa.int64()))
+    cache = None
+    if params.input_cache:  # every category's passes over the pool share one decode of it
+        todo = todo.add_column(0, "row", pa.array(rows, pa.int64()))
+        image_size = params.model_for(iteration).image_size
+        cache = InputCache.of_pool(storage, pool.column("image_id"), image_size)
     with dask_client(dask_address, n_workers=params.dask_workers) as client:
         scores = score_candidates(
             storage,
             category,
             iteration,
-            pool,
+            todo,
             model_key_path(storage, category, iteration),
             client=client,
             partition_size=params.score_partition,
             batch_size=params.score_batch,
             progress=progress,
+            pool=pool if cache is not None else None,
+            cache=cache,
         )
     return int(pc.sum(pc.is_valid(scores.column("score"))).as_py() or 0)
 

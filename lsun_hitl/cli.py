@@ -59,6 +59,7 @@ def _params(args: argparse.Namespace) -> CascadeParams:
         seed=args.seed,
         label_timeout_s=args.label_timeout,
         dask_workers=args.dask_workers,
+        input_cache=not args.no_input_cache,
         model=model,
     )
 
@@ -123,6 +124,11 @@ def _add_cascade(p: argparse.ArgumentParser) -> None:
         " storage options), or 'pool' (lsun-hitl pretrain's)",
     )
     p.add_argument("--freeze-backbone", action="store_true", help="with --weights: train only the new head")
+    p.add_argument(
+        "--no-input-cache",
+        action="store_true",
+        help="decode the images at every scoring pass instead of keeping the pool's model inputs under cache/",
+    )
 
 
 def _add_qc(p: argparse.ArgumentParser) -> None:

@@ -121,6 +121,9 @@ class CascadeParams:
     wait: Literal["auto", "pause", "suspend"] = "auto"
     score_partition: int = 4000
     score_batch: int = 256
+    # keep every pool image's model input (uint8, at the model's input size) in shards on the storage root,
+    # decoded by whichever pass reaches a shard first, so later iterations and categories do not decode again
+    input_cache: bool = True
     dask_workers: int | None = None
     model: ModelParams = field(default_factory=ModelParams)
     model_schedule: tuple[ModelParams, ...] = ()

@@ -6,8 +6,13 @@ shipped), reads the images through fsspec in batches while the previous batch ru
 model, and writes ``scores/<category>/iteration=<k>/part-<i>.parquet``. A part that already exists
 is not scored again, so a retried or resumed step does only the missing work.
 
+With the model-input cache (``lsun_hitl.inputs``, the cascade's default) a partition is one shard of
+the pool: a shard some earlier pass of any category stored is read instead of its images; the first
+pass decodes the whole shard, stores it, then scores its candidates.
+
 Memory per worker: the model, one partition's ids and uris, and two decoded batches
-(``batch_size * image_size**2 * 3`` bytes each): about 30 MB at the defaults.
+(``batch_size * image_size**2 * 3`` bytes each): about 30 MB at the defaults; with the cache, one
+shard of model inputs (about 64 MiB, ``inputs.shard_rows_for``) instead of the batches.
 
 Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also pins glibc's mmap
 threshold at 64 KiB: every batch tensor is then mmap'ed and unmapped again, and scoring runs at half
@@ -19,17 +24,21 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from distributed import Client
 from fsspec.core import url_to_fs
 
 from .cluster import run_on_dask
 from .ingest import read_pool
+from .inputs import INDEX_SCHEMA, InputCache
 from .progress import Progress
 from .storage import Storage, scores_dir
 
@@ -103,6 +112,31 @@ def _tune_malloc() -> None:
         pass
 
 
+def _decoded(uris: list[str], options: dict[str, Any], size: int, batch_size: int) -> Iterator[tuple]:
+    """``_read_batch`` over ``uris`` in batches, reading and decoding batch i+1 while batch i is used."""
+    batches = [uris[i : i + batch_size] for i in range(0, len(uris), batch_size)]
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(_read_batch, batches[0], options, size) if batches else None
+        for i in range(len(batches)):
+            got = pending.result()
+            if i + 1 < len(batches):
+                pending = reader.submit(_read_batch, batches[i + 1], options, size)
+            yield got
+
+
+def _decode_all(uris: list[str], options: dict[str, Any], size: int, batch_size: int) -> tuple:
+    """``(images (N, size, size, 3) uint8, ok (N,), errors)`` of every uri, decoded batch after batch."""
+    images = np.zeros((len(uris), size, size, 3), np.uint8)
+    ok = np.zeros(len(uris), bool)
+    errors: list[str | None] = []
+    start = 0
+    for imgs, good, errs in _decoded(uris, options, size, batch_size):
+        images[start : start + len(good)], ok[start : start + len(good)] = imgs, good
+        errors.extend(errs)
+        start += len(good)
+    return images, ok, errors
+
+
 def score_partition(
     part: int,
     *,
@@ -112,40 +146,102 @@ def score_partition(
     out_dir: str,
     batch_size: int = 256,
     threads: int = 1,
-) -> int:
-    """Score row group ``part`` of the candidates file (runs on a Dask worker); return rows written."""
+    cache: InputCache | None = None,
+) -> dict[str, int]:
+    """Score row group ``part`` of the candidates file (runs on a Dask worker).
+
+    Without ``cache`` the row group holds the candidates to score and each image is read and decoded.
+    With it the row group holds one shard of the pool (every row of it when the shard is not cached yet,
+    else only its candidates, flagged by the ``candidate`` column): a cached shard is read instead of its
+    images; a missing one is decoded whole, stored, then scored. Returns ``{"scored", "decoded"}`` counts.
+    """
     import torch
 
     from .model import predict
 
     out_path = f"{out_dir}/part-{part:05d}.parquet"
     if storage.exists(out_path):
-        return pq.ParquetFile(storage.fs.open(out_path, "rb")).metadata.num_rows
+        return {"scored": pq.ParquetFile(storage.fs.open(out_path, "rb")).metadata.num_rows, "decoded": 0}
     torch.set_num_threads(threads)
     _tune_malloc()
     with storage.fs.open(candidates_path, "rb") as f:
         rows = pq.ParquetFile(f).read_row_group(part)
     model = _model(storage, model_path)
-    ids = rows.column("image_id").to_pylist()
-    uris = rows.column("uri").to_pylist()
-    batches = [uris[i : i + batch_size] for i in range(0, len(uris), batch_size)]
-    scores = np.full(len(uris), np.nan, np.float32)
-    errors: list[str | None] = []
-    with ThreadPoolExecutor(max_workers=1) as reader:  # decode batch i+1 while batch i runs
-        pending = reader.submit(_read_batch, batches[0], storage.options, model.image_size) if batches else None
-        for i in range(len(batches)):
-            images, ok, errs = pending.result()
-            if i + 1 < len(batches):
-                pending = reader.submit(_read_batch, batches[i + 1], storage.options, model.image_size)
-            start = i * batch_size
+    decoded = 0
+    if cache is None:
+        ids = rows.column("image_id").to_pylist()
+        scores = np.full(len(ids), np.nan, np.float32)
+        errors: list[str | None] = []
+        start = 0
+        for images, ok, errs in _decoded(rows.column("uri").to_pylist(), storage.options, model.image_size, batch_size):
             if ok.any():
                 scores[start : start + len(ok)][ok] = predict(model, images[ok], batch_size)
             errors.extend(errs)
+            start += len(ok)
+        decoded = len(ids)
+    else:
+        shard = int(rows.column("row")[0].as_py()) // cache.shard_rows
+        got = cache.read(shard)
+        if got is None:  # the first pass over this shard, by any category: decode it whole and keep it
+            images, ok, errs = _decode_all(
+                rows.column("uri").to_pylist(), storage.options, cache.image_size, batch_size
+            )
+            index = pa.table({"image_id": rows.column("image_id"), "ok": ok, "error": errs}, schema=INDEX_SCHEMA)
+            cache.write(shard, images, index)
+            decoded = rows.num_rows
+        else:
+            images, index = got
+        want = rows.filter(rows.column("candidate"))
+        offsets = want.column("row").to_numpy() - shard * cache.shard_rows
+        if pc.any(pc.not_equal(index.column("image_id").take(pa.array(offsets)), want.column("image_id"))).as_py():
+            raise RuntimeError(
+                f"cached shard {shard} under {storage.url_of(cache.key)} does not hold this pool's images; delete "
+                "that folder and score again"
+            )
+        ids = want.column("image_id").to_pylist()
+        ok = index.column("ok").to_numpy(zero_copy_only=False)[offsets]
+        scores = np.full(len(ids), np.nan, np.float32)
+        if ok.any():
+            scores[ok] = predict(model, images[offsets[ok]], batch_size)
+        errors = [
+            e if e is not None or k else "not a decodable image"
+            for e, k in zip(index.column("error").take(pa.array(offsets)).to_pylist(), ok, strict=True)
+        ]
     table = pa.table(
         {"image_id": ids, "score": pa.array(scores, from_pandas=True), "error": errors}, schema=SCORE_SCHEMA
     )
     storage.write_table(out_path, table)
-    return table.num_rows
+    return {"scored": table.num_rows, "decoded": decoded}
+
+
+def cache_plan(pool: pa.Table, rows: np.ndarray, cache: InputCache) -> tuple[pa.Table, list[int]]:
+    """The candidates file of a cached pass: one group per pool shard holding a candidate.
+
+    A shard already in ``cache`` contributes its candidate rows only; any other shard contributes every
+    row (each must be decoded once to fill the shard), with ``candidate`` marking the ones to score.
+    Returns ``(table with row, image_id, uri, candidate; the group sizes)``.
+    """
+    n = cache.shard_rows
+    shards = np.unique(rows // n)
+    done = cache.complete()
+    take, flags, sizes = [], [], []
+    for shard in shards.tolist():
+        lo, hi = np.searchsorted(rows, [shard * n, (shard + 1) * n])
+        if shard in done:
+            group = rows[lo:hi]
+            flag = np.ones(len(group), bool)
+        else:
+            group = np.arange(shard * n, min(pool.num_rows, (shard + 1) * n))
+            flag = np.zeros(len(group), bool)
+            flag[group.searchsorted(rows[lo:hi])] = True
+        take.append(group)
+        flags.append(flag)
+        sizes.append(len(group))
+    index = np.concatenate(take) if take else np.zeros(0, np.int64)
+    table = pool.select(["image_id", "uri"]).take(pa.array(index, pa.int64()))
+    table = table.add_column(0, "row", pa.array(index, pa.int64()))
+    table = table.append_column("candidate", pa.array(np.concatenate(flags) if flags else np.zeros(0, bool)))
+    return table, sizes
 
 
 def score_candidates(
@@ -159,20 +255,33 @@ def score_candidates(
     partition_size: int = 4000,
     batch_size: int = 256,
     progress: Progress | None = None,
+    pool: pa.Table | None = None,
+    cache: InputCache | None = None,
 ) -> pa.Table:
     """Score ``candidates`` (image_id, uri) on ``client``; return (image_id, score, error) in input order.
 
-    ``score`` is null where the image could not be read or decoded; ``error`` says why.
+    ``score`` is null where the image could not be read or decoded; ``error`` says why. With ``cache``
+    (and the whole ``pool``, whose ``row`` column ``candidates`` then carries, ascending) images are read
+    from the model-input cache where it holds them and decoded into it where not. How many images were
+    decoded is written beside the parts (``stats.json``).
     """
     out_dir = storage.path(scores_dir(category, iteration))
     cand_path = f"{out_dir}/candidates.parquet"
-    n_parts = max(1, -(-candidates.num_rows // partition_size))
-    if not storage.exists(cand_path) or _row_count(storage, cand_path) != candidates.num_rows:
-        storage.write_table(cand_path, candidates.select(["image_id", "uri"]), row_group_size=partition_size)
     if candidates.num_rows == 0:
         return SCORE_SCHEMA.empty_table()
+    if cache is None:
+        plan, sizes = candidates.select(["image_id", "uri"]), None
+    else:
+        if pool is None or "row" not in candidates.column_names:
+            raise ValueError("scoring from the input cache needs the pool and the candidates' pool rows")
+        plan, sizes = cache_plan(pool, candidates.column("row").to_numpy(), cache)
+    n_parts = len(sizes) if sizes is not None else max(1, -(-candidates.num_rows // partition_size))
+    identity = (candidates.num_rows, n_parts, cache is not None)
+    if not storage.exists(cand_path) or _plan_of(storage, cand_path) != identity:
+        _write_plan(storage, cand_path, plan, sizes or [partition_size] * n_parts, identity)
     threads = 1 if client is not None else min(4, len(os.sched_getaffinity(0)))  # never more than the cores we have
-    run_on_dask(
+    started = time.perf_counter()
+    counts = run_on_dask(
         client,
         score_partition,
         list(range(n_parts)),
@@ -183,6 +292,7 @@ def score_candidates(
         out_dir=out_dir,
         batch_size=batch_size,
         threads=threads,
+        cache=cache,
     )
     parts = [storage.read_table(f"{out_dir}/part-{i:05d}.parquet") for i in range(n_parts)]
     scores = pa.concat_tables(parts)
@@ -191,9 +301,37 @@ def score_candidates(
             f"scores under {storage.url_of(scores_dir(category, iteration))} do not match the "
             "candidates; delete that folder and run the step again"
         )
+    stats = {
+        "candidates": candidates.num_rows,
+        "decoded": sum(c["decoded"] for c in counts),
+        "from_cache": candidates.num_rows - sum(c["decoded"] for c in counts) if cache is not None else 0,
+        "seconds": time.perf_counter() - started,
+        "cache": storage.url_of(cache.key) if cache is not None else None,
+    }
+    storage.write_json(f"{out_dir}/stats.json", stats)
     return scores
 
 
-def _row_count(storage: Storage, path: str) -> int:
+def _write_plan(storage: Storage, path: str, plan: pa.Table, sizes: list[int], identity: tuple[int, int, bool]) -> None:
+    """The candidates file: one row group per task (``sizes``), with (candidates, parts, cached) that identify it."""
+    n, parts, cached = identity
+    schema = plan.schema.with_metadata({"candidates": str(n), "parts": str(parts), "cached": str(cached)})
+
+    def write(f: Any) -> None:
+        with pq.ParquetWriter(f, schema, compression="zstd") as writer:
+            offset = 0
+            for size in sizes:
+                if offset < plan.num_rows:
+                    writer.write_table(plan.slice(offset, size).replace_schema_metadata(schema.metadata), size)
+                offset += size
+
+    storage.write_stream(path, write)
+
+
+def _plan_of(storage: Storage, path: str) -> tuple[int, int, bool] | None:
+    """(candidates, parts, cached) of a stored candidates file, or None for one written otherwise."""
     with storage.fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
+        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+    if b"candidates" not in meta:
+        return None
+    return int(meta[b"candidates"]), int(meta[b"parts"]), meta[b"cached"] == b"True"

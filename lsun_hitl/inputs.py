@@ -1,0 +1,101 @@
+"""The model-input cache: every pool image decoded once, kept as uint8 tensors in shards on the storage root.
+
+At scale, reading and decoding images costs far more than the model, and every category's every
+iteration scores the images still unlabeled: a pool shared by ten category flows would be decoded in
+full at least ten times. Whichever flow scores a shard of the pool first stores the shard's model
+inputs (``load_for_model`` at the model's input size: RGB, shorter side resized, centre-cropped), and
+every later scoring pass of any category reads the shard instead of the images.
+
+Layout (under the storage root)::
+
+    cache/inputs/pool=<fingerprint>/size=<s>/shard-<n>.npy      (rows, s, s, 3) uint8, pool rows
+                                                                n * shard_rows ... (n + 1) * shard_rows - 1
+    cache/inputs/pool=<fingerprint>/size=<s>/shard-<n>.parquet  image_id, ok, error of those rows
+
+The fingerprint is a hash of the pool's image ids in order, so a rebuilt pool never reads another
+pool's shards. The ``.npy`` is written first and the ``.parquet`` last, each atomically: a shard is
+complete when its index exists, and two flows that fill the same shard write identical bytes. A shard
+holds about 64 MiB of pixels (``shard_rows``); deleting ``cache/`` only costs the next pass a decode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from .storage import Storage
+
+CACHE_DIR = "cache/inputs"
+SHARD_BYTES = 64 << 20
+INDEX_SCHEMA = pa.schema([("image_id", pa.string()), ("ok", pa.bool_()), ("error", pa.string())])
+
+
+def pool_fingerprint(image_ids: pa.Array | pa.ChunkedArray) -> str:
+    """16 hex digits of BLAKE2b over the pool's image ids in pool order (their lengths and their bytes)."""
+    lengths, data = hashlib.blake2b(digest_size=8), hashlib.blake2b(digest_size=8)
+    for chunk in image_ids.chunks if isinstance(image_ids, pa.ChunkedArray) else [image_ids]:
+        if len(chunk) == 0:
+            continue
+        width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+        offsets = np.frombuffer(chunk.buffers()[1], width)[chunk.offset : chunk.offset + len(chunk) + 1]
+        lengths.update(np.diff(offsets).astype(np.int64).tobytes())
+        data.update(memoryview(chunk.buffers()[2])[int(offsets[0]) : int(offsets[-1])])
+    return hashlib.blake2b(lengths.digest() + data.digest(), digest_size=8).hexdigest()
+
+
+def shard_rows_for(image_size: int) -> int:
+    """Rows per shard: the power of two nearest below ``SHARD_BYTES`` of pixels, within [512, 16384]."""
+    rows = SHARD_BYTES // (image_size * image_size * 3)
+    return int(min(16384, max(512, 1 << int(np.log2(max(1, rows))))))
+
+
+@dataclass(frozen=True)
+class InputCache:
+    """The cached model inputs of one pool at one input size, in shards of ``shard_rows`` pool rows."""
+
+    storage: Storage
+    fingerprint: str
+    image_size: int
+    shard_rows: int
+
+    @classmethod
+    def of_pool(cls, storage: Storage, image_ids: pa.Array | pa.ChunkedArray, image_size: int) -> InputCache:
+        """The cache of the pool whose ids are ``image_ids`` (in pool order), at ``image_size``."""
+        return cls(storage, pool_fingerprint(image_ids), image_size, shard_rows_for(image_size))
+
+    @property
+    def key(self) -> str:
+        return f"{CACHE_DIR}/pool={self.fingerprint}/size={self.image_size}"
+
+    def _path(self, shard: int, ext: str) -> str:
+        return self.storage.path(self.key, f"shard-{shard:06d}.{ext}")
+
+    def complete(self) -> set[int]:
+        """Shards whose index is stored (one listing, not one request per shard)."""
+        paths = self.storage.glob(self.storage.path(self.key, "shard-*.parquet"))
+        return {int(p.rsplit("shard-", 1)[1].split(".", 1)[0]) for p in paths}
+
+    def read(self, shard: int) -> tuple[np.ndarray, pa.Table] | None:
+        """``(images (rows, s, s, 3) uint8, index table)`` of ``shard``, or None if it is not complete."""
+        index_path = self._path(shard, "parquet")
+        if not self.storage.exists(index_path):
+            return None
+        index = self.storage.read_table(index_path)
+        images = np.load(io.BytesIO(self.storage.read_bytes(self._path(shard, "npy"))), allow_pickle=False)
+        if images.shape != (index.num_rows, self.image_size, self.image_size, 3):
+            raise ValueError(
+                f"cached shard {self._path(shard, 'npy')} holds {images.shape}, not {index.num_rows} images of "
+                f"{self.image_size} px; delete {self.storage.url_of(self.key)} and score again"
+            )
+        return images, index
+
+    def write(self, shard: int, images: np.ndarray, index: pa.Table) -> None:
+        """Store ``shard``: the pixels first, then the index that marks it complete."""
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(images, np.uint8), allow_pickle=False)
+        self.storage.write_bytes(self._path(shard, "npy"), buf.getvalue())
+        self.storage.write_table(self._path(shard, "parquet"), index.cast(INDEX_SCHEMA))

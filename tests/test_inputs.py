@@ -1,0 +1,85 @@
+"""The model-input cache: scoring from it gives the scores decoding gives, and a pool is decoded once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lsun_hitl import model as model_lib
+from lsun_hitl.config import ModelParams
+from lsun_hitl.inputs import InputCache, pool_fingerprint, shard_rows_for
+from lsun_hitl.scoring import score_candidates
+from lsun_hitl.storage import Storage, scores_dir
+
+from .conftest import png_bytes
+
+SIZE = 16
+
+
+@pytest.fixture()
+def pool(tmp_path, fashion) -> tuple[Storage, pa.Table, str]:
+    """1,300 pool images (three shards of 512 rows) in a local root, one of them not an image; a model."""
+    storage = Storage(str(tmp_path / "root"))
+    images, _ = fashion
+    uris = []
+    for i in range(1300):
+        path = storage.path(f"images/{i:05d}.png")
+        data = b"not an image" if i == 700 else png_bytes(images[i])
+        storage.write_bytes(path, data)
+        uris.append(storage.url_of(f"images/{i:05d}.png"))
+    table = pa.table({"image_id": [f"id{i:05d}" for i in range(1300)], "uri": uris})
+    net = model_lib.build(ModelParams(arch="small_convnet", image_size=SIZE)).eval()
+    model_path = storage.path("models/m.pt")
+    storage.write_bytes(model_path, model_lib.save(net))
+    return storage, table, model_path
+
+
+def _score(storage, table, model_path, category, rows, client, cache):
+    todo = table.take(pa.array(rows, pa.int64()))
+    if cache is not None:
+        todo = todo.add_column(0, "row", pa.array(rows, pa.int64()))
+    scores = score_candidates(
+        storage, category, 1, todo, model_path, client=client, partition_size=200, pool=table, cache=cache
+    )
+    return scores, storage.read_json(storage.path(scores_dir(category, 1), "stats.json"))
+
+
+def test_cached_scores_equal_decoded_and_each_shard_is_decoded_once(pool, dask_cluster):
+    storage, table, model_path = pool
+    cache = InputCache(storage, pool_fingerprint(table.column("image_id")), SIZE, shard_rows=512)
+    rng = np.random.default_rng(0)
+    # category a scores rows of shards 0 and 1 only; b scores a different subset reaching shard 2
+    rows_a = np.sort(rng.choice(1024, 600, replace=False))
+    rows_b = np.union1d(rng.choice(1300, 900, replace=False), [700])  # with the file that is not an image
+
+    plain, stats_plain = _score(storage, table, model_path, "plain", rows_b, dask_cluster, None)
+    assert stats_plain["decoded"] == len(rows_b) and stats_plain["from_cache"] == 0
+
+    a, stats_a = _score(storage, table, model_path, "a", rows_a, dask_cluster, cache)
+    assert stats_a["decoded"] == 1024, "the first pass decodes the two shards it touches whole"
+    assert cache.complete() == {0, 1}
+    b, stats_b = _score(storage, table, model_path, "b", rows_b, dask_cluster, cache)
+    assert stats_b["decoded"] == 1300 - 1024, "only the shard no pass had reached is decoded"
+    assert stats_b["from_cache"] == len(rows_b) - (1300 - 1024) and cache.complete() == {0, 1, 2}
+    again, stats_again = _score(storage, table, model_path, "c", rows_b, dask_cluster, cache)
+    assert stats_again["decoded"] == 0 and stats_again["from_cache"] == len(rows_b)
+
+    for got, rows in ((a, rows_a), (b, rows_b), (again, rows_b)):
+        assert got.column("image_id").to_pylist() == table.column("image_id").take(pa.array(rows)).to_pylist()
+    ref = plain.column("score").to_numpy(zero_copy_only=False)
+    for got in (b, again):
+        s = got.column("score").to_numpy(zero_copy_only=False)
+        assert np.array_equal(np.isnan(s), np.isnan(ref)), "the same images are unreadable"
+        np.testing.assert_allclose(s[~np.isnan(s)], ref[~np.isnan(ref)], rtol=0, atol=1e-6)
+    bad = int(np.searchsorted(rows_b, 700))
+    assert np.isnan(ref[bad]) and plain.column("error")[bad].as_py()
+    assert again.column("error")[bad].as_py() == plain.column("error")[bad].as_py()
+
+
+def test_fingerprint_and_shard_size():
+    ids = pa.array(["ab", "c"])
+    assert pool_fingerprint(ids) != pool_fingerprint(pa.array(["a", "bc"])), "id boundaries count"
+    assert pool_fingerprint(ids) == pool_fingerprint(pa.chunked_array([["ab"], ["c"]])), "chunking does not"
+    assert pool_fingerprint(ids) != pool_fingerprint(pa.array(["c", "ab"]))
+    assert shard_rows_for(32) == 16384 and shard_rows_for(64) == 4096 and shard_rows_for(224) == 512
