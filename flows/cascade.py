@@ -4,7 +4,8 @@
     repeat:  sample -> people label it -> train -> score the rest -> people recheck the calibration
              labels the model disputes -> calibrate -> split
     until few images are left unlabeled, the human budget is spent, or the iteration limit is hit;
-    then people label the remainder (or it stays unresolved) and the dataset is written;
+    then people label the remainder (or it stays unresolved; one larger than a set share of the pool waits
+    for an operator's yes) and the dataset is written;
     optionally people audit a random sample of what the model decided.
 
 While people label, the run is *paused* (``pause_flow_run`` with a ``LabelsDelivered`` input), or, when
@@ -25,6 +26,7 @@ from lsun_hitl.config import CascadeParams
 from lsun_hitl.labels import LabelRequest
 from lsun_hitl.storage import Storage
 from tasks.cascade import (
+    ask_remainder,
     audit_dataset,
     calibrate_thresholds,
     check_stop,
@@ -39,10 +41,12 @@ from tasks.cascade import (
     publish_labels,
     publish_recheck,
     publish_remainder,
+    remainder_decision,
     report_funnel,
     score_pool,
     split_pool,
     start_cascade,
+    store_decision,
     train_model,
 )
 
@@ -51,6 +55,52 @@ class LabelsDelivered(RunInput):
     """What resumes a paused cascade: the request whose labels are now stored."""
 
     request_id: str
+
+
+class RemainderDecision(RunInput):
+    """What resumes a run that asks whether its large remainder goes to people: yes (people) or no."""
+
+    people: bool
+
+
+def wait(params: CascadeParams, wait_for_input: type[RunInput] | RunInput, key: str) -> RunInput | None:
+    """Pause (or, when deployed, suspend) this run until it is resumed with ``wait_for_input``; return the input."""
+    if params.wait == "suspend" or (params.wait == "auto" and deployment.id):
+        # ends this process; Prefect reschedules the run on resume and it goes on from stored outputs
+        return suspend_flow_run(wait_for_input=wait_for_input, timeout=params.label_timeout_s, key=key)
+    return pause_flow_run(
+        wait_for_input=wait_for_input, timeout=params.label_timeout_s, poll_interval=params.label_poll_s, key=key
+    )
+
+
+def decide_remainder(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, run_id: str | None, stop: str
+) -> str:
+    """Whether people label what is left after ``iteration`` ("people") or it stays "unresolved".
+
+    A remainder larger than ``params.large_remainder_share`` of the pool, with no decision stored and
+    ``params.large_remainder == "ask"``, makes the run wait for an operator's answer (the resume form in the
+    Prefect UI, or ``lsun-hitl decide``) before anyone is asked to label so many images."""
+    attempt = 0
+    while (decision := remainder_decision(storage, category, params, iteration)) == "ask":
+        question = ask_remainder(storage, category, iteration, run_id, stop)
+        attempt += 1
+        share = question["n_images"] / max(1, question["pool"])
+        description = (
+            f"**{category}**: the loop stopped after iteration {iteration} ({stop}) with **{question['n_images']:,} "
+            f"images ({share:.1%} of the pool)** that no model decided. Should people label them? Resume with "
+            "`people` on to ask them, off to leave them unresolved (or `lsun-hitl decide --category "
+            f"{category} --remainder people|unresolved`)."
+        )
+        get_run_logger().warning(
+            "waiting for an operator: %s images (%.1f%% of the pool) left undecided", question["n_images"], 100 * share
+        )
+        got = wait(
+            params, RemainderDecision.with_initial_data(description=description, people=False), f"remainder-{attempt}"
+        )
+        if got is not None:
+            store_decision(storage, category, "people" if got.people else "unresolved")
+    return decision
 
 
 def wait_for_labels(storage: Storage, category: str, request: LabelRequest, params: CascadeParams) -> int:
@@ -64,17 +114,7 @@ def wait_for_labels(storage: Storage, category: str, request: LabelRequest, para
             request.request_id,
             params.label_timeout_s,
         )
-        key = f"{request.request_id}-{attempt}"
-        if params.wait == "suspend" or (params.wait == "auto" and deployment.id):
-            # ends this process; Prefect reschedules the run on resume and it goes on from stored outputs
-            suspend_flow_run(wait_for_input=LabelsDelivered, timeout=params.label_timeout_s, key=key)
-        else:
-            pause_flow_run(
-                wait_for_input=LabelsDelivered,
-                timeout=params.label_timeout_s,
-                poll_interval=params.label_poll_s,
-                key=key,
-            )
+        wait(params, LabelsDelivered, f"{request.request_id}-{attempt}")
     return collect_labels(storage, category, request.request_id)
 
 
@@ -106,7 +146,7 @@ def category_cascade(
         report_funnel(storage, category)
         stop = check_stop(storage, category, params, iteration)
     print(f"stopping after iteration {iteration}: {stop}")
-    if params.remainder == "people":
+    if decide_remainder(storage, category, params, iteration, run_id, stop) == "people":
         remainder = publish_remainder(storage, category, params, iteration, run_id)  # within the budget
         if remainder is not None:
             wait_for_labels(storage, category, remainder, params)

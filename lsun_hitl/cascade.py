@@ -55,13 +55,22 @@ from .pretrain import POOL_WEIGHTS, pretrain_on_pool, pretrained_weights
 from .progress import Progress
 from .sampling import Sample, draw_sample
 from .scoring import read_pool_images, score_candidates
-from .split import Funnel, apply_human_labels, apply_thresholds, remainder_to_people, stop_reason
+from .split import (
+    Funnel,
+    apply_human_labels,
+    apply_thresholds,
+    remainder_to_people,
+    stalled,
+    stop_reason,
+    train_size,
+)
 from .storage import (
     Storage,
     aggregated_key,
     calibration_key,
     calibration_set_key,
     dataset_key,
+    decision_key,
     manifest_key,
     model_key,
     pretrained_key,
@@ -151,7 +160,7 @@ def sample(storage: Storage, category: str, params: CascadeParams, iteration: in
     budget_left = None if params.human_budget is None else params.human_budget - spent
     drawn = draw_sample(
         state.unlabeled_index(),
-        n_train=params.train_sample,
+        n_train=train_sample_size(storage, category, params, iteration),
         n_calibration=new_calibration_size(
             params, carried_calibration(storage, category, params, iteration).num_rows, iteration
         ),
@@ -171,6 +180,12 @@ def sample(storage: Storage, category: str, params: CascadeParams, iteration: in
     )
     storage.write_table(key, table)
     return drawn
+
+
+def train_sample_size(storage: Storage, category: str, params: CascadeParams, iteration: int) -> int:
+    """New training labels ``iteration`` asks for: more after iterations that stalled (``split.train_size``)."""
+    stalls = stalled([f for f in funnels(storage, category) if f.iteration < iteration])
+    return train_size(params.train_sample, params.train_growth, params.train_sample_max, stalls)
 
 
 def new_calibration_size(params: CascadeParams, carried: int, iteration: int) -> int:
@@ -230,6 +245,58 @@ def publish_remainder(
     if not remainder_to_people(len(rows), spent, params.human_budget):
         return None
     return publish(storage, category, REMAINDER, iteration + 1, rows, flow_run_id)
+
+
+def remainder_decision(storage: Storage, category: str, params: CascadeParams, iteration: int) -> str:
+    """Whether the images left after ``iteration`` go to people: "people", "unresolved", or "ask".
+
+    A remainder up to ``params.large_remainder_share`` of the pool goes to people as ``params.remainder`` says.
+    A larger one takes the decision an operator stored (``decide_remainder``), else ``params.large_remainder``:
+    "ask" means the run should wait for that decision before anyone is asked to label so many images.
+    """
+    if params.remainder != "people":
+        return "unresolved"
+    state = _state(storage, category, iteration)
+    left = int(np.sum(state.state == UNLABELED))
+    if left <= params.large_remainder_share * len(state):
+        return "people"
+    path = storage.path(decision_key(category, REMAINDER))
+    stored = storage.read_json(path).get("decision") if storage.exists(path) else None
+    return stored or params.large_remainder
+
+
+def ask_remainder(storage: Storage, category: str, iteration: int, flow_run_id: str | None, why: str) -> dict:
+    """Record that the run waits for a decision on the remainder after ``iteration``; return the question."""
+    state = _state(storage, category, iteration)
+    left = int(np.sum(state.state == UNLABELED))
+    path = storage.path(decision_key(category, REMAINDER))
+    question = storage.read_json(path) if storage.exists(path) else {}
+    question |= {
+        "category": category,
+        "iteration": iteration,
+        "n_images": left,
+        "pool": len(state),
+        "human_labeled": state.human_labeled(),
+        "stopped": why,
+        "flow_run_id": flow_run_id,
+        "decision": question.get("decision"),
+    }
+    storage.write_json(path, question)
+    return question
+
+
+def decide_remainder(storage: Storage, category: str, decision: str) -> dict:
+    """Store an operator's decision on a large remainder ("people" or "unresolved"); return the question."""
+    if decision not in ("people", "unresolved"):
+        raise ValueError(f"decision {decision!r}: use 'people' (label the remainder) or 'unresolved' (leave it)")
+    path = storage.path(decision_key(category, REMAINDER))
+    if not storage.exists(path):
+        raise labels_lib.LabelError(
+            f"no run of {category!r} waits for a decision on its remainder (nothing at {storage.url_of(path)})"
+        )
+    question = storage.read_json(path) | {"decision": decision}
+    storage.write_json(path, question)
+    return question
 
 
 def publish(
@@ -566,7 +633,9 @@ def should_stop(storage: Storage, category: str, params: CascadeParams, iteratio
 def next_sample_size(storage: Storage, category: str, params: CascadeParams, iteration: int) -> int:
     """Images iteration ``iteration + 1`` would send to people (before the cap on its share)."""
     carried = carried_calibration(storage, category, params, iteration + 1).num_rows
-    return params.train_sample + new_calibration_size(params, carried, iteration + 1)
+    return train_sample_size(storage, category, params, iteration + 1) + new_calibration_size(
+        params, carried, iteration + 1
+    )
 
 
 def funnels(storage: Storage, category: str) -> list[Funnel]:

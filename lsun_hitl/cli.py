@@ -12,7 +12,15 @@ from typing import Any
 
 from .calibration import SCANS
 from .cluster import ClusterError
-from .config import ARCHITECTURES, CONFIDENCE_SCOPES, CascadeParams, ConfigError, ModelParams, validate_model
+from .config import (
+    ARCHITECTURES,
+    CONFIDENCE_SCOPES,
+    LARGE_REMAINDER,
+    CascadeParams,
+    ConfigError,
+    ModelParams,
+    validate_model,
+)
 from .labelers import LabelerError
 from .labels import LabelError
 from .quality import QCParams, QualityError
@@ -56,6 +64,10 @@ def _params(args: argparse.Namespace) -> CascadeParams:
         stop_unlabeled=args.stop_unlabeled,
         human_budget=args.human_budget,
         remainder=args.remainder,
+        large_remainder=args.large_remainder,
+        large_remainder_share=args.large_remainder_share,
+        train_growth=args.train_growth,
+        train_sample_max=args.train_sample_max,
         seed=args.seed,
         label_timeout_s=args.label_timeout,
         dask_workers=args.dask_workers,
@@ -113,6 +125,15 @@ def _add_cascade(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-unlabeled", type=int, default=d.stop_unlabeled)
     p.add_argument("--human-budget", type=int, default=d.human_budget)
     p.add_argument("--remainder", choices=("people", "unresolved"), default=d.remainder)
+    p.add_argument(
+        "--large-remainder",
+        choices=LARGE_REMAINDER,
+        default=d.large_remainder,
+        help="a remainder above --large-remainder-share of the pool: ask an operator, or decide now",
+    )
+    p.add_argument("--large-remainder-share", type=float, default=d.large_remainder_share)
+    p.add_argument("--train-growth", type=float, default=d.train_growth, help="more training labels after a stall")
+    p.add_argument("--train-sample-max", type=int, default=d.train_sample_max)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--label-timeout", type=int, default=d.label_timeout_s, help="seconds a run waits for people")
     p.add_argument("--arch", choices=ARCHITECTURES, default=m.arch)
@@ -190,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", required=True)
     p.add_argument("--request", required=True, help="request id, e.g. iteration-1")
     p.add_argument("--labels", help="CSV or JSONL with image_id, labeler, answer (yes/no/unsure)")
+
+    p = sub.add_parser("decide", help="answer a run that asks whether its large remainder goes to people")
+    _add_root(p)
+    p.add_argument("--category", required=True)
+    p.add_argument("--remainder", required=True, choices=("people", "unresolved"))
 
     p = sub.add_parser("serve", help="run the labeling service: the labeling page and its API")
     _add_root(p)
@@ -361,6 +387,16 @@ def cmd_resume(args: argparse.Namespace) -> None:
         print(f"{len(frame)} labels {'stored' if stored else 'were already stored'} for {args.request}")
     run_id = resume(storage, args.category, args.request)
     print(f"resumed flow run {run_id}")
+
+
+def cmd_decide(args: argparse.Namespace) -> None:
+    from .runner import resume_decision
+
+    run_id = resume_decision(_storage(args), args.category, args.remainder)
+    print(
+        f"remainder of {args.category}: {args.remainder}; "
+        + (f"resumed flow run {run_id}" if run_id else "stored (no run waits now: the next run reads it)")
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -635,6 +671,7 @@ COMMANDS = {
     "pretrain": cmd_pretrain,
     "run": cmd_run,
     "resume": cmd_resume,
+    "decide": cmd_decide,
     "crowd": cmd_crowd,
     "serve": cmd_serve,
     "labelers": cmd_labelers,

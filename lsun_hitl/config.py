@@ -24,6 +24,7 @@ ARCHITECTURES = (
 
 
 ConfidenceScope = Literal["run", "threshold"]
+LARGE_REMAINDER: tuple[str, ...] = ("ask", "people", "unresolved")
 CONFIDENCE_SCOPES: tuple[str, ...] = ("run", "threshold")
 
 
@@ -100,9 +101,20 @@ class CascadeParams:
     # without (a smaller training set and noisier thresholds outweighed the calibration it saved)
     carry_calibration: bool = False
     calibration_min_new: int = 500
-    max_iterations: int = 5
+    # a cap: a stalled iteration still labels its sample, which is part of what people would finish by hand, so
+    # the loop goes on; ten iterations fit the run's error budget with 1,500 calibration images (validate)
+    max_iterations: int = 10
     stop_unlabeled: int = 1000
-    stop_unlabeled_fraction: float = 0.02
+    # a share of the pool left to people: 0 keeps the remainder from growing with the pool
+    stop_unlabeled_fraction: float = 0.0
+    # after an iteration whose model decided fewer images than people labeled for it (a stall), the next one
+    # trains on ``train_growth`` times more new labels, up to ``train_sample_max``
+    train_growth: float = 2.0
+    train_sample_max: int = 10_000
+    # a remainder above this share of the pool goes to people only with a yes: "ask" pauses the run for an
+    # operator's decision (lsun-hitl decide, or the resume form in the Prefect UI); "people" or "unresolved" decide
+    large_remainder_share: float = 0.05
+    large_remainder: Literal["ask", "people", "unresolved"] = "ask"
     # a cap on the images people label (None: no cap): the loop stops when what is left cannot buy a calibration
     # sample that certifies anything, and people finish the remainder only if it fits (else it stays unresolved)
     human_budget: int | None = None
@@ -190,6 +202,14 @@ def validate(category: str, params: CascadeParams) -> None:
         (0 <= params.stop_unlabeled_fraction < 1, "stop_unlabeled_fraction", "a fraction in [0, 1)"),
         (params.human_budget is None or params.human_budget > 0, "human_budget", "a positive number or None"),
         (params.remainder in ("people", "unresolved"), "remainder", "'people' or 'unresolved'"),
+        (params.train_growth >= 1, "train_growth", "a factor of 1 (no growth) or more, e.g. 2"),
+        (params.train_sample_max >= params.train_sample, "train_sample_max", "at least train_sample"),
+        (0 <= params.large_remainder_share <= 1, "large_remainder_share", "a share of the pool in [0, 1], e.g. 0.05"),
+        (
+            params.large_remainder in LARGE_REMAINDER,
+            "large_remainder",
+            "'ask' (pause for a decision), 'people' or 'unresolved'",
+        ),
         (params.label_timeout_s > 0, "label_timeout_s", "a positive number of seconds"),
         (params.wait in ("auto", "pause", "suspend"), "wait", "'auto', 'pause' or 'suspend'"),
         (params.score_partition >= 1 and params.score_batch >= 1, "score_partition/score_batch", "positive"),

@@ -84,6 +84,32 @@ def resume(storage: Storage, category: str, request_id: str, *, wait_s: float = 
         time.sleep(1.0)
 
 
+def resume_decision(storage: Storage, category: str, decision: str, *, wait_s: float = 300.0) -> str | None:
+    """Store an operator's decision on a large remainder and resume the run waiting for it.
+
+    Returns the run id resumed, or None when no run is paused for it (a run started again later reads the
+    stored decision).
+    """
+    from prefect.flow_runs import resume_flow_run
+
+    from .cascade import decide_remainder
+
+    question = decide_remainder(storage, category, decision)
+    run_id = question.get("flow_run_id")
+    deadline = time.monotonic() + wait_s
+    while run_id:
+        state = _run_state(run_id)
+        key = (state.state_details.pause_key or "") if state is not None else ""
+        if state is not None and state.is_paused() and key.startswith("remainder-"):
+            resume_flow_run(run_id, run_input={"people": decision == "people"})
+            log.info("resumed flow run %s: remainder %s", run_id, decision)
+            return run_id
+        if state is None or state.is_final() or time.monotonic() > deadline:
+            return None
+        time.sleep(1.0)
+    return None
+
+
 @contextmanager
 def simulated_crowd(
     storage: Storage,

@@ -120,6 +120,28 @@ def stop_reason(
     return None
 
 
+def stalled(funnels: list[Funnel]) -> int:
+    """How many of the last iterations in a row each decided by model fewer images than people labeled for it."""
+    count = 0
+    for f in sorted(funnels, key=lambda f: f.iteration, reverse=True):
+        if f.scored == 0:  # the remainder people finished is no iteration of the loop
+            continue
+        if f.model_positive + f.model_negative >= f.human_labeled:
+            break
+        count += 1
+    return count
+
+
+def train_size(train_sample: int, growth: float, cap: int, stalls: int) -> int:
+    """New training labels an iteration asks for after ``stalls`` stalled iterations in a row.
+
+    A model that stops deciding has learned what its labels can teach it about the images still open;
+    more of them (``growth`` times more per stall, at most ``cap``) is what changes what it learns from.
+    Calibration is untouched: it stays a uniform sample of the open images, so every bound still holds.
+    """
+    return int(min(max(cap, train_sample), round(train_sample * growth**stalls)))
+
+
 def remainder_to_people(left: int, human_labeled: int, human_budget: int | None) -> bool:
     """Whether people label the ``left`` images no model decided, once the loop has stopped.
 

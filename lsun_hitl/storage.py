@@ -267,6 +267,11 @@ def request_key(category: str, request_id: str, suffix: str = "parquet") -> str:
     return f"labels/{category}/requests/{request_id}.{suffix}"
 
 
+def decision_key(category: str, name: str) -> str:
+    """An operator's decision the run waits for (``remainder``: whether a large remainder goes to people)."""
+    return f"labels/{category}/decisions/{name}.json"
+
+
 def votes_dir(category: str, request_id: str) -> str:
     return f"labels/{category}/votes/request={request_id}"
 

@@ -110,6 +110,21 @@ def check_stop(storage: Storage, category: str, params: CascadeParams, iteration
     return cascade.should_stop(storage, category, params, iteration)
 
 
+@task(cache_policy=NO_CACHE)
+def remainder_decision(storage: Storage, category: str, params: CascadeParams, iteration: int) -> str:
+    return cascade.remainder_decision(storage, category, params, iteration)
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def ask_remainder(storage: Storage, category: str, iteration: int, flow_run_id: str | None, why: str) -> dict:
+    return cascade.ask_remainder(storage, category, iteration, flow_run_id, why)
+
+
+@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def store_decision(storage: Storage, category: str, decision: str) -> dict:
+    return cascade.decide_remainder(storage, category, decision)
+
+
 @task(retries=2, retry_delay_seconds=5)
 def label_remainder(storage: Storage, category: str, iteration: int) -> Funnel:
     return cascade.finish_remainder(storage, category, iteration)
