@@ -36,7 +36,7 @@ from lsun_hitl.ingest import build_pool, read_pool
 from lsun_hitl.runner import run_cascade, simulated_crowd
 from lsun_hitl.storage import Storage, dataset_key, report_key
 
-SHARED = ("images", "pool", "groundtruth")
+SHARED = ("images", "pool", "groundtruth", "cache")  # cache: the pool's model inputs, decoded once for every run
 
 
 def prepare(base: Path, limit: int | None) -> Storage:
@@ -180,6 +180,19 @@ def main(argv: list[str] | None = None) -> int:
         help="who takes the images still undecided at the end: people label them, or they stay unresolved",
     )
     ap.add_argument(
+        "--large-remainder",
+        choices=("people", "unresolved"),
+        default="people",
+        help="a remainder above --large-remainder-share of the pool: people label it (as before the ask existed),"
+        " or it stays unresolved; nobody is there to answer the cascade's question",
+    )
+    ap.add_argument("--large-remainder-share", type=float, default=d.large_remainder_share)
+    ap.add_argument(
+        "--data",
+        help="an existing storage root with the pool (pool/, images, groundtruth/), e.g. one made by"
+        " benchmarks/scale_pool.py and lsun-hitl ingest, instead of importing Fashion-MNIST",
+    )
+    ap.add_argument(
         "--arch",
         default="small_convnet",
         help="small_convnet: on pullover's first model AUC 0.979 against 0.962 (mobilenet_v3_small) and 0.970"
@@ -214,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     categories = list(CLASSES) if args.categories == ["all"] else args.categories
     base = Path(args.root)
-    data = prepare(base, args.limit)
+    data = Storage(args.data) if args.data else prepare(base, args.limit)
+    if not data.exists(data.path("pool/images.parquet")):
+        print(f"evaluate: error: no pool under {data.url}; build it with lsun-hitl ingest", file=sys.stderr)
+        return 2
+    os.makedirs(data.path("cache"), exist_ok=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
@@ -272,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
             first_calibration_sample=args.first_calibration_sample,
             human_budget=None if args.human_budget_share is None else int(args.human_budget_share * len(ids)),
             remainder=args.remainder,
+            large_remainder=args.large_remainder,
+            large_remainder_share=args.large_remainder_share,
             model=ModelParams(
                 arch=args.arch,
                 image_size=args.image_size,

@@ -26,6 +26,7 @@ from torch import nn
 from .config import ModelParams
 from .images import ImageError, load_for_model
 from .progress import Progress
+from .steps import count_decoded
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -178,6 +179,7 @@ def decode_many(blobs: Sequence[bytes], size: int, threads: int = 4) -> tuple[np
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         decoded = list(pool.map(one, blobs))
+    count_decoded(len(blobs))
     ok = np.array([d is not None for d in decoded], bool)
     out = np.zeros((len(blobs), size, size, 3), np.uint8)
     for i, d in enumerate(decoded):

@@ -23,6 +23,7 @@ thresholds for its process (``_tune_malloc``); memory then goes back to the OS i
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ from .cluster import run_on_dask
 from .ingest import read_pool
 from .inputs import INDEX_SCHEMA, InputCache
 from .progress import Progress
+from .steps import peak_rss_mb
 from .storage import Storage, scores_dir
 
 SCORE_SCHEMA = pa.schema([("image_id", pa.string()), ("score", pa.float32()), ("error", pa.string())])
@@ -153,7 +155,8 @@ def score_partition(
     Without ``cache`` the row group holds the candidates to score and each image is read and decoded.
     With it the row group holds one shard of the pool (every row of it when the shard is not cached yet,
     else only its candidates, flagged by the ``candidate`` column): a cached shard is read instead of its
-    images; a missing one is decoded whole, stored, then scored. Returns ``{"scored", "decoded"}`` counts.
+    images; a missing one is decoded whole, stored, then scored. Returns the counts ``scored`` and ``decoded``,
+    and the ``worker`` (host:pid) with its ``peak_rss_mb`` (its high-water mark since it started).
     """
     import torch
 
@@ -161,7 +164,8 @@ def score_partition(
 
     out_path = f"{out_dir}/part-{part:05d}.parquet"
     if storage.exists(out_path):
-        return {"scored": pq.ParquetFile(storage.fs.open(out_path, "rb")).metadata.num_rows, "decoded": 0}
+        rows_stored = pq.ParquetFile(storage.fs.open(out_path, "rb")).metadata.num_rows
+        return {"scored": rows_stored, "decoded": 0, "worker": _worker_name(), "peak_rss_mb": peak_rss_mb()}
     torch.set_num_threads(threads)
     _tune_malloc()
     with storage.fs.open(candidates_path, "rb") as f:
@@ -211,7 +215,19 @@ def score_partition(
         {"image_id": ids, "score": pa.array(scores, from_pandas=True), "error": errors}, schema=SCORE_SCHEMA
     )
     storage.write_table(out_path, table)
-    return {"scored": table.num_rows, "decoded": decoded}
+    return {"scored": table.num_rows, "decoded": decoded, "worker": _worker_name(), "peak_rss_mb": peak_rss_mb()}
+
+
+def _peaks(counts: list[dict]) -> dict[str, float]:
+    """Each worker's highest peak memory (MB) over the tasks it ran."""
+    peaks: dict[str, float] = {}
+    for c in counts:
+        peaks[c["worker"]] = round(max(peaks.get(c["worker"], 0.0), c["peak_rss_mb"]), 1)
+    return peaks
+
+
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def cache_plan(pool: pa.Table, rows: np.ndarray, cache: InputCache) -> tuple[pa.Table, list[int]]:
@@ -307,6 +323,10 @@ def score_candidates(
         "from_cache": candidates.num_rows - sum(c["decoded"] for c in counts) if cache is not None else 0,
         "seconds": time.perf_counter() - started,
         "cache": storage.url_of(cache.key) if cache is not None else None,
+        "worker_peak_rss_mb": {
+            w: round(max(c["peak_rss_mb"] for c in counts if c["worker"] == w), 1)
+            for w in {c["worker"] for c in counts}
+        },
     }
     storage.write_json(f"{out_dir}/stats.json", stats)
     return scores

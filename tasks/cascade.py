@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from lsun_hitl import cascade
+from lsun_hitl import cascade, steps
 from lsun_hitl.calibration import Thresholds
 from lsun_hitl.config import CascadeParams
 from lsun_hitl.labels import LabelRequest, collect
@@ -17,6 +19,22 @@ from lsun_hitl.progress import Bar, fan_out
 from lsun_hitl.report import funnel_markdown
 from lsun_hitl.split import Funnel
 from lsun_hitl.storage import Storage
+
+T = TypeVar("T")
+
+
+def recorded(step: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Record the figures of a step taking (storage, category, params, iteration, ...): ``steps.record``."""
+
+    def wrap(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def run(storage: Storage, category: str, params: CascadeParams, iteration: int, *args: Any) -> T:
+            with steps.record(storage, category, iteration, step):
+                return fn(storage, category, params, iteration, *args)
+
+        return run
+
+    return wrap
 
 
 def ui_progress(description: str) -> Callable[[int, int], None]:
@@ -47,12 +65,14 @@ def pretrain_backbone(storage: Storage, params: CascadeParams) -> list[str]:
 
 
 @task(retries=2, retry_delay_seconds=5)
+@recorded("sample")
 def draw_sample(storage: Storage, category: str, params: CascadeParams, iteration: int) -> dict[str, int]:
     drawn = cascade.sample(storage, category, params, iteration)
     return {"train": len(drawn.train), "calibration": len(drawn.calibration)}
 
 
 @task(retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+@recorded("publish")
 def publish_labels(
     storage: Storage, category: str, params: CascadeParams, iteration: int, flow_run_id: str | None
 ) -> LabelRequest:
@@ -67,6 +87,7 @@ def publish_remainder(
 
 
 @task(retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+@recorded("recheck")
 def publish_recheck(
     storage: Storage, category: str, params: CascadeParams, iteration: int, flow_run_id: str | None
 ) -> LabelRequest | None:
@@ -84,23 +105,27 @@ def collect_labels(storage: Storage, category: str, request_id: str) -> int:
 
 
 @task(retries=1, retry_delay_seconds=5)
+@recorded("train")
 def train_model(storage: Storage, category: str, params: CascadeParams, iteration: int) -> str:
     progress = fan_out(Bar(f"train it{iteration}", "step"), ui_progress(f"{category}: training, iteration {iteration}"))
     return cascade.train(storage, category, params, iteration, progress=progress)
 
 
 @task(retries=2, retry_delay_seconds=10)
+@recorded("score")
 def score_pool(storage: Storage, category: str, params: CascadeParams, iteration: int, dask_address: str | None) -> int:
     progress = fan_out(Bar(f"score it{iteration}", "part"), ui_progress(f"{category}: scoring, iteration {iteration}"))
     return cascade.score(storage, category, params, iteration, dask_address=dask_address, progress=progress)
 
 
 @task(retries=2, retry_delay_seconds=5)
+@recorded("calibrate")
 def calibrate_thresholds(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Thresholds:
     return cascade.calibrate(storage, category, params, iteration)
 
 
 @task(retries=2, retry_delay_seconds=5)
+@recorded("split")
 def split_pool(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Funnel:
     return cascade.split(storage, category, params, iteration)
 

@@ -13,6 +13,7 @@ from lsun_hitl.ingest import build_pool
 from lsun_hitl.labels import LabelError, list_requests
 from lsun_hitl.runner import resume_decision, run_cascade, simulated_crowd
 from lsun_hitl.split import Funnel, stalled, train_size
+from lsun_hitl.steps import read_steps, steps_markdown
 from lsun_hitl.storage import Storage, decision_key
 
 from .small_cascade import PARAMS
@@ -82,3 +83,11 @@ def test_a_large_remainder_waits_for_an_operator_and_stays_unresolved_on_no(tmp_
     assert question["decision"] == "unresolved" and question["n_images"] == summary.unresolved > 20
     assert not any(r.request_id == "remainder" for r in list_requests(storage, category)), "nobody was asked"
     assert summary.positive + summary.negative + summary.unresolved == 2000
+
+    # every step of the iteration recorded its figures; scoring's first pass decoded the pool once, on the workers
+    rows = {r["step"]: r for r in read_steps(storage, category) if r["iteration"] == 1}
+    assert {"sample", "publish", "train", "score", "calibrate", "split"} <= set(rows)
+    assert rows["train"]["flow_decoded"] == 300 and rows["train"]["flow_peak_rss_mb"] > 0
+    workers = rows["score"]["workers"]
+    assert workers["decoded"] == 2000 and workers["candidates"] == 2000 - 300 and workers["worker_peak_rss_mb"]
+    assert "| 1 | score |" in steps_markdown(category, read_steps(storage, category))
