@@ -155,7 +155,8 @@ def score_partition(
     Without ``cache`` the row group holds the candidates to score and each image is read and decoded.
     With it the row group holds one shard of the pool (every row of it when the shard is not cached yet,
     else only its candidates, flagged by the ``candidate`` column): a cached shard is read instead of its
-    images; a missing one is decoded whole, stored, then scored. Returns the counts ``scored`` and ``decoded``,
+    images; a missing one is decoded whole, stored, then scored. Returns the counts ``scored``, ``decoded`` and
+    ``from_cache`` (scored from a shard stored earlier),
     and the ``worker`` (host:pid) with its ``peak_rss_mb`` (its high-water mark since it started).
     """
     import torch
@@ -165,7 +166,13 @@ def score_partition(
     out_path = f"{out_dir}/part-{part:05d}.parquet"
     if storage.exists(out_path):
         rows_stored = pq.ParquetFile(storage.fs.open(out_path, "rb")).metadata.num_rows
-        return {"scored": rows_stored, "decoded": 0, "worker": _worker_name(), "peak_rss_mb": peak_rss_mb()}
+        return {
+            "scored": rows_stored,
+            "decoded": 0,
+            "from_cache": 0,
+            "worker": _worker_name(),
+            "peak_rss_mb": peak_rss_mb(),
+        }
     torch.set_num_threads(threads)
     _tune_malloc()
     with storage.fs.open(candidates_path, "rb") as f:
@@ -215,7 +222,13 @@ def score_partition(
         {"image_id": ids, "score": pa.array(scores, from_pandas=True), "error": errors}, schema=SCORE_SCHEMA
     )
     storage.write_table(out_path, table)
-    return {"scored": table.num_rows, "decoded": decoded, "worker": _worker_name(), "peak_rss_mb": peak_rss_mb()}
+    return {
+        "scored": table.num_rows,
+        "decoded": decoded,
+        "from_cache": table.num_rows if cache is not None and not decoded else 0,
+        "worker": _worker_name(),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 def _peaks(counts: list[dict]) -> dict[str, float]:
@@ -320,7 +333,7 @@ def score_candidates(
     stats = {
         "candidates": candidates.num_rows,
         "decoded": sum(c["decoded"] for c in counts),
-        "from_cache": candidates.num_rows - sum(c["decoded"] for c in counts) if cache is not None else 0,
+        "from_cache": sum(c["from_cache"] for c in counts),
         "seconds": time.perf_counter() - started,
         "cache": storage.url_of(cache.key) if cache is not None else None,
         "worker_peak_rss_mb": {
