@@ -53,7 +53,8 @@ def _model(storage: Storage, model_path: str) -> Any:
 
     if model_path not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
-        _MODEL_CACHE[model_path] = model_lib.load(storage.read_bytes(model_path)).to(model_lib.device())
+        net = model_lib.for_inference(model_lib.load(storage.read_bytes(model_path)))
+        _MODEL_CACHE[model_path] = net.to(model_lib.device())
     return _MODEL_CACHE[model_path]
 
 

@@ -104,3 +104,18 @@ def test_weights_on_the_s3_root_are_read_with_its_options_and_checked_before_any
     other = ModelParams(arch="mobilenet_v3_small", image_size=32, weights=params.weights)
     with pytest.raises(ValueError, match="matches architecture 'mobilenet_v3_small'"):
         preflight(storage, "bag", CascadeParams(model_schedule=(params, other)), need_pool=False)
+
+
+def test_folded_batch_norm_scores_as_the_model_does():
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).integers(0, 255, (64, 32, 32, 3), dtype=np.uint8)
+    for arch in ("small_convnet", "mobilenet_v3_small", "resnet18"):
+        net = model_lib.build(ModelParams(arch=arch, image_size=32))
+        for m in net.modules():  # statistics other than the initial ones, so folding has something to fold
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        net.eval()
+        folded = model_lib.for_inference(model_lib.load(model_lib.save(net)))
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()), arch
+        np.testing.assert_allclose(model_lib.predict(folded, x), model_lib.predict(net, x), atol=1e-5, err_msg=arch)
