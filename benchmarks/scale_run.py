@@ -6,7 +6,7 @@
 
 Each category runs as ``lsun-hitl demo`` does (the embedded defaults: the local folder, a Dask LocalCluster,
 Prefect's temporary server, the simulated crowd answering through the labeling service on loopback), in its
-own process, with the options after ``--`` passed on (default: ``--arch small_convnet --image-size 32``).
+own process, with the options after ``--`` passed on (default: none, the project's defaults).
 When a run stops with a remainder larger than its ``--large-remainder-share`` it asks an operator; this
 script answers as one would, with ``lsun-hitl decide --remainder OPERATOR`` (``--operator``, default
 ``unresolved``).
@@ -37,7 +37,7 @@ from lsun_hitl.report import funnel_markdown  # noqa: E402
 from lsun_hitl.steps import read_steps, steps_markdown  # noqa: E402
 from lsun_hitl.storage import Storage, dataset_key, decision_key, report_key  # noqa: E402
 
-DEFAULT_OPTIONS = ["--arch", "small_convnet", "--image-size", "32"]
+DEFAULT_OPTIONS: list[str] = []  # the project's defaults: what a user runs
 
 
 def operator(storage: Storage, root: str, category: str, answer: str, stop: threading.Event) -> None:
