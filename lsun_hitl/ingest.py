@@ -2,13 +2,19 @@
 
 Each candidate image gets an id from a content hash (BLAKE2b-128 of its bytes), so exact duplicates
 collapse to one pool row; the others are counted and listed in the rejects manifest. Files that are
-not usable images go to the rejects manifest with the reason. Listing is done once; reading, hashing
-and decoding run in parallel on Dask, in chunks.
+not usable images go to the rejects manifest with the reason.
+
+Listing is done once, by the driver, which writes it to ``pool/listing.parquet`` under the storage
+root with one row group per chunk. Each Dask task is given only its chunk's number: it opens the
+storage itself (no filesystem object is shipped), reads its row group of URLs, and reads, hashes and
+probes those files. The task graph therefore stays a few bytes per chunk however many files there
+are, instead of carrying every URL (52 MiB at a million files).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,11 +24,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from distributed import Client
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from .cluster import run_on_dask
 from .images import ImageError, probe
 from .progress import Progress
-from .storage import POOL, REJECTS, Storage
+from .storage import LISTING, POOL, REJECTS, Storage
 
 POOL_SCHEMA = pa.schema(
     [
@@ -58,15 +65,37 @@ class IngestReport:
 
 
 def list_prefix(prefix: str, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Every file under ``prefix`` (recursively) as a full URL, sorted; hidden files skipped."""
+    """Every file under ``prefix`` (recursively) as a full URL, sorted; hidden files skipped.
+
+    A local folder is walked with ``os.walk``, which reads directory entries only, where fsspec's
+    ``find`` would stat every file and build a dict for each; the result is the same (a symbolic
+    link to a folder is listed as a file, not followed). Other filesystems use ``find``, and their
+    listings cache is dropped afterwards so the driver does not keep a dict per object.
+    """
     fs, path = url_to_fs(prefix, **(storage_options or {}))
     if not fs.exists(path):
         raise FileNotFoundError(
             f"image prefix {prefix!r} does not exist; pass a folder or URL prefix that holds the candidate images"
         )
-    files = fs.find(path)
+    if isinstance(fs, LocalFileSystem):
+        files = _walk_local(path)
+    else:
+        files = fs.find(path)
+        fs.invalidate_cache(path)
     urls = [fs.unstrip_protocol(p) for p in files if not p.rsplit("/", 1)[-1].startswith(".")]
     return sorted(urls)
+
+
+def _walk_local(path: str) -> list[str]:
+    """Every entry under the local ``path`` that is not a folder, symbolic links to folders included
+    (``path`` itself if it is not a folder)."""
+    if not os.path.isdir(path):
+        return [path]
+    files: list[str] = []
+    for folder, dirs, names in os.walk(path):
+        files.extend(f"{folder}/{name}" for name in names)
+        files.extend(f"{folder}/{d}" for d in dirs if os.path.islink(f"{folder}/{d}"))
+    return files
 
 
 def probe_chunk(urls: Sequence[str], storage_options: dict[str, Any] | None = None) -> tuple[pa.Table, pa.Table]:
@@ -80,7 +109,9 @@ def probe_chunk(urls: Sequence[str], storage_options: dict[str, Any] | None = No
     if not urls:
         return pa.Table.from_pydict(rows, POOL_SCHEMA), pa.Table.from_pydict(rejects, REJECT_SCHEMA)
     fs, _ = url_to_fs(urls[0], **(storage_options or {}))
-    paths = [url_to_fs(u, **(storage_options or {}))[1] for u in urls]
+    # every URL of a chunk shares the first one's filesystem; stripping the protocol per URL is the
+    # same as url_to_fs without a filesystem lookup per file
+    paths = [fs._strip_protocol(u) for u in urls]
     contents = fs.cat(paths, on_error="return")
     if not isinstance(contents, dict):  # a single path returns bytes
         contents = {paths[0]: contents}
@@ -103,6 +134,31 @@ def probe_chunk(urls: Sequence[str], storage_options: dict[str, Any] | None = No
         rows["height"].append(info.height)
         rows["format"].append(info.format)
     return pa.Table.from_pydict(rows, POOL_SCHEMA), pa.Table.from_pydict(rejects, REJECT_SCHEMA)
+
+
+def probe_part(
+    part: int, *, storage: Storage, listing_path: str, source_options: dict[str, Any] | None = None
+) -> tuple[pa.Table, pa.Table]:
+    """Probe the files of row group ``part`` of the listing (runs on a Dask worker).
+
+    Parameters
+    ----------
+    part
+        Row group (chunk) number in the listing file.
+    storage
+        The storage root holding the listing; opened in this process.
+    listing_path
+        Filesystem path of the listing (``storage.path(LISTING)``).
+    source_options
+        fsspec options for the image URLs.
+
+    Returns
+    -------
+    images, rejects
+        As :func:`probe_chunk`.
+    """
+    urls = storage.read_row_group(listing_path, part, columns=["uri"]).column("uri").to_pylist()
+    return probe_chunk(urls, source_options)
 
 
 def dedupe(images: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -138,28 +194,55 @@ def build_pool(
 ) -> IngestReport:
     """Build ``pool/images.parquet`` and ``pool/rejects.parquet`` under ``storage``.
 
+    The listing is written to ``pool/listing.parquet`` (column ``uri``, one row group per chunk of
+    ``chunk_size`` files) and each Dask task reads its own row group, so the task graph does not grow
+    with the number of files.
+
     Parameters
     ----------
+    storage
+        The storage root the manifests (and the listing) are written under.
     sources
         A URL prefix (every file under it is a candidate) or a list of file URLs.
     client
         Dask client that probes chunks in parallel; None probes in this process.
     source_options
         fsspec options for the sources (defaults to the storage root's options).
+    chunk_size
+        Files per task (and per row group of the listing).
+    progress
+        Called as ``progress(chunks_done, chunks_total)`` while chunks finish.
+
+    Returns
+    -------
+    IngestReport
+        Counts of files listed, pool images, exact duplicates and rejects.
     """
     options = storage.options if source_options is None else source_options
     urls = list_prefix(sources, options) if isinstance(sources, str) else sorted(set(sources))
     if not urls:
         raise ValueError(f"no files found in {sources!r}: nothing to ingest")
-    chunks = [urls[i : i + chunk_size] for i in range(0, len(urls), chunk_size)]
-    results = run_on_dask(client, probe_chunk, chunks, progress=progress, storage_options=options)
+    files = len(urls)
+    listing_path = storage.path(LISTING)
+    storage.write_table(listing_path, pa.table({"uri": pa.array(urls, pa.string())}), row_group_size=chunk_size)
+    del urls  # the listing file holds them now; the driver keeps no copy while the tasks run
+    results = run_on_dask(
+        client,
+        probe_part,
+        list(range(storage.num_row_groups(listing_path))),
+        progress=progress,
+        storage=storage,
+        listing_path=listing_path,
+        source_options=options,
+    )
     images = pa.concat_tables([r[0] for r in results])
     rejects = pa.concat_tables([r[1] for r in results])
+    del results
     pool, dups = dedupe(images)
     all_rejects = pa.concat_tables([rejects, dups]).sort_by("uri")
     storage.write_table(storage.path(REJECTS), all_rejects)
     storage.write_table(storage.path(POOL), pool)
-    return IngestReport(files=len(urls), images=pool.num_rows, duplicates=dups.num_rows, rejected=rejects.num_rows)
+    return IngestReport(files=files, images=pool.num_rows, duplicates=dups.num_rows, rejected=rejects.num_rows)
 
 
 def read_pool(storage: Storage, columns: list[str] | None = None) -> pa.Table:

@@ -4,6 +4,7 @@ Layout under the root (see README, "Storage layout")::
 
     pool/images.parquet                          pool manifest: image_id, uri, bytes, width, height, format
     pool/rejects.parquet                         files that are not usable images, with the reason
+    pool/listing.parquet                         the files ingest listed (uri), one row group per Dask task
     groundtruth/<dataset>.parquet                evaluation only: never read by the pipeline
     samples/<category>/iteration=<k>.parquet     which images were sent to people, and in which role
     labels/<category>/requests/<request>.parquet label requests published to people (image_id, uri)
@@ -172,6 +173,24 @@ class Storage:
 
         return self._retry("read", path, read)
 
+    def num_row_groups(self, path: str) -> int:
+        """How many row groups the Parquet file at ``path`` has (its footer only is read)."""
+
+        def count() -> int:
+            with self.fs.open(path, "rb") as f:
+                return pq.ParquetFile(f).metadata.num_row_groups
+
+        return self._retry("read", path, count)
+
+    def read_row_group(self, path: str, index: int, columns: list[str] | None = None) -> pa.Table:
+        """Row group ``index`` of the Parquet file at ``path``: only its footer and that group are read."""
+
+        def read() -> pa.Table:
+            with self.fs.open(path, "rb") as f:
+                return pq.ParquetFile(f).read_row_group(index, columns=columns)
+
+        return self._retry("read", path, read)
+
     def glob(self, pattern: str) -> list[str]:
         return self._retry("list", pattern, lambda: sorted(self.fs.glob(pattern)))
 
@@ -241,6 +260,7 @@ class Storage:
 # ---- the layout, in one place -------------------------------------------------------------------
 POOL = "pool/images.parquet"
 REJECTS = "pool/rejects.parquet"
+LISTING = "pool/listing.parquet"
 
 
 def groundtruth_key(dataset: str) -> str:
