@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, JpegImagePlugin
 
 # Refuse images above 64 megapixels: bigger ones are almost always hostile or broken.
 MAX_PIXELS = 64_000_000
@@ -52,17 +52,35 @@ def _open(data: bytes) -> Image.Image:
 
 
 def probe(data: bytes) -> ImageInfo:
-    """Fully decode ``data`` once and return its size and format; raise ImageError if unusable."""
+    """Decode ``data`` once and return its size, format and mode; raise ImageError if unusable.
+
+    Every byte of the image data goes through the decoder, so truncated or undecodable files are
+    refused here rather than when scoring. JPEGs are decoded at 1/8 scale in greyscale
+    (``draft``): libjpeg still reads and entropy-decodes the whole stream, which is what detects
+    truncation, but skips most of the inverse DCT and the colour conversion.
+
+    Parameters
+    ----------
+    data
+        The file's bytes.
+
+    Returns
+    -------
+    ImageInfo
+        Full-size width and height, PIL's format name and the file's own mode.
+    """
     img = _open(data)
     fmt = img.format or "unknown"
+    (width, height), mode = img.size, img.mode  # draft() changes both: record the file's own
     try:
+        if isinstance(img, JpegImagePlugin.JpegImageFile):
+            img.draft("L", (max(1, width // 8), max(1, height // 8)))
         img.load()
     except Exception as exc:
         raise ImageError(f"corrupt or truncated {fmt} image ({type(exc).__name__}: {exc})") from exc
-    width, height = img.size
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
-    return ImageInfo(width=width, height=height, format=fmt, mode=img.mode)
+    return ImageInfo(width=width, height=height, format=fmt, mode=mode)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
