@@ -250,14 +250,15 @@ def publish_remainder(
 def remainder_decision(storage: Storage, category: str, params: CascadeParams, iteration: int) -> str:
     """Whether the images left after ``iteration`` go to people: "people", "unresolved", or "ask".
 
-    A remainder up to ``params.large_remainder_share`` of the pool goes to people as ``params.remainder`` says.
+    None go to people with ``params.remainder == "unresolved"`` or when they do not fit in the human budget. A
+    remainder up to ``params.large_remainder_share`` of the pool goes to people as ``params.remainder`` says.
     A larger one takes the decision an operator stored (``decide_remainder``), else ``params.large_remainder``:
     "ask" means the run should wait for that decision before anyone is asked to label so many images.
     """
-    if params.remainder != "people":
-        return "unresolved"
     state = _state(storage, category, iteration)
     left = int(np.sum(state.state == UNLABELED))
+    if params.remainder != "people" or not remainder_to_people(left, state.human_labeled(), params.human_budget):
+        return "unresolved"  # by choice, or it does not fit in what the budget leaves: nobody is asked
     if left <= params.large_remainder_share * len(state):
         return "people"
     path = storage.path(decision_key(category, REMAINDER))

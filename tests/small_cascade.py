@@ -19,6 +19,7 @@ PARAMS = CascadeParams(
     max_sample_fraction=0.3,
     target_false_omission=0.02,
     max_iterations=2,
+    large_remainder="people",  # the remainder goes to people without asking an operator
     stop_unlabeled=100,
     label_poll_s=1,
     label_timeout_s=600,
