@@ -394,7 +394,7 @@ def train(
         [state.p_positive[earlier], _p_for(storage, category, request_id_for(iteration), state, drawn.train)]
     )
     model_params = params.model_for(iteration)
-    images, ok = read_pool_images(storage, rows, model_params.image_size)
+    images, ok = read_pool_images(storage, rows, model_params.image_size, input_cache(storage, params, iteration))
     net = model_lib.train(
         images[ok],
         targets[ok],
@@ -429,11 +429,9 @@ def score(
     rows = candidates(state, sample(storage, category, params, iteration))
     pool = read_pool(storage, columns=["image_id", "uri"])
     todo = pool.take(pa.array(rows, pa.int64()))
-    cache = None
-    if params.input_cache:  # every category's passes over the pool share one decode of it
+    cache = input_cache(storage, params, iteration, pool.column("image_id"))
+    if cache is not None:  # every category's passes over the pool share one decode of it
         todo = todo.add_column(0, "row", pa.array(rows, pa.int64()))
-        image_size = params.model_for(iteration).image_size
-        cache = InputCache.of_pool(storage, pool.column("image_id"), image_size)
     with dask_client(dask_address, n_workers=params.dask_workers) as client:
         scores = score_candidates(
             storage,
@@ -449,6 +447,17 @@ def score(
             cache=cache,
         )
     return int(pc.sum(pc.is_valid(scores.column("score"))).as_py() or 0)
+
+
+def input_cache(
+    storage: Storage, params: CascadeParams, iteration: int, image_ids: pa.ChunkedArray | None = None
+) -> InputCache | None:
+    """The pool's model-input cache at ``iteration``'s input size, or None when ``params.input_cache`` is off."""
+    if not params.input_cache:
+        return None
+    if image_ids is None:
+        image_ids = read_pool(storage, columns=["image_id"]).column("image_id")
+    return InputCache.of_pool(storage, image_ids, params.model_for(iteration).image_size)
 
 
 # ---- recheck -------------------------------------------------------------------------------------------

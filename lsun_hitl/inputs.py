@@ -99,3 +99,32 @@ class InputCache:
         np.save(buf, np.ascontiguousarray(images, np.uint8), allow_pickle=False)
         self.storage.write_bytes(self._path(shard, "npy"), buf.getvalue())
         self.storage.write_table(self._path(shard, "parquet"), index.cast(INDEX_SCHEMA))
+
+    def take(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The cached inputs of pool ``rows``: ``(images (N, s, s, 3) uint8, ok (N,), cached (N,))``.
+
+        ``cached`` is False for rows whose shard is not complete (their images are zeros: decode them). A local
+        shard is memory-mapped, so only the rows asked for are read; a remote one is read whole.
+        """
+        rows = np.asarray(rows, np.int64)
+        s = self.image_size
+        images = np.zeros((len(rows), s, s, 3), np.uint8)
+        ok = np.zeros(len(rows), bool)
+        cached = np.zeros(len(rows), bool)
+        shards = rows // self.shard_rows
+        for shard in np.unique(shards).tolist():
+            index_path = self._path(shard, "parquet")
+            if not self.storage.exists(index_path):
+                continue
+            at = np.flatnonzero(shards == shard)
+            offsets = rows[at] - shard * self.shard_rows
+            if self.storage.is_local:
+                pixels = np.load(self._path(shard, "npy"), mmap_mode="r", allow_pickle=False)
+            else:
+                pixels = np.load(io.BytesIO(self.storage.read_bytes(self._path(shard, "npy"))), allow_pickle=False)
+            images[at] = pixels[offsets]
+            ok[at] = (
+                self.storage.read_table(index_path, columns=["ok"]).column("ok").to_numpy(zero_copy_only=False)[offsets]
+            )
+            cached[at] = True
+        return images, ok, cached

@@ -80,18 +80,27 @@ def _read_batch(uris: list[str], options: dict[str, Any], size: int) -> tuple[np
     return images, ok, errors
 
 
-def read_pool_images(storage: Storage, rows: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode the pool images at ``rows`` in this process: ``(images (N, size, size, 3) uint8, ok (N,))``.
+def read_pool_images(
+    storage: Storage, rows: np.ndarray, size: int, cache: InputCache | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The model inputs of the pool images at ``rows``, in this process: ``(images (N, size, size, 3) uint8, ok (N,))``.
 
-    For the few thousand images a step trains or calibrates on; the whole pool is scored on Dask.
+    For the images a step trains or calibrates on; the whole pool is scored on Dask. With ``cache``, rows whose
+    shard is stored are read from it and only the others are decoded.
     """
-    table = read_pool(storage, columns=["uri"])
-    uris = table.column("uri").take(pa.array(rows, pa.int64())).to_pylist()
-    images = np.zeros((len(rows), size, size, 3), np.uint8)
-    ok = np.zeros(len(rows), bool)
-    for start in range(0, len(uris), 512):
-        imgs, good, _ = _read_batch(uris[start : start + 512], storage.options, size)
-        images[start : start + len(good)], ok[start : start + len(good)] = imgs, good
+    rows = np.asarray(rows, np.int64)
+    if cache is not None:
+        images, ok, cached = cache.take(rows)
+    else:
+        images, ok, cached = np.zeros((len(rows), size, size, 3), np.uint8), np.zeros(len(rows), bool), None
+    todo = np.arange(len(rows)) if cached is None else np.flatnonzero(~cached)
+    if len(todo):
+        table = read_pool(storage, columns=["uri"])
+        uris = table.column("uri").take(pa.array(rows[todo], pa.int64())).to_pylist()
+        for start in range(0, len(uris), 512):
+            imgs, good, _ = _read_batch(uris[start : start + 512], storage.options, size)
+            at = todo[start : start + len(good)]
+            images[at], ok[at] = imgs, good
     return images, ok
 
 

@@ -9,8 +9,8 @@ import pytest
 from lsun_hitl import model as model_lib
 from lsun_hitl.config import ModelParams
 from lsun_hitl.inputs import InputCache, pool_fingerprint, shard_rows_for
-from lsun_hitl.scoring import score_candidates
-from lsun_hitl.storage import Storage, scores_dir
+from lsun_hitl.scoring import read_pool_images, score_candidates
+from lsun_hitl.storage import POOL, Storage, scores_dir
 
 from .conftest import png_bytes
 
@@ -29,6 +29,7 @@ def pool(tmp_path, fashion) -> tuple[Storage, pa.Table, str]:
         storage.write_bytes(path, data)
         uris.append(storage.url_of(f"images/{i:05d}.png"))
     table = pa.table({"image_id": [f"id{i:05d}" for i in range(1300)], "uri": uris})
+    storage.write_table(storage.path(POOL), table)
     net = model_lib.build(ModelParams(arch="small_convnet", image_size=SIZE)).eval()
     model_path = storage.path("models/m.pt")
     storage.write_bytes(model_path, model_lib.save(net))
@@ -58,6 +59,13 @@ def test_cached_scores_equal_decoded_and_each_shard_is_decoded_once(pool, dask_c
 
     a, stats_a = _score(storage, table, model_path, "a", rows_a, dask_cluster, cache)
     assert stats_a["decoded"] == 1024, "the first pass decodes the two shards it touches whole"
+    # training reads: rows of the stored shards come from the cache, the others (shard 2) are decoded
+    some = np.array([1299, 3, 700, 1100, 512, 9])
+    cached_images, cached_ok = read_pool_images(storage, some, SIZE, cache)
+    decoded_images, decoded_ok = read_pool_images(storage, some, SIZE)
+    assert np.array_equal(cached_images, decoded_images) and np.array_equal(cached_ok, decoded_ok)
+    assert cached_ok.tolist() == [True, True, False, True, True, True], "row 700 is not an image"
+    assert cache.take(some)[2].tolist() == [False, True, True, False, True, True]
     assert stats_a["from_cache"] == 0
     assert cache.complete() == {0, 1}
     b, stats_b = _score(storage, table, model_path, "b", rows_b, dask_cluster, cache)
