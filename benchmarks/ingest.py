@@ -21,8 +21,8 @@ storage root the benchmark's pool manifest goes to, separate from the images. Fi
   (``getrusage``) and whether Dask warned about a large task graph.
 
 ``--s3`` starts moto's S3 server (``moto_server``) in its own process on loopback, uploads the first
-``--s3-files`` files of the prefix to a bucket, and measures both through s3fs. The ceiling runs in a
-child process, so the driver's peak RSS is that of ingest alone. Cluster start-up is excluded; the
+``--s3-files`` files of the prefix to a bucket, and measures both through s3fs. The upload and the
+ceiling run in child processes, so the driver's peak RSS is that of ingest alone. Cluster start-up is excluded; the
 workers import ingest's modules before the clock starts.
 """
 
@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from lsun_hitl.cluster import dask_client  # noqa: E402
 from lsun_hitl.images import ImageError, probe  # noqa: E402
-from lsun_hitl.ingest import build_pool, list_prefix, probe_chunk  # noqa: E402
+from lsun_hitl.ingest import _one_request_per_file, build_pool, list_prefix, probe_chunk  # noqa: E402
 from lsun_hitl.progress import Bar  # noqa: E402
 from lsun_hitl.storage import Storage  # noqa: E402
 
@@ -128,7 +128,7 @@ def ceiling(prefix: str, options: dict[str, Any], sample: int, chunk: int) -> di
     for i in range(0, len(picked), chunk):
         batch = picked[i : i + chunk]
         start = time.perf_counter()
-        got = fs.cat(batch, on_error="return")
+        got = fs.cat(batch, on_error="return", **_one_request_per_file(fs))  # as probe_chunk reads
         parts["read"] += time.perf_counter() - start
         blobs = [got[p] for p in batch if isinstance(got.get(p), bytes)]
         timed = [("header", _header), ("hash", _hash), ("full_decode", _full_decode), ("probe", _probe)]
@@ -240,7 +240,7 @@ def upload(prefix: str, options: dict[str, Any], n: int, batch: int = 500) -> tu
     import s3fs
 
     local, path = url_to_fs(prefix)
-    names = sorted(p for p in local.find(path) if not p.rsplit("/", 1)[-1].startswith("."))[:n]
+    names = [local._strip_protocol(u) for u in list_prefix(prefix)[:n]]
     s3 = s3fs.S3FileSystem(**options)
     s3.mkdir(BUCKET)
     dest = f"{BUCKET}/images/{os.path.basename(path.rstrip('/'))}"
@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.s3:
             server, options = start_moto()
-            prefix, n, took = upload(args.images, options, args.s3_files)
+            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # its listing is not ours
+                prefix, n, took = pool.submit(upload, args.images, options, args.s3_files).result()
             print(f"uploaded {n:,} files to {prefix} in {took:,.0f} s ({n / took:,.0f} files/s)", flush=True)
             storage = Storage(f"s3://{BUCKET}/root", options)
             label = "S3 (moto server on loopback, s3fs)"
