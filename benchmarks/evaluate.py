@@ -31,10 +31,11 @@ from lsun_hitl.cascade import funnels
 from lsun_hitl.config import CONFIDENCE_SCOPES, CascadeParams, ModelParams
 from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
 from lsun_hitl.evaluation import evaluate
-from lsun_hitl.fashion_mnist import CLASSES, import_fashion_mnist, read_truth
+from lsun_hitl.fashion_mnist import CLASSES, import_fashion_mnist
 from lsun_hitl.ingest import build_pool, read_pool
 from lsun_hitl.runner import run_cascade, simulated_crowd
 from lsun_hitl.storage import Storage, dataset_key, report_key
+from lsun_hitl.truth import read_truth
 
 SHARED = ("images", "pool", "groundtruth", "cache")  # cache: the pool's model inputs, decoded once for every run
 

@@ -36,9 +36,9 @@ import pyarrow as pa
 from lsun_hitl import export
 from lsun_hitl import model as model_lib
 from lsun_hitl.config import ModelParams
-from lsun_hitl.fashion_mnist import read_truth
 from lsun_hitl.progress import Bar
 from lsun_hitl.storage import Storage
+from lsun_hitl.truth import read_truth
 
 
 def average_precision(truth: np.ndarray, scores: np.ndarray) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -237,16 +238,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_root(p)
     p.add_argument("--category", required=True)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--labels", help="CSV with image_id, answer (yes/no) given by an expert")
-    g.add_argument("--from-fashion-mnist", type=int, metavar="N", help="N Fashion-MNIST images, half positives")
+    g.add_argument("--labels", help="CSV with image_id or uri, and answer (yes/no), given by an expert")
+    g.add_argument(
+        "--from-truth",
+        "--from-fashion-mnist",
+        dest="from_truth",
+        type=int,
+        metavar="N",
+        help="N pool images with registered ground truth (lsun-hitl truth; Fashion-MNIST's), half positives",
+    )
 
-    p = sub.add_parser("crowd", help="serve label requests with a simulated crowd (Fashion-MNIST truth)")
+    p = sub.add_parser("truth", help="register a ground-truth table or class-folder tree (simulation tools only)")
+    _add_root(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--table", help="CSV or Parquet: uri or image_id, and a class column or a yes/no column per category"
+    )
+    g.add_argument("--folder", help="an ImageFolder-style tree (one folder per class), local or any fsspec URL")
+    p.add_argument("--name", help="the table's name under groundtruth/ (default: the file or folder's name)")
+
+    p = sub.add_parser("crowd", help="serve label requests with a simulated crowd (registered truth)")
     _add_root(p)
     p.add_argument("--category", default="sneaker")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--service", help="URL of the labeling service: answer through it, as people do")
 
-    p = sub.add_parser("evaluate", help="compare a finished category with Fashion-MNIST ground truth")
+    p = sub.add_parser("evaluate", help="compare a finished category with its registered ground truth")
     _add_root(p)
     p.add_argument("--category", default="sneaker")
 
@@ -451,25 +468,65 @@ def cmd_gold(args: argparse.Namespace) -> None:
     from .quality import write_gold
 
     storage = _storage(args)
-    if args.from_fashion_mnist:
-        from .fashion_mnist import expert_gold
+    if args.from_truth:
+        from .truth import gold_from_truth
 
-        gold = expert_gold(storage, args.category, args.from_fashion_mnist)
+        gold = gold_from_truth(storage, args.category, args.from_truth)
     else:
         try:
             frame = pd.read_csv(args.labels, dtype=str, skipinitialspace=True)
         except Exception as exc:  # noqa: BLE001 - pandas raises many kinds for malformed files
             raise ConfigError(
-                f"cannot parse gold file {args.labels!r} ({exc}); give a CSV with image_id, answer"
+                f"cannot parse gold file {args.labels!r} ({exc}); give a CSV with image_id or uri, and answer"
             ) from exc
+        key = "image_id" if "image_id" in frame.columns else "uri" if "uri" in frame.columns else None
+        if key is None or "answer" not in frame.columns:
+            raise ConfigError(
+                f"gold file {args.labels!r} has columns {list(frame.columns)}; give image_id or uri, and answer"
+            )
         pool = read_pool(storage, columns=["image_id", "uri"]).to_pandas()
-        gold = frame.merge(pool, on="image_id", how="left")
-        if gold["uri"].isna().any():
+        if key == "uri":
+            from .truth import to_uri
+
+            frame["uri"] = frame["uri"].map(to_uri)
+        gold = frame.drop(columns=[c for c in ("image_id", "uri") if c != key and c in frame]).merge(
+            pool, on=key, how="left"
+        )
+        missing = gold["uri" if key == "image_id" else "image_id"].isna()
+        if missing.any():
             raise ConfigError(
                 f"gold file {args.labels!r} names images that are not in the pool, e.g. "
-                f"{list(gold.loc[gold['uri'].isna(), 'image_id'][:3])}"
+                f"{list(gold.loc[missing, key][:3])}; use the pool's image ids or URIs (lsun-hitl ingest lists them)"
             )
     print(f"{write_gold(storage, args.category, gold)} gold images stored for {args.category!r}")
+
+
+def cmd_truth(args: argparse.Namespace) -> None:
+    from .ingest import read_pool
+    from .truth import from_folder, info, normalize, register, registered
+
+    storage = _storage(args)
+    if not args.table and not args.folder:
+        names = registered(storage)
+        for name in names:
+            print(info(storage, name))
+        if not names:
+            print(f"no ground truth registered under {storage.url}; add one with --table FILE or --folder DIR")
+        return
+    source = args.table or args.folder
+    name = args.name or os.path.basename(source.rstrip("/")).split(".")[0]
+    if args.folder:
+        table = from_folder(args.folder)
+    else:
+        from .truth import read_table_file
+
+        pool = (
+            read_pool(storage, columns=["image_id", "uri"])
+            if storage.exists(storage.path("pool/images.parquet"))
+            else None
+        )
+        table = normalize(read_table_file(args.table), pool, args.table)
+    print(register(storage, name, table))
 
 
 def cmd_crowd(args: argparse.Namespace) -> None:
@@ -487,8 +544,8 @@ def cmd_crowd(args: argparse.Namespace) -> None:
             stop.set()
         return
     from .crowd import CrowdParams, SimulatedCrowd
-    from .fashion_mnist import read_truth
     from .runner import simulated_crowd
+    from .truth import read_truth
 
     crowd = SimulatedCrowd(read_truth(storage, args.category), CrowdParams(seed=args.seed))
     with simulated_crowd(storage, args.category, crowd, poll_s=1.0) as thread:
@@ -630,12 +687,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from contextlib import ExitStack
 
     from .crowd import CrowdParams, http_crowd
-    from .fashion_mnist import expert_gold
     from .quality import read_gold, write_gold
     from .service import ServiceThread, create_app, resume_waiting_run
+    from .truth import gold_from_truth
 
     if read_gold(storage, args.category).num_rows == 0:
-        write_gold(storage, args.category, expert_gold(storage, args.category, 100, seed=args.seed))
+        write_gold(storage, args.category, gold_from_truth(storage, args.category, 100, seed=args.seed))
     stop = threading.Event()
     with ExitStack() as stack:
         app = create_app(storage, QCParams(), on_complete=resume_waiting_run(storage))
@@ -676,6 +733,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "labelers": cmd_labelers,
     "gold": cmd_gold,
+    "truth": cmd_truth,
     "evaluate": cmd_evaluate,
     "export": cmd_export,
     "review": cmd_review,

@@ -165,8 +165,8 @@ def serve(
 # ---- the crowd as clients of the labeling service: the same path as people ------------------------------
 def truth_by_image_id(storage: Storage, category: str) -> dict[str, bool]:
     """``{image_id: is a <category>}`` for every pool image (pool ids joined with the ground truth)."""
-    from .fashion_mnist import read_truth
     from .ingest import read_pool
+    from .truth import read_truth
 
     truth = read_truth(storage, category)
     pool = read_pool(storage, columns=["image_id", "uri"])

@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .fashion_mnist import read_truth
 from .storage import Storage, dataset_key
+from .truth import read_truth
 
 
 @dataclass(frozen=True)

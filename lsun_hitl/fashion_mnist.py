@@ -127,38 +127,3 @@ def import_fashion_mnist(
     )
     storage.write_table(storage.path(groundtruth_key(DATASET)), truth)
     return storage.url_of(prefix)
-
-
-def read_truth(storage: Storage, category: str) -> dict[str, bool]:
-    """Evaluation and simulated crowd only: ``{uri: image is a <category>}``."""
-    check_category(category)
-    table = storage.read_table(storage.path(groundtruth_key(DATASET)), columns=["uri", "class_name"])
-    uris = table.column("uri").to_pylist()
-    names = table.column("class_name").to_pylist()
-    return {u: n == category for u, n in zip(uris, names, strict=True)}
-
-
-def expert_gold(storage: Storage, category: str, n: int = 100, seed: int = 0) -> pa.Table:
-    """Gold images for the simulated crowd's quality control: ``n`` pool images, half of them positives.
-
-    Stands in for the few answers an expert gives by hand before labeling starts; it reads the ground
-    truth, as the simulated crowd does, and the pipeline only ever sees the gold answers.
-    """
-    from .ingest import read_pool
-
-    truth = read_truth(storage, category)
-    pool = read_pool(storage, columns=["image_id", "uri"])
-    ids, uris = pool.column("image_id").to_pylist(), pool.column("uri").to_pylist()
-    rng = np.random.default_rng(seed)
-    pos = [k for k, u in enumerate(uris) if truth.get(u) is True]
-    neg = [k for k, u in enumerate(uris) if truth.get(u) is False]
-    take = list(rng.choice(pos, min(len(pos), n // 2), replace=False)) + list(
-        rng.choice(neg, min(len(neg), n - n // 2), replace=False)
-    )
-    return pa.table(
-        {
-            "image_id": [ids[k] for k in take],
-            "uri": [uris[k] for k in take],
-            "answer": ["yes" if truth[uris[k]] else "no" for k in take],
-        }
-    )

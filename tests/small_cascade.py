@@ -8,9 +8,9 @@ import sys
 
 from lsun_hitl.config import CascadeParams, ModelParams
 from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
-from lsun_hitl.fashion_mnist import read_truth
 from lsun_hitl.runner import run_cascade, simulated_crowd
 from lsun_hitl.storage import Storage
+from lsun_hitl.truth import read_truth
 
 PARAMS = CascadeParams(
     train_sample=300,

@@ -9,12 +9,13 @@ import numpy as np
 from lsun_hitl.cascade import Summary
 from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
 from lsun_hitl.evaluation import evaluate
-from lsun_hitl.fashion_mnist import import_fashion_mnist, read_truth
+from lsun_hitl.fashion_mnist import import_fashion_mnist
 from lsun_hitl.ingest import build_pool
 from lsun_hitl.labels import list_requests
 from lsun_hitl.manifest import UNLABELED, manifest_iterations, read_manifest
 from lsun_hitl.runner import run_cascade, simulated_crowd
 from lsun_hitl.storage import Storage, dataset_key, sample_key
+from lsun_hitl.truth import read_truth
 
 from .small_cascade import PARAMS
 

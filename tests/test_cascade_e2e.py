@@ -9,12 +9,13 @@ from lsun_hitl.cascade import Audit, Summary
 from lsun_hitl.config import CascadeParams, ModelParams
 from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
 from lsun_hitl.evaluation import evaluate
-from lsun_hitl.fashion_mnist import import_fashion_mnist, read_truth
+from lsun_hitl.fashion_mnist import import_fashion_mnist
 from lsun_hitl.ingest import build_pool, read_pool
 from lsun_hitl.labels import RunEnded, list_requests, read_request, read_votes
 from lsun_hitl.manifest import UNLABELED, manifest_iterations, read_manifest
 from lsun_hitl.runner import resume, run_cascade, simulated_crowd
 from lsun_hitl.storage import Storage, calibration_key, calibration_set_key, dataset_key, sample_key
+from lsun_hitl.truth import read_truth
 
 CATEGORY = "trouser"
 PARAMS = CascadeParams(

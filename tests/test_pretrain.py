@@ -13,10 +13,11 @@ from lsun_hitl import model as model_lib
 from lsun_hitl.cli import main as cli
 from lsun_hitl.config import CascadeParams, ModelParams
 from lsun_hitl.crowd import CrowdParams, SimulatedCrowd, deliver
-from lsun_hitl.fashion_mnist import import_fashion_mnist, read_truth
+from lsun_hitl.fashion_mnist import import_fashion_mnist
 from lsun_hitl.ingest import build_pool
 from lsun_hitl.pretrain import ROTATIONS, pool_weights, pretrain_on_pool, rotate, rotation_pretrain
 from lsun_hitl.storage import Storage, pretrained_key
+from lsun_hitl.truth import read_truth
 from tests.test_model import prep
 
 
