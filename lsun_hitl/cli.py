@@ -402,8 +402,7 @@ def cmd_resume(args: argparse.Namespace) -> None:
             submission = "file-" + hashlib.blake2b(f.read(), digest_size=8).hexdigest()
         stored = submit_votes(storage, args.category, args.request, frame, submission)
         print(f"{len(frame)} labels {'stored' if stored else 'were already stored'} for {args.request}")
-    run_id = resume(storage, args.category, args.request)
-    print(f"resumed flow run {run_id}")
+    print(resume(storage, args.category, args.request))
 
 
 def cmd_decide(args: argparse.Namespace) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from .storage import Storage, aggregated_key, request_key, votes_dir
+from .storage import Storage, aggregated_key, request_key, taken_key, votes_dir
 
 ANSWERS = ("yes", "no", "unsure")
 VOTE_SCHEMA = pa.schema(
@@ -373,6 +373,24 @@ def collect(storage: Storage, category: str, request_id: str) -> pa.Table:
     out = pa.Table.from_pandas(df[AGG_SCHEMA.names], schema=AGG_SCHEMA, preserve_index=False)
     storage.write_table(storage.path(aggregated_key(category, request_id)), out)
     return out
+
+
+def take(storage: Storage, category: str, request_id: str) -> pa.Table:
+    """The run's step that takes a request's labels: aggregate them (``collect``) and record that it did.
+
+    The record (``labels/<c>/taken/<request>.json``) tells whoever resumes the run later that there is
+    nothing left to resume: labels that arrive before the run reaches its pause are taken without one.
+    """
+    table = collect(storage, category, request_id)
+    path = storage.path(taken_key(category, request_id))
+    if not storage.exists(path):
+        storage.write_json(path, {"request_id": request_id, "images": table.num_rows, "at": time.time()})
+    return table
+
+
+def was_taken(storage: Storage, category: str, request_id: str) -> bool:
+    """True once the run took ``request_id``'s labels and went on (see ``take``)."""
+    return storage.exists(storage.path(taken_key(category, request_id)))
 
 
 def human_votes_spent(storage: Storage, category: str) -> int:

@@ -7,10 +7,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .config import CascadeParams
-from .labels import LabelError, RunEnded, read_request
+from .labels import LabelError, RunEnded, read_request, was_taken
 from .storage import Storage
 
 if TYPE_CHECKING:
@@ -35,14 +36,31 @@ def run_cascade(
     )
 
 
-def resume(storage: Storage, category: str, request_id: str, *, wait_s: float = 300.0) -> str:
+@dataclass(frozen=True)
+class Resumed:
+    """What ``resume`` did: ``how`` is "resumed" (the run was paused for the request and goes on now),
+    "taken" (the run took the labels without pausing) or "moved on" (it waits for a later request)."""
+
+    run_id: str
+    how: str
+
+    def __str__(self) -> str:
+        return {
+            "resumed": f"resumed flow run {self.run_id}",
+            "taken": f"flow run {self.run_id} already took these labels and went on; nothing to resume",
+            "moved on": f"flow run {self.run_id} has moved past this request; nothing to resume",
+        }[self.how]
+
+
+def resume(storage: Storage, category: str, request_id: str, *, wait_s: float = 300.0) -> Resumed:
     """Resume the flow run waiting for ``request_id``, once its labels are all stored.
 
     Validates before resuming (a run resumed with bad input would not ask again): raises LabelError
-    if the request is unknown or some of its images have no answer yet. Waits up to ``wait_s`` for
-    the run to reach its pause (labels may arrive before the run pauses). Returns the run id. Raises
-    RunEnded (a LabelError) if the run has ended: a run that polls storage may take the labels and go on
-    before anyone resumes it.
+    if the request is unknown or some of its images have no answer yet. Returns at once when the run
+    already took the labels (labels stored before the run reached its pause are taken without one) or
+    is paused for a later request; otherwise waits up to ``wait_s`` for the run to reach its pause.
+    Raises RunEnded (a LabelError) if the run has ended, and LabelError if it neither pauses nor takes
+    the labels within ``wait_s``.
     """
     from prefect.exceptions import ObjectNotFound
     from prefect.flow_runs import resume_flow_run
@@ -57,6 +75,8 @@ def resume(storage: Storage, category: str, request_id: str, *, wait_s: float = 
         raise LabelError(f"request {request_id!r} is not fully labeled yet; store every image's answer first")
     deadline = time.monotonic() + wait_s
     while True:
+        if was_taken(storage, category, request_id):
+            return Resumed(request.flow_run_id, "taken")
         state = _run_state(request.flow_run_id)
         key = state.state_details.pause_key if state is not None else None
         # resume only a pause for this request (keys are "<request>-<attempt>"): "iteration-1" must not
@@ -65,9 +85,11 @@ def resume(storage: Storage, category: str, request_id: str, *, wait_s: float = 
             try:
                 resume_flow_run(request.flow_run_id, run_input={"request_id": request_id})
                 log.info("resumed flow run %s with %s", request.flow_run_id, request_id)
-                return request.flow_run_id
+                return Resumed(request.flow_run_id, "resumed")
             except (RuntimeError, ObjectNotFound) as exc:
                 log.info("resume of %s not accepted yet (%s)", request.flow_run_id, exc)
+        elif state is not None and state.is_paused():
+            return Resumed(request.flow_run_id, "moved on")
         elif state is not None and state.type in (
             StateType.COMPLETED,
             StateType.FAILED,
@@ -80,7 +102,11 @@ def resume(storage: Storage, category: str, request_id: str, *, wait_s: float = 
                 state.name,
             )
         if time.monotonic() > deadline:
-            raise TimeoutError(f"flow run {request.flow_run_id} did not pause for {request_id!r} within {wait_s} s")
+            raise LabelError(
+                f"flow run {request.flow_run_id} neither paused for {request_id!r} nor took its labels within "
+                f"{wait_s:g} s (it is {state.name if state is not None else 'not found'}); the labels are stored: "
+                f"run `lsun-hitl resume --category {category} --request {request_id}` again once it waits"
+            )
         time.sleep(1.0)
 
 
@@ -120,14 +146,14 @@ def simulated_crowd(
     on_resumed: Callable[[str], None] | None = None,
 ) -> Iterator[threading.Thread]:
     """While the block runs, a daemon thread answers every label request of ``category`` with ``crowd``
-    and resumes the flow run waiting for it (``on_resumed(run_id)`` after each): the stand-in for people
+    and resumes the flow run waiting for it (``on_resumed(run_id)`` after each resume): the stand-in for people
     in ``lsun-hitl crowd``, the tests and the benchmarks. The thread is stopped when the block ends."""
     from .crowd import serve
 
     def delivered(request: Any) -> None:
-        run_id = resume(storage, category, request.request_id)
-        if on_resumed is not None:
-            on_resumed(run_id)
+        resumed = resume(storage, category, request.request_id)
+        if on_resumed is not None and resumed.how == "resumed":
+            on_resumed(resumed.run_id)
 
     stop = threading.Event()
     thread = threading.Thread(

@@ -296,6 +296,11 @@ def votes_dir(category: str, request_id: str) -> str:
     return f"labels/{category}/votes/request={request_id}"
 
 
+def taken_key(category: str, request_id: str) -> str:
+    """Written by the run when it took a request's labels and went on (what ``resume`` looks for first)."""
+    return f"labels/{category}/taken/{request_id}.json"
+
+
 def aggregated_key(category: str, request_id: str) -> str:
     return f"labels/{category}/aggregated/{request_id}.parquet"
 

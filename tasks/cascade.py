@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from lsun_hitl import cascade, steps
 from lsun_hitl.calibration import Thresholds
 from lsun_hitl.config import CascadeParams
-from lsun_hitl.labels import LabelRequest, collect
+from lsun_hitl.labels import LabelRequest, take
 from lsun_hitl.progress import Bar, fan_out
 from lsun_hitl.report import funnel_markdown
 from lsun_hitl.split import Funnel
@@ -101,7 +101,7 @@ def labels_complete(storage: Storage, category: str, request_id: str) -> bool:
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def collect_labels(storage: Storage, category: str, request_id: str) -> int:
-    return collect(storage, category, request_id).num_rows
+    return take(storage, category, request_id).num_rows
 
 
 @task(retries=1, retry_delay_seconds=5)

@@ -157,3 +157,20 @@ def test_the_crowd_stops_notifying_a_run_that_has_ended(published):
     assert calls["iteration-2"] >= 3, calls  # other failures are still retried
     for request_id in ("iteration-1", "iteration-2"):  # both were answered before their notices
         assert labels.read_votes(storage, "cat", request_id).num_rows >= table.num_rows
+
+
+def test_resume_returns_at_once_when_the_run_took_the_labels(published, capsys):
+    """Labels stored before the run reached its pause are taken without one: resuming then says so and
+    returns at once (it used to wait 300 s for a pause that never came, then end in a traceback)."""
+    from lsun_hitl.cli import main as cli
+    from lsun_hitl.runner import resume
+
+    storage, _, truth = published
+    deliver(storage, "cat", SimulatedCrowd(truth), "iteration-1")
+    assert not labels.was_taken(storage, "cat", "iteration-1")
+    labels.take(storage, "cat", "iteration-1")  # what the run's collect_labels step does
+    assert labels.was_taken(storage, "cat", "iteration-1")
+    got = resume(storage, "cat", "iteration-1", wait_s=0)  # no waiting: the record answers
+    assert got.how == "taken" and got.run_id == "run-1"
+    assert cli(["resume", "--root", storage.url, "--category", "cat", "--request", "iteration-1"]) == 0
+    assert "already took these labels and went on; nothing to resume" in capsys.readouterr().out
