@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             remainder=args.remainder,
             large_remainder=args.large_remainder,
             large_remainder_share=args.large_remainder_share,
+            allow_small_pool=True,  # --limit pools are small on purpose: the figures say what the loop did
             model=ModelParams(
                 arch=args.arch,
                 image_size=args.image_size,

@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         max_sample_fraction=0.3,
         max_iterations=1,
         remainder="unresolved",
+        allow_small_pool=True,
         label_poll_s=1,
         score_partition=1000,
         model=ModelParams(image_size=32, epochs=1, batch_size=64),

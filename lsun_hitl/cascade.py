@@ -22,6 +22,7 @@ was restarted goes on from the last completed step, and nothing is sent to peopl
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -51,6 +52,8 @@ from .manifest import (
     read_manifest,
     write_manifest,
 )
+from .plan import Plan, plan
+from .plan import check as check_plan
 from .pretrain import POOL_WEIGHTS, pretrain_on_pool, pretrained_weights
 from .progress import Progress
 from .sampling import Sample, draw_sample
@@ -82,6 +85,8 @@ from .storage import (
 REMAINDER = "remainder"
 AUDIT = "audit"
 
+log = logging.getLogger(__name__)
+
 
 def request_id_for(iteration: int) -> str:
     return f"iteration-{iteration}"
@@ -93,20 +98,45 @@ def recheck_id_for(request_id: str) -> str:
 
 
 # ---- start ----------------------------------------------------------------------------------------
+def first_plan(storage: Storage, category: str, params: CascadeParams, base_rate: float | None = None) -> Plan | None:
+    """What a new cascade's first iteration asks of people (``lsun_hitl.plan``); None once it has started.
+
+    ``base_rate`` is the user's estimate of the category's share of the pool (a gold set says little about
+    it: gold is usually balanced on purpose); without it the plan says which base rate the positives need.
+    """
+    if manifest_iterations(storage, category):
+        return None
+    pool = read_pool(storage, columns=["image_id"]).num_rows
+    return plan(category, pool, params, base_rate, "your estimate" if base_rate is not None else "")
+
+
 def preflight(
-    storage: Storage, category: str, params: CascadeParams, dask_address: str | None = None, need_pool: bool = True
-) -> None:
-    """Check everything a run needs before any work starts; raise an error naming the fix."""
+    storage: Storage,
+    category: str,
+    params: CascadeParams,
+    dask_address: str | None = None,
+    need_pool: bool = True,
+    base_rate: float | None = None,
+) -> Plan | None:
+    """Check everything a run needs before any work starts; raise an error naming the fix.
+
+    Returns the first iteration's plan for a new cascade (None when it has started, or without ``need_pool``);
+    a pool too small for the settings to save labels is refused unless ``params.allow_small_pool``.
+    """
     validate(category, params)
     storage.check_writable()
+    first = None
     if need_pool:
         read_pool(storage, columns=["image_id"])
+        if (first := first_plan(storage, category, params, base_rate)) is not None:
+            check_plan(first, params, params.allow_small_pool)
     # Pretrained weights are first used after people labeled the first sample: check them now.
     for m in {m for m in (params.model, *params.model_schedule) if m.weights and m.weights != POOL_WEIGHTS}:
         model_lib.build(m, pretrained_weights(storage, m))  # missing file or wrong architecture: a clear error
     if dask_address:
         with dask_client(dask_address):
             pass
+    return first
 
 
 def start(storage: Storage, category: str, params: CascadeParams) -> int:
@@ -121,6 +151,10 @@ def start(storage: Storage, category: str, params: CascadeParams) -> int:
         pool = read_pool(storage, columns=["image_id"])
         if pool.num_rows == 0:
             raise ValueError(f"the pool at {storage.url} is empty: ingest images first")
+        first = first_plan(storage, category, params)
+        assert first is not None
+        check_plan(first, params, params.allow_small_pool)
+        log.info("%s", first)
         write_manifest(storage, category, 0, CascadeState.initial(pool.column("image_id").combine_chunks()))
         return 0
     return done[-1]

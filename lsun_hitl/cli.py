@@ -69,6 +69,7 @@ def _params(args: argparse.Namespace) -> CascadeParams:
         large_remainder_share=args.large_remainder_share,
         train_growth=args.train_growth,
         train_sample_max=args.train_sample_max,
+        allow_small_pool=args.allow_small_pool,
         seed=args.seed,
         label_timeout_s=args.label_timeout,
         dask_workers=args.dask_workers,
@@ -135,6 +136,11 @@ def _add_cascade(p: argparse.ArgumentParser) -> None:
     p.add_argument("--large-remainder-share", type=float, default=d.large_remainder_share)
     p.add_argument("--train-growth", type=float, default=d.train_growth, help="more training labels after a stall")
     p.add_argument("--train-sample-max", type=int, default=d.train_sample_max)
+    p.add_argument(
+        "--allow-small-pool",
+        action="store_true",
+        help="run a new cascade even where its first sample is over 30%% of the pool or cannot certify anything",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--label-timeout", type=int, default=d.label_timeout_s, help="seconds a run waits for people")
     p.add_argument("--arch", choices=ARCHITECTURES, default=m.arch)
@@ -206,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the cascade flow for one category (waits for people's labels)")
     _add_root(p)
     _add_cascade(p)
+    p.add_argument(
+        "--expected-base-rate",
+        type=float,
+        help="your estimate of the category's share of the pool, for the plan printed before the run starts",
+    )
 
     p = sub.add_parser("resume", help="store a label file for a request and resume the waiting run")
     _add_root(p)
@@ -376,7 +387,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .runner import run_cascade
 
     storage = _storage(args)
-    preflight(storage, args.category, _params(args), args.dask_address)
+    first = preflight(storage, args.category, _params(args), args.dask_address, base_rate=args.expected_base_rate)
+    if first is not None:
+        print(first, flush=True)
     summary = run_cascade(
         args.category,
         storage.url,
@@ -692,6 +705,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     if read_gold(storage, args.category).num_rows == 0:
         write_gold(storage, args.category, gold_from_truth(storage, args.category, 100, seed=args.seed))
+    if (first := preflight(storage, args.category, params, args.dask_address)) is not None:
+        print(first, flush=True)
     stop = threading.Event()
     with ExitStack() as stack:
         app = create_app(storage, QCParams(), on_complete=resume_waiting_run(storage))

@@ -118,6 +118,9 @@ class CascadeParams:
     # a cap on the images people label (None: no cap): the loop stops when what is left cannot buy a calibration
     # sample that certifies anything, and people finish the remainder only if it fits (else it stays unresolved)
     human_budget: int | None = None
+    # a new cascade whose first sample is over 30% of the pool, or whose first calibration sample cannot certify
+    # either side, is refused with smaller samples that fit (lsun_hitl.plan); True runs it anyway
+    allow_small_pool: bool = False
     # stop when the images left are no more than the next iteration would send to people
     stop_when_cheaper: bool = True
     audit_sample: int = 0

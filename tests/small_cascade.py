@@ -20,6 +20,7 @@ PARAMS = CascadeParams(
     target_false_omission=0.02,
     max_iterations=2,
     large_remainder="people",  # the remainder goes to people without asking an operator
+    allow_small_pool=True,  # a pool of a few thousand images: the plan would refuse the run
     stop_unlabeled=100,
     label_poll_s=1,
     label_timeout_s=600,

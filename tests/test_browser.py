@@ -31,6 +31,7 @@ PARAMS = CascadeParams(
     target_false_omission=0.2,
     confidence=0.5,
     max_iterations=1,
+    allow_small_pool=True,
     stop_unlabeled=0,
     remainder="unresolved",
     recheck=False,  # one person answers everything once: this test is about the page

@@ -26,6 +26,7 @@ PARAMS = CascadeParams(
     target_false_omission=0.02,
     max_iterations=2,
     large_remainder="people",  # the remainder goes to people without asking an operator
+    allow_small_pool=True,  # 3,000 images: the plan would refuse the run
     stop_unlabeled=200,
     label_poll_s=1,
     label_timeout_s=900,

@@ -76,6 +76,7 @@ root = "{storage.url}"
 train_sample = 20
 calibration_sample = 60
 first_calibration_sample = 60
+allow_small_pool = true
 target_false_omission = 0.2
 confidence = 0.5
 max_iterations = 1

@@ -74,6 +74,7 @@ def test_pool_backbone_is_stored_once_and_the_cascade_trains_from_it(tmp_path, d
         target_false_omission=0.05,
         max_iterations=2,
         large_remainder="people",  # the remainder goes to people without asking an operator
+        allow_small_pool=True,
         model=model,
     )
     with pytest.raises(FileNotFoundError, match="lsun-hitl pretrain --root"):
