@@ -125,17 +125,17 @@ def preflight(
     """
     validate(category, params)
     storage.check_writable()
-    first = None
     if need_pool:
         read_pool(storage, columns=["image_id"])
-        if (first := first_plan(storage, category, params, base_rate)) is not None:
-            check_plan(first, params, params.allow_small_pool)
     # Pretrained weights are first used after people labeled the first sample: check them now.
     for m in {m for m in (params.model, *params.model_schedule) if m.weights and m.weights != POOL_WEIGHTS}:
         model_lib.build(m, pretrained_weights(storage, m))  # missing file or wrong architecture: a clear error
     if dask_address:
         with dask_client(dask_address):
             pass
+    first = first_plan(storage, category, params, base_rate) if need_pool else None
+    if first is not None:
+        check_plan(first, params, params.allow_small_pool)
     return first
 
 

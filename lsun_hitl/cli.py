@@ -344,13 +344,15 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 def ingest(storage: Storage, images: str, dask_address: str | None = None) -> None:
     from .cluster import dask_client
-    from .ingest import build_pool
+    from .ingest import build_pool, check_prefix
     from .progress import Bar
 
     sources: Any = images
     if images.startswith("@"):
         with open(images[1:]) as f:
             sources = [line.strip() for line in f if line.strip()]
+    else:
+        check_prefix(images, storage.options)  # before a cluster starts
     with dask_client(dask_address) as client:
         report = build_pool(storage, sources, client=client, progress=Bar("ingest", "chunk"))
     print(f"pool: {report}")

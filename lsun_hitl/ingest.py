@@ -65,6 +65,16 @@ class IngestReport:
         )
 
 
+def check_prefix(prefix: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """``(filesystem, path)`` of an image prefix; FileNotFoundError naming it when it does not exist."""
+    fs, path = url_to_fs(prefix, **(storage_options or {}))
+    if not fs.exists(path):
+        raise FileNotFoundError(
+            f"image prefix {prefix!r} does not exist; pass a folder or URL prefix that holds the candidate images"
+        )
+    return fs, path
+
+
 def list_prefix(prefix: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Every file under ``prefix`` (recursively) as a full URL, sorted; hidden files skipped.
 
@@ -73,11 +83,7 @@ def list_prefix(prefix: str, storage_options: dict[str, Any] | None = None) -> l
     link to a folder is listed as a file, not followed). Other filesystems use ``find``, and their
     listings cache is dropped afterwards so the driver does not keep a dict per object.
     """
-    fs, path = url_to_fs(prefix, **(storage_options or {}))
-    if not fs.exists(path):
-        raise FileNotFoundError(
-            f"image prefix {prefix!r} does not exist; pass a folder or URL prefix that holds the candidate images"
-        )
+    fs, path = check_prefix(prefix, storage_options)
     if isinstance(fs, LocalFileSystem):
         files = _walk_local(path)
     else:
