@@ -20,24 +20,19 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from lsun_hitl.baselines import all_by_crowd, single_round
 from lsun_hitl.calibration import SCANS
-from lsun_hitl.cascade import funnels
 from lsun_hitl.config import CONFIDENCE_SCOPES, CascadeParams, ModelParams
-from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
-from lsun_hitl.evaluation import evaluate
+from lsun_hitl.crowd import CrowdParams
 from lsun_hitl.fashion_mnist import CLASSES, import_fashion_mnist
 from lsun_hitl.ingest import build_pool, read_pool
-from lsun_hitl.runner import run_cascade, simulated_crowd
-from lsun_hitl.storage import Storage, dataset_key, report_key
+from lsun_hitl.simulate import run_one, run_root
+from lsun_hitl.storage import Storage, report_key
 from lsun_hitl.truth import read_truth
-
-SHARED = ("images", "pool", "groundtruth", "cache")  # cache: the pool's model inputs, decoded once for every run
 
 
 def prepare(base: Path, limit: int | None) -> Storage:
@@ -46,23 +41,6 @@ def prepare(base: Path, limit: int | None) -> Storage:
         print(f"== importing Fashion-MNIST ({limit or 'all'} images) and building the pool", flush=True)
         build_pool(storage, import_fashion_mnist(storage, limit=limit))
     return storage
-
-
-def run_root(base: Path, data: Storage, seed: int) -> Storage:
-    """A storage root per seed that shares the images, pool and ground truth (symlinks)."""
-    root = base / f"seed={seed}"
-    root.mkdir(parents=True, exist_ok=True)
-    for name in SHARED:
-        link = root / name
-        if not link.exists():
-            os.symlink(Path(data.root) / name, link)
-    return Storage(str(root))
-
-
-def run_cascade_with_crowd(storage: Storage, category: str, params: CascadeParams, crowd: CrowdParams) -> dict:
-    sim = SimulatedCrowd(read_truth(storage, category), crowd)
-    with simulated_crowd(storage, category, sim):
-        return run_cascade(category, storage.url, params=params)
 
 
 def copy_plots(storage: Storage, category: str, seed: int, plots: Path) -> None:
@@ -305,43 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             if (category, seed) in done:
                 continue
             print(f"== {category} seed {seed}", flush=True)
-            started = time.time()
-            summary = run_cascade_with_crowd(storage, category, params, crowd)
-            ev = evaluate(storage, category)
-            wall = time.time() - started
-            row = {
-                "category": category,
-                "seed": seed,
-                "pool": summary["pool"],
-                "cascade": {
-                    **summary,
-                    **{f"eval_{k}": v for k, v in ev.to_dict().items() if k != "category"},
-                    "answers_per_image": summary["human_answers"] / summary["pool"],
-                    "precision_held": ev.precision >= args.target_precision,
-                    "false_omission_held": ev.false_omission <= args.target_false_omission,
-                    "model_precision_held": ev.model_precision is None or ev.model_precision >= args.target_precision,
-                    "model_false_omission_held": ev.model_false_omission is None
-                    or ev.model_false_omission <= args.target_false_omission,
-                    "wall_s": wall,
-                },
-                "params": params.to_dict(),
-                "iterations": [f.to_dict() for f in funnels(storage, category)],
-            }
-            audit_path = storage.path(dataset_key(category, "audit.json"))
-            if storage.exists(audit_path):
-                a = storage.read_json(audit_path)
-                truth_p, truth_f = ev.model_precision, ev.model_false_omission
-                a["precision_covered"] = (
-                    None
-                    if truth_p is None or a["precision"] is None
-                    else a["precision_low"] <= truth_p <= a["precision_high"]
-                )
-                a["false_omission_covered"] = (
-                    None
-                    if truth_f is None or a["false_omission"] is None
-                    else a["false_omission_low"] <= truth_f <= a["false_omission_high"]
-                )
-                row["audit"] = a
+            row = run_one(storage, category, params, crowd)
             copy_plots(storage, category, seed, out / "plots")
             if not args.no_baselines:
                 images = add_baselines(row, storage, data, ids, uris, images, crowd, params.model, args)

@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from .calibration import SCANS
@@ -22,12 +23,11 @@ from .config import (
     ModelParams,
     validate_model,
 )
+from .crowd import CrowdParams
 from .labelers import LabelerError
 from .labels import LabelError
 from .quality import QCParams, QualityError
-from .storage import Storage, StorageError, dataset_key, groundtruth_key, storage_options_from_env
-
-CATEGORY_DIRS = ("samples", "labels", "models", "scores", "calibration", "manifests", "reports", "datasets")
+from .storage import Storage, StorageError, clear_category, dataset_key, groundtruth_key, storage_options_from_env
 
 
 def _storage(args: argparse.Namespace) -> Storage:
@@ -83,9 +83,12 @@ def _add_root(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-options", help="fsspec storage options as JSON (else LSUN_HITL_STORAGE_OPTIONS)")
 
 
-def _add_cascade(p: argparse.ArgumentParser) -> None:
+def _add_cascade(p: argparse.ArgumentParser, many: bool = False) -> None:
     d, m = CascadeParams(), ModelParams()
-    p.add_argument("--category", default="sneaker")
+    if many:
+        p.add_argument("--category", "--categories", nargs="+", required=True, help="one or more categories")
+    else:
+        p.add_argument("--category", default="sneaker")
     p.add_argument("--dask-address", help="scheduler of an existing Dask cluster (default: a LocalCluster)")
     p.add_argument("--dask-workers", type=int, help="LocalCluster worker processes (default: min(2, cores))")
     p.add_argument("--train-sample", type=int, default=d.train_sample)
@@ -323,6 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels", required=True, help="Label Studio JSON export of the tasks of export --format label-studio"
     )
 
+    p = sub.add_parser(
+        "simulate",
+        help="predict the human effort: the cascade per category and seed, a simulated crowd answering from the truth",
+    )
+    _add_root(p)
+    _add_cascade(p, many=True)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one run per category and seed")
+    c = CrowdParams()
+    p.add_argument("--labelers", type=int, default=c.n_labelers, help="simulated labelers")
+    p.add_argument("--accuracy", type=float, default=c.accuracy, help="their mean accuracy")
+    p.add_argument("--accuracy-spread", type=float, default=c.accuracy_spread)
+    p.add_argument("--spammer-share", type=float, default=c.spammer_share, help="share answering at random")
+    p.add_argument("--answers-per-image", type=int, default=c.labels_per_image, help="first answers per image")
+    p.add_argument("--work", help="folder for the runs and the report (default: <root>/simulations)")
+
     p = sub.add_parser("demo", help="import Fashion-MNIST, build the pool, run the cascade with a simulated crowd")
     _add_root(p)
     _add_cascade(p)
@@ -546,7 +564,7 @@ def cmd_truth(args: argparse.Namespace) -> None:
 def cmd_crowd(args: argparse.Namespace) -> None:
     storage = _storage(args)
     if args.service:
-        from .crowd import CrowdParams, http_crowd
+        from .crowd import http_crowd
 
         stop = threading.Event()
         workers = http_crowd(args.service, storage, args.category, stop, CrowdParams(seed=args.seed))
@@ -557,7 +575,7 @@ def cmd_crowd(args: argparse.Namespace) -> None:
         except KeyboardInterrupt:
             stop.set()
         return
-    from .crowd import CrowdParams, SimulatedCrowd
+    from .crowd import SimulatedCrowd
     from .runner import simulated_crowd
     from .truth import read_truth
 
@@ -674,6 +692,54 @@ def cmd_review(args: argparse.Namespace) -> None:
     print(import_review(_storage(args), args.category, args.labels))
 
 
+def cmd_simulate(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from .simulate import simulate, table
+
+    storage = _storage(args)
+    if not storage.is_local:
+        raise ConfigError(f"simulate needs a local --root (its runs link to the pool); {storage.url} is not one")
+    work = Path(args.work or storage.path("simulations"))
+    crowd = CrowdParams(
+        n_labelers=args.labelers,
+        accuracy=args.accuracy,
+        accuracy_spread=args.accuracy_spread,
+        spammer_share=args.spammer_share,
+        labels_per_image=args.answers_per_image,
+    )
+    if crowd.labels_per_image > crowd.n_labelers:
+        raise ConfigError(f"--answers-per-image {crowd.labels_per_image} exceeds --labelers {crowd.n_labelers}")
+    params = dataclasses.replace(_params(args), seed=args.seeds[0])
+
+    def report(row: dict) -> None:
+        c = row["cascade"]
+        print(
+            f"== {row['category']} seed {row['seed']}: people labeled {c['human_labeled_images']:,} images "
+            f"({c['human_labeled_share']:.1%}), {c['human_answers']:,} answers; precision {c['eval_precision']:.4f}, "
+            f"false omission {c['eval_false_omission']:.4f}; {c['iterations']} iterations, {c['wall_s']:.0f} s",
+            flush=True,
+        )
+
+    rows = simulate(
+        storage,
+        work,
+        args.category,
+        args.seeds,
+        params,
+        crowd,
+        out=work / "report",
+        on_row=report,
+        dask_address=args.dask_address,
+    )
+    text = table(rows)
+    (work / "report").mkdir(parents=True, exist_ok=True)
+    (work / "report" / "results.json").write_text(json.dumps(rows, indent=1, default=float))
+    (work / "report" / "results.md").write_text(text + "\n")
+    print(text)
+    print(f"funnel plots and results in {work / 'report'}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .evaluation import evaluate
     from .fashion_mnist import check_category, import_fashion_mnist
@@ -694,13 +760,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
         prefix = import_fashion_mnist(storage, limit=args.limit, progress=Bar("import", "img"))
         ingest(storage, prefix, args.dask_address)
     if not args.keep:
-        for d in CATEGORY_DIRS:
-            path = storage.path(d, args.category)
-            if storage.exists(path):
-                storage.fs.rm(path, recursive=True)
+        clear_category(storage, args.category)
     from contextlib import ExitStack
 
-    from .crowd import CrowdParams, http_crowd
+    from .crowd import http_crowd
     from .quality import read_gold, write_gold
     from .service import ServiceThread, create_app, resume_waiting_run
     from .truth import gold_from_truth
@@ -753,6 +816,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "export": cmd_export,
     "review": cmd_review,
+    "simulate": cmd_simulate,
     "demo": cmd_demo,
 }
 

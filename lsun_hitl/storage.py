@@ -263,6 +263,18 @@ REJECTS = "pool/rejects.parquet"
 LISTING = "pool/listing.parquet"
 
 
+# the folders that hold one category's run, each with a sub-folder per category: removing them starts it over
+CATEGORY_DIRS = ("samples", "labels", "models", "scores", "calibration", "manifests", "reports", "datasets")
+
+
+def clear_category(storage: Storage, category: str) -> None:
+    """Remove everything of ``category``'s run under ``storage`` (its next run starts from iteration 1)."""
+    for d in CATEGORY_DIRS:
+        path = storage.path(d, category)
+        if storage.exists(path):
+            storage.fs.rm(path, recursive=True)
+
+
 def groundtruth_key(dataset: str) -> str:
     return f"groundtruth/{dataset}.parquet"
 

@@ -1,0 +1,88 @@
+"""``lsun-hitl simulate`` on data nobody tuned for: scikit-learn's handwritten digits as a class-folder tree,
+registered as the truth, the real cascade (Prefect's harness, a Dask LocalCluster) per seed with a simulated
+crowd answering from it; its figures are checked against the truth, recomputed here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from benchmarks.digits_tree import write_tree
+from lsun_hitl.cli import main as cli
+from lsun_hitl.ingest import build_pool, read_pool
+from lsun_hitl.simulate import run_root
+from lsun_hitl.storage import Storage, dataset_key
+from lsun_hitl.truth import read_truth
+
+SMALL = [
+    "--allow-small-pool",
+    "--train-sample",
+    "200",
+    "--first-calibration-sample",
+    "400",
+    "--calibration-sample",
+    "400",
+    "--max-iterations",
+    "2",
+    "--target-false-omission",
+    "0.05",
+    "--arch",
+    "small_convnet",
+    "--image-size",
+    "32",
+    "--epochs",
+    "4",
+    "--large-remainder",
+    "people",
+]
+
+
+def test_simulate_digits_reports_effort_and_quality_against_the_truth(tmp_path, dask_cluster, prefect_harness, capsys):
+    images = tmp_path / "digits"
+    assert write_tree(str(images)) == 1797
+    storage = Storage(str(tmp_path / "root"))
+    build_pool(storage, str(images), client=dask_cluster)
+    assert cli(["truth", "--root", storage.url, "--folder", str(images), "--name", "digits"]) == 0
+    assert "categories 0, 1, 2, 3, 4, 5, 6, 7, 8, 9" in capsys.readouterr().out
+    address = dask_cluster.scheduler.address
+    work = tmp_path / "sim"
+    argv = ["simulate", "--root", storage.url, "--categories", "3", "--seeds", "0", "1", "--work", str(work)]
+    assert cli([*argv, "--dask-address", address, *SMALL]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads((work / "report" / "results.json").read_text())
+    assert [(r["category"], r["seed"]) for r in rows] == [("3", 0), ("3", 1)]
+    truth = read_truth(storage, "3")
+    pool = read_pool(storage).num_rows
+    for row in rows:
+        c = row["cascade"]
+        assert (
+            row["pool"] == pool
+            and 0 < c["human_labeled_images"] <= pool
+            and c["human_answers"] >= c["human_labeled_images"]
+        )
+        # the reported quality is the dataset's against the truth
+        run = Storage(str(work / f"seed={row['seed']}"))
+        dataset = run.read_table(run.path(dataset_key("3")), columns=["uri", "label"])
+        label = np.array(dataset.column("label").to_pylist())
+        is3 = np.array([truth[u] for u in dataset.column("uri").to_pylist()])
+        assert c["eval_precision"] == float(np.mean(is3[label == "positive"]))
+        assert c["eval_false_omission"] == float(np.mean(is3[label == "negative"]))
+        assert (work / "report" / f"3-seed{row['seed']}-funnel.png").stat().st_size > 1000
+    line = next(x for x in out.splitlines() if x.startswith("| 3 | 2 |"))
+    shares = [r["cascade"]["human_labeled_share"] for r in rows]
+    assert f"{min(shares):.1%}" in line and f"{max(shares):.1%}" in line  # the range over the seeds
+    assert "Mean share of the pool labeled by people" in out
+
+
+def test_partial_truth_runs_on_the_covered_part(tmp_path, dask_cluster):
+    images = tmp_path / "digits"
+    write_tree(str(images), limit=120)
+    data = Storage(str(tmp_path / "root"))
+    build_pool(data, str(images), client=dask_cluster)
+    uris = read_pool(data, columns=["uri"]).column("uri").to_pylist()
+    part = run_root(tmp_path / "sim", data, 0, uris[:50], "7")
+    assert read_pool(part, columns=["uri"]).column("uri").to_pylist() == uris[:50]
+    assert not (tmp_path / "sim" / "seed=0-part=7" / "pool").is_symlink()  # its own pool: the covered part
+    full = run_root(tmp_path / "sim", data, 0)
+    assert (tmp_path / "sim" / "seed=0" / "pool").is_symlink() and read_pool(full).num_rows == len(uris)
