@@ -227,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request", required=True, help="request id, e.g. iteration-1")
     p.add_argument("--labels", help="CSV or JSONL with image_id, labeler, answer (yes/no/unsure)")
 
+    p = sub.add_parser("handout", help="write a request for another labeling tool: CSV, or Label Studio tasks (.json)")
+    _add_root(p)
+    p.add_argument("--category", required=True)
+    p.add_argument("--request", required=True, help="request id, e.g. iteration-1 (or a follow-up, iteration-1-more-1)")
+    p.add_argument("--out", required=True, help="a .csv (image_id, uri, labeler, answer) or .json (Label Studio) file")
+    p.add_argument("--gold", type=int, default=20, help="gold images mixed in, unmarked (their answers rate labelers)")
+
     p = sub.add_parser("decide", help="answer a run that asks whether its large remainder goes to people")
     _add_root(p)
     p.add_argument("--category", required=True)
@@ -423,19 +430,42 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_resume(args: argparse.Namespace) -> None:
     import hashlib
 
+    import pyarrow as pa
+
+    from .cascade import labels_complete
+    from .handout import follow_up, gold_ids, root_request
     from .labelfile import read_label_file
     from .labels import read_request, submit_votes
+    from .quality import read_gold
     from .runner import resume
 
     storage = _storage(args)
     if args.labels:
         _, request = read_request(storage, args.category, args.request)
-        frame = read_label_file(args.labels, request, args.category)
+        gold = read_gold(storage, args.category)
+        mixed = set(gold_ids(storage, args.category, args.request))
+        gold = gold.filter(pa.array([g in mixed for g in gold.column("image_id").to_pylist()], pa.bool_()))
+        shown = pa.concat_tables([request.select(["image_id", "uri"]), gold.select(["image_id", "uri"])])
+        frame = read_label_file(args.labels, shown, args.category)
         with open(args.labels, "rb") as f:
             submission = "file-" + hashlib.blake2b(f.read(), digest_size=8).hexdigest()
-        stored = submit_votes(storage, args.category, args.request, frame, submission)
+        stored = submit_votes(storage, args.category, args.request, frame, submission, gold_ids=sorted(mixed))
         print(f"{len(frame)} labels {'stored' if stored else 'were already stored'} for {args.request}")
-    print(resume(storage, args.category, args.request))
+    if not labels_complete(storage, args.category, args.request):
+        raise LabelError(f"request {args.request!r} is not fully labeled yet; store every image's answer first")
+    checked = follow_up(storage, args.category, args.request)
+    print(checked)
+    if checked.follow_up is None:
+        print(resume(storage, args.category, root_request(args.request)))
+
+
+def cmd_handout(args: argparse.Namespace) -> None:
+    from .handout import handout, write_handout
+
+    storage = _storage(args)
+    table = handout(storage, args.category, args.request, gold=args.gold)
+    write_handout(table, args.out, args.category)
+    print(f"{table.num_rows} images of {args.request} (gold mixed in) written to {args.out}")
 
 
 def cmd_decide(args: argparse.Namespace) -> None:
@@ -808,6 +838,7 @@ COMMANDS = {
     "run": cmd_run,
     "resume": cmd_resume,
     "decide": cmd_decide,
+    "handout": cmd_handout,
     "crowd": cmd_crowd,
     "serve": cmd_serve,
     "labelers": cmd_labelers,

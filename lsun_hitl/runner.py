@@ -67,12 +67,14 @@ def resume(storage: Storage, category: str, request_id: str, *, wait_s: float = 
     from prefect.states import StateType
 
     from .cascade import labels_complete
+    from .handout import root_request
 
     request, _ = read_request(storage, category, request_id)
     if not request.flow_run_id:
         raise LabelError(f"request {request_id!r} names no waiting flow run")
     if not labels_complete(storage, category, request_id):
         raise LabelError(f"request {request_id!r} is not fully labeled yet; store every image's answer first")
+    request_id = root_request(request_id)  # a follow-up's answers are its root request's: the run waits for that
     deadline = time.monotonic() + wait_s
     while True:
         if was_taken(storage, category, request_id):
