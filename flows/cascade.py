@@ -152,7 +152,7 @@ def category_cascade(
             wait_for_labels(storage, category, remainder, params)
             label_remainder(storage, category, iteration)
             report_funnel(storage, category)
-    summary = finish_dataset(storage, category, stop)
+    summary = finish_dataset(storage, category, stop, params)
     print(summary)
     if params.audit_sample and (audit := publish_audit(storage, category, params, run_id)) is not None:
         wait_for_labels(storage, category, audit, params)

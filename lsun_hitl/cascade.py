@@ -739,6 +739,12 @@ class Summary:
     amplification: float
     iterations: int
     stop_reason: str | None
+    # the negative set's estimated false omission: people's negatives by their posterior, the model's by each
+    # iteration's calibration estimate (and its upper bound)
+    estimated_false_omission: float | None = None
+    estimated_false_omission_high: float | None = None
+    # what the estimates miss of the run's targets, each with what would fix it (empty: both met)
+    warnings: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -749,19 +755,46 @@ class Summary:
             if self.estimated_precision is None
             else (f"{self.estimated_precision:.3f} (lower bound {self.estimated_precision_low:.3f})")
         )
+        fo = (
+            "-"
+            if self.estimated_false_omission is None
+            else f"{self.estimated_false_omission:.4f} (upper bound {self.estimated_false_omission_high:.4f})"
+        )
         return (
             f"{self.category}: pool {self.pool:,}; positive {self.positive:,}, negative {self.negative:,}, "
             f"unresolved {self.unresolved:,}\n"
             f"  decided by the model: {self.decided_by_model:,}; labeled by people: {self.human_labeled_images:,} "
             f"images ({self.human_labeled_share:.1%} of the pool), {self.human_answers:,} answers\n"
-            f"  estimated precision of the positive set: {est}\n"
+            f"  estimated precision of the positive set: {est}; false omission of the negative set: {fo}\n"
             f"  amplification: {self.amplification:.1f} images decided per image people labeled; "
             f"{self.iterations} iteration(s); stopped: {self.stop_reason}"
+            + "".join(f"\n  WARNING: {w}" for w in self.warnings)
         )
 
 
-def finish(storage: Storage, category: str, stop: str | None = None) -> Summary:
-    """Write the dataset manifest (every pool image, final label, provenance) and the summary."""
+def target_warnings(
+    precision: float | None, false_omission: float | None, human_share: float, params: CascadeParams
+) -> tuple[str, ...]:
+    """What the dataset's estimates miss of ``params``' targets, each with what would fix it."""
+    out = []
+    fix = (
+        f"people's labels are the weak part when they decide much of it ({human_share:.0%} here): ask more answers "
+        "per image (lsun-hitl serve --labels-per-image / --min-margin), give gold so poor labelers are flagged "
+        "(lsun-hitl gold; handouts mix it in), and measure it with --audit-sample"
+    )
+    if precision is not None and precision < params.target_precision:
+        out.append(f"estimated precision {precision:.3f} is below the target {params.target_precision}: {fix}")
+    if false_omission is not None and false_omission > params.target_false_omission:
+        out.append(
+            f"estimated false omission {false_omission:.4f} is above the target {params.target_false_omission}: {fix}"
+        )
+    return tuple(out)
+
+
+def finish(storage: Storage, category: str, stop: str | None = None, params: CascadeParams | None = None) -> Summary:
+    """Write the dataset manifest (every pool image, final label, provenance) and the summary.
+
+    With ``params``, the summary warns where the estimated precision or false omission misses its target."""
     last = manifest_iterations(storage, category)[-1]
     state = _state(storage, category, last)
     pool = read_pool(storage, columns=["image_id", "uri"])
@@ -794,6 +827,14 @@ def finish(storage: Storage, category: str, stop: str | None = None) -> Summary:
             est += f.model_positive * f.precision
             low += f.model_positive * (f.precision_low or 0.0)
     n_pos = int(pos.sum())
+    neg = state.state == NEGATIVE
+    human_neg = neg & (state.decided_by == BY_HUMAN)
+    fo, fo_high = float(np.nansum(state.p_positive[human_neg])), float(np.nansum(state.p_positive[human_neg]))
+    for f in funnels(storage, category):
+        if f.model_negative and f.false_omission is not None:
+            fo += f.model_negative * f.false_omission
+            fo_high += f.model_negative * (f.false_omission_high if f.false_omission_high is not None else 1.0)
+    n_neg = int(neg.sum())
     human = state.human_labeled()
     decided = int(np.sum(state.state != UNLABELED))
     summary = Summary(
@@ -811,7 +852,19 @@ def finish(storage: Storage, category: str, stop: str | None = None) -> Summary:
         amplification=decided / max(1, human),
         iterations=last,
         stop_reason=stop,
+        estimated_false_omission=fo / n_neg if n_neg else None,
+        estimated_false_omission_high=fo_high / n_neg if n_neg else None,
     )
+    if params is not None:
+        summary = replace(
+            summary,
+            warnings=target_warnings(
+                summary.estimated_precision,
+                summary.estimated_false_omission,
+                human / max(1, len(state)),
+                params,
+            ),
+        )
     storage.write_json(storage.path(dataset_key(category, "summary.json")), summary.to_dict())
     fs = funnels(storage, category)
     if fs:

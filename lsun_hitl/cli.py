@@ -425,6 +425,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         storage_options=storage.options,
     )
     print(json.dumps(summary, indent=2))
+    for warning in summary.get("warnings", ()):
+        print(f"lsun-hitl run: warning: {args.category}: {warning}", file=sys.stderr)
 
 
 def cmd_resume(args: argparse.Namespace) -> None:

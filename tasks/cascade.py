@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
@@ -163,8 +163,10 @@ def report_funnel(storage: Storage, category: str) -> str:
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def finish_dataset(storage: Storage, category: str, stop: str | None) -> cascade.Summary:
-    summary = cascade.finish(storage, category, stop)
+def finish_dataset(storage: Storage, category: str, stop: str | None, params: CascadeParams) -> cascade.Summary:
+    summary = cascade.finish(storage, category, stop, params)
+    for warning in summary.warnings:
+        get_run_logger().warning("%s: %s", category, warning)
     create_markdown_artifact(
         markdown=f"```\n{summary}\n```", key=f"summary-{category}", description=f"{category}: final dataset summary"
     )

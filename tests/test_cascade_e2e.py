@@ -101,6 +101,12 @@ def test_cascade_flow_pauses_resumes_and_writes_consistent_manifests(pool_on_s3,
     audit_answers = sum(read_votes(storage, CATEGORY, r).num_rows for r in ("audit", "audit-recheck"))
     assert summary.human_answers == read_votes(storage, CATEGORY).num_rows - audit_answers
     assert summary.human_answers > summary.human_labeled_images * 3 - 1
+    # the summary warns exactly where its estimates miss the run's targets
+    misses = (
+        (summary.estimated_precision or 1.0) < PARAMS.target_precision,
+        (summary.estimated_false_omission or 0.0) > PARAMS.target_false_omission,
+    )
+    assert len(summary.warnings) == sum(misses) and summary.estimated_false_omission is not None
 
     # Calibration images were never trained on: no model's training set held one (their role says so),
     # and each later calibration set holds only earlier ones that stayed undecided.

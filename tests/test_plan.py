@@ -63,3 +63,15 @@ def test_run_prints_nothing_and_writes_nothing_for_a_small_pool(tmp_path, dask_c
     assert code == 2 and err.count("\n") == 1  # one message, no traceback
     assert "too small for these settings to save labels" in err and "Label it by hand" in err
     assert not storage.exists(storage.path("manifests/bag"))
+
+
+def test_summary_says_which_target_its_estimates_miss_and_the_fix():
+    from lsun_hitl.cascade import target_warnings
+
+    p = CascadeParams()
+    assert target_warnings(0.97, 0.004, 0.1, p) == ()
+    (precision,) = target_warnings(0.883, 0.004, 0.5, p)
+    assert "estimated precision 0.883 is below the target 0.95" in precision and "--labels-per-image" in precision
+    both = target_warnings(0.9, 0.0113, 0.5, p)
+    assert len(both) == 2 and "estimated false omission 0.0113 is above the target 0.01" in both[1]
+    assert "lsun-hitl gold" in both[1] and "(50% here)" in both[1]
