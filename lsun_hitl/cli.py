@@ -859,6 +859,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # No telemetry from the embedded Prefect server (machines may have no internet).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect's temporary server gets 20 s to start by default; a busy 2-core machine can need more
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = build_parser().parse_args(argv)
     level = logging.INFO if args.verbose else logging.WARNING
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", logging.getLevelName(level).lower())
