@@ -772,6 +772,23 @@ class Summary:
         )
 
 
+def positive_share(
+    p_human: np.ndarray, model_parts: list[tuple[int, float, float]]
+) -> tuple[float | None, float | None]:
+    """Estimated share of true positives in a set, and its bound; (None, None) for an empty set.
+
+    People's images count by their aggregated posterior ``p_human``; each iteration's model-decided part
+    ``(count, estimate, bound)`` by its calibration estimate and bound, weighted by its count.
+    """
+    n = len(p_human) + sum(count for count, _, _ in model_parts)
+    if not n:
+        return None, None
+    est = bound = float(np.nansum(p_human))
+    for count, rate, rate_bound in model_parts:
+        est, bound = est + count * rate, bound + count * rate_bound
+    return est / n, bound / n
+
+
 def target_warnings(
     precision: float | None, false_omission: float | None, human_share: float, params: CascadeParams
 ) -> tuple[str, ...]:
@@ -817,43 +834,40 @@ def finish(storage: Storage, category: str, stop: str | None = None, params: Cas
     )
     storage.write_table(storage.path(dataset_key(category)), table)
 
-    # Estimated precision of the positive set: people's positives by their posterior, the model's by
-    # each iteration's calibration estimate (and its lower bound), weighted by count.
-    pos = state.state == POSITIVE
-    human_pos = pos & (state.decided_by == BY_HUMAN)
-    est, low = float(np.nansum(state.p_positive[human_pos])), float(np.nansum(state.p_positive[human_pos]))
-    for f in funnels(storage, category):
-        if f.model_positive and f.precision is not None:
-            est += f.model_positive * f.precision
-            low += f.model_positive * (f.precision_low or 0.0)
-    n_pos = int(pos.sum())
-    neg = state.state == NEGATIVE
-    human_neg = neg & (state.decided_by == BY_HUMAN)
-    fo, fo_high = float(np.nansum(state.p_positive[human_neg])), float(np.nansum(state.p_positive[human_neg]))
-    for f in funnels(storage, category):
-        if f.model_negative and f.false_omission is not None:
-            fo += f.model_negative * f.false_omission
-            fo_high += f.model_negative * (f.false_omission_high if f.false_omission_high is not None else 1.0)
-    n_neg = int(neg.sum())
+    # The share of true positives in each set: the positive set's precision, the negative set's false omission.
+    pos, neg, by_human = state.state == POSITIVE, state.state == NEGATIVE, state.decided_by == BY_HUMAN
+    fs = funnels(storage, category)
+    est, low = positive_share(
+        state.p_positive[pos & by_human],
+        [(f.model_positive, f.precision, f.precision_low or 0.0) for f in fs if f.precision is not None],
+    )
+    fo, fo_high = positive_share(
+        state.p_positive[neg & by_human],
+        [
+            (f.model_negative, f.false_omission, f.false_omission_high or 1.0)
+            for f in fs
+            if f.false_omission is not None
+        ],
+    )
     human = state.human_labeled()
     decided = int(np.sum(state.state != UNLABELED))
     summary = Summary(
         category=category,
         pool=len(state),
-        positive=n_pos,
+        positive=int(pos.sum()),
         negative=int(np.sum(state.state == NEGATIVE)),
         unresolved=int(np.sum(state.state == UNLABELED)),
         decided_by_model=int(np.sum(state.decided_by == BY_MODEL)),
         human_labeled_images=human,
         human_labeled_share=human / max(1, len(state)),
         human_answers=labels_lib.human_votes_spent(storage, category),
-        estimated_precision=est / n_pos if n_pos else None,
-        estimated_precision_low=low / n_pos if n_pos else None,
+        estimated_precision=est,
+        estimated_precision_low=low,
         amplification=decided / max(1, human),
         iterations=last,
         stop_reason=stop,
-        estimated_false_omission=fo / n_neg if n_neg else None,
-        estimated_false_omission_high=fo_high / n_neg if n_neg else None,
+        estimated_false_omission=fo,
+        estimated_false_omission_high=fo_high,
     )
     if params is not None:
         summary = replace(
@@ -977,14 +991,9 @@ def audit(storage: Storage, category: str, params: CascadeParams) -> Audit:
     f_lo, f_hi = rate_interval(yes_neg, len(neg), conf) if len(neg) else (None, None)
     human_pos = (state.state == POSITIVE) & (state.decided_by == BY_HUMAN)
     model_pos = int(np.sum((state.state == POSITIVE) & (state.decided_by == BY_MODEL)))
-    n_pos = int(human_pos.sum()) + model_pos
     precision = yes_pos / len(pos) if len(pos) else None
-    dataset_precision = (
-        (float(np.nansum(state.p_positive[human_pos])) + model_pos * (precision if precision is not None else 0.0))
-        / n_pos
-        if n_pos
-        else None
-    )
+    p = 0.0 if precision is None else precision
+    dataset_precision, _ = positive_share(state.p_positive[human_pos], [(model_pos, p, p)])
     result = Audit(
         category=category,
         confidence=conf,
