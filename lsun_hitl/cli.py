@@ -442,8 +442,8 @@ def cmd_resume(args: argparse.Namespace) -> None:
     from .runner import resume
 
     storage = _storage(args)
+    _, request = read_request(storage, args.category, args.request)  # an unknown request: a clear error
     if args.labels:
-        _, request = read_request(storage, args.category, args.request)
         gold = read_gold(storage, args.category)
         mixed = set(gold_ids(storage, args.category, args.request))
         gold = gold.filter(pa.array([g in mixed for g in gold.column("image_id").to_pylist()], pa.bool_()))

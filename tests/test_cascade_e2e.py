@@ -7,11 +7,11 @@ from prefect import get_client
 
 from lsun_hitl.cascade import Audit, Summary
 from lsun_hitl.config import CascadeParams, ModelParams
-from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
+from lsun_hitl.crowd import CrowdParams, SimulatedCrowd, deliver
 from lsun_hitl.evaluation import evaluate
 from lsun_hitl.fashion_mnist import import_fashion_mnist
 from lsun_hitl.ingest import build_pool, read_pool
-from lsun_hitl.labels import RunEnded, list_requests, read_request, read_votes
+from lsun_hitl.labels import RunEnded, list_requests, publish_request, read_request, read_votes
 from lsun_hitl.manifest import UNLABELED, manifest_iterations, read_manifest
 from lsun_hitl.runner import resume, run_cascade, simulated_crowd
 from lsun_hitl.storage import Storage, calibration_key, calibration_set_key, dataset_key, sample_key
@@ -67,10 +67,9 @@ def test_cascade_flow_pauses_resumes_and_writes_consistent_manifests(pool_on_s3,
         states = client.read_flow_run_states(run_id)
     assert run.state.is_completed()
     assert sum(s.is_paused() for s in states) == len(resumed)
-    # A request of the finished run cannot resume it: the error says so (the labeling desk takes it as final).
-    with pytest.raises(RunEnded, match=r"has ended \(Completed\); start the cascade again") as ended:
-        resume(storage, CATEGORY, requests[0].request_id, wait_s=5)
-    assert ended.value.state == "Completed"
+    # A request the finished run took: resuming says so at once (the labeling desk takes it as final).
+    taken = resume(storage, CATEGORY, requests[0].request_id, wait_s=5)
+    assert taken.how == "taken" and taken.run_id == run_id
 
     # Every pool image appears exactly once in every manifest; decisions only ever move forward.
     pool_ids = read_pool(storage, columns=["image_id"]).column("image_id").to_pylist()
@@ -149,3 +148,11 @@ def test_cascade_flow_pauses_resumes_and_writes_consistent_manifests(pool_on_s3,
     # Measured against ground truth (which the pipeline never read).
     result = evaluate(storage, CATEGORY)
     assert result.precision >= 0.9 and result.false_omission <= 0.03
+
+    # a request of the finished run that it never took cannot resume it, and the error says so
+    _, first_request = read_request(storage, CATEGORY, requests[0].request_id)
+    publish_request(storage, CATEGORY, "never-taken", 1, first_request.slice(0, 5), run_id)
+    deliver(storage, CATEGORY, crowd, "never-taken")
+    with pytest.raises(RunEnded, match=r"has ended \(Completed\); start the cascade again") as ended:
+        resume(storage, CATEGORY, "never-taken", wait_s=5)
+    assert ended.value.state == "Completed"
