@@ -98,18 +98,6 @@ def recheck_id_for(request_id: str) -> str:
 
 
 # ---- start ----------------------------------------------------------------------------------------
-def first_plan(storage: Storage, category: str, params: CascadeParams, base_rate: float | None = None) -> Plan | None:
-    """What a new cascade's first iteration asks of people (``lsun_hitl.plan``); None once it has started.
-
-    ``base_rate`` is the user's estimate of the category's share of the pool (a gold set says little about
-    it: gold is usually balanced on purpose); without it the plan says which base rate the positives need.
-    """
-    if manifest_iterations(storage, category):
-        return None
-    pool = read_pool(storage, columns=["image_id"]).num_rows
-    return plan(category, pool, params, base_rate, "your estimate" if base_rate is not None else "")
-
-
 def preflight(
     storage: Storage,
     category: str,
@@ -122,20 +110,22 @@ def preflight(
 
     Returns the first iteration's plan for a new cascade (None when it has started, or without ``need_pool``);
     a pool too small for the settings to save labels is refused unless ``params.allow_small_pool``.
+    ``base_rate`` is the user's estimate of the category's share of the pool, for the plan (a gold set says
+    little about it: gold is usually balanced on purpose).
     """
     validate(category, params)
     storage.check_writable()
-    if need_pool:
-        read_pool(storage, columns=["image_id"])
+    pool_size = read_pool(storage, columns=["image_id"]).num_rows if need_pool else None
     # Pretrained weights are first used after people labeled the first sample: check them now.
     for m in {m for m in (params.model, *params.model_schedule) if m.weights and m.weights != POOL_WEIGHTS}:
         model_lib.build(m, pretrained_weights(storage, m))  # missing file or wrong architecture: a clear error
     if dask_address:
         with dask_client(dask_address):
             pass
-    first = first_plan(storage, category, params, base_rate) if need_pool else None
-    if first is not None:
-        check_plan(first, params, params.allow_small_pool)
+    if pool_size is None or manifest_iterations(storage, category):
+        return None
+    first = plan(category, pool_size, params, base_rate)
+    check_plan(first, params, params.allow_small_pool)
     return first
 
 
@@ -151,8 +141,7 @@ def start(storage: Storage, category: str, params: CascadeParams) -> int:
         pool = read_pool(storage, columns=["image_id"])
         if pool.num_rows == 0:
             raise ValueError(f"the pool at {storage.url} is empty: ingest images first")
-        first = first_plan(storage, category, params)
-        assert first is not None
+        first = plan(category, pool.num_rows, params)
         check_plan(first, params, params.allow_small_pool)
         log.info("%s", first)
         write_manifest(storage, category, 0, CascadeState.initial(pool.column("image_id").combine_chunks()))

@@ -765,9 +765,9 @@ def cmd_simulate(args: argparse.Namespace) -> None:
         dask_address=args.dask_address,
     )
     text = table(rows)
-    (work / "report").mkdir(parents=True, exist_ok=True)
-    (work / "report" / "results.json").write_text(json.dumps(rows, indent=1, default=float))
-    (work / "report" / "results.md").write_text(text + "\n")
+    report_dir = Storage(str(work / "report"))
+    report_dir.write_bytes(report_dir.path("results.json"), json.dumps(rows, indent=1, default=float).encode())
+    report_dir.write_bytes(report_dir.path("results.md"), (text + "\n").encode())
     print(text)
     print(f"funnel plots and results in {work / 'report'}")
 

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from .labels import LabelError, publish_request, read_request, read_votes, usable_votes
-from .quality import QCParams, flagged_labelers, image_done, labeler_stats, read_gold, read_qc
+from .quality import QCParams, flagged_in, image_done, labeler_stats, read_gold, read_qc
 from .storage import Storage
 
 FOLLOW_UP = re.compile(r"^(?P<root>.+)-more-(?P<k>\d+)$")
@@ -76,10 +76,8 @@ def write_handout(table: pa.Table, path: str, category: str) -> None:
             for i, u in zip(table.column("image_id").to_pylist(), table.column("uri").to_pylist(), strict=True)
         ]
         text = "\n".join(rows) + "\n"
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
+    out = Storage(os.path.dirname(os.path.abspath(path)))
+    out.write_bytes(out.path(os.path.basename(path)), text.encode())  # atomic: the old file or the whole new one
 
 
 def gold_ids(storage: Storage, category: str, request_id: str) -> list[str]:
@@ -128,14 +126,14 @@ def follow_up(storage: Storage, category: str, request_id: str, qc: QCParams | N
     request, images = read_request(storage, category, root)
     votes = read_votes(storage, category)
     gold = read_gold(storage, category)
-    flagged = flagged_labelers(votes, gold, qc)
+    stats = labeler_stats(votes, gold, qc)
+    flagged = flagged_in(stats)
     usable = usable_votes(votes, flagged).to_pandas()
     ids = images.column("image_id").to_pylist()
     counts = usable[usable["image_id"].isin(set(ids))].groupby(["image_id", "answer"]).size().unstack(fill_value=0)
     counts = counts.reindex(index=ids, columns=["yes", "no", "unsure"], fill_value=0)
     done = image_done(counts["yes"].to_numpy(), counts["no"].to_numpy(), counts["unsure"].to_numpy(), qc)
     disputed = [i for i, d in zip(ids, done, strict=True) if not d]
-    stats = labeler_stats(votes, gold, qc)
     name = None
     if disputed:
         k = 1

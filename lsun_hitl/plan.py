@@ -13,7 +13,7 @@ pool, and the cascade cannot save labels: ``check`` refuses such a run and names
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .calibration import zero_error_size
 from .config import CascadeParams, ConfigError, validate
@@ -75,8 +75,12 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan(category: str, pool: int, params: CascadeParams, base_rate: float | None = None, source: str = "") -> Plan:
-    """The first iteration's plan for a new cascade over ``pool`` images (pure: no storage)."""
+def plan(
+    category: str, pool: int, params: CascadeParams, base_rate: float | None = None, source: str = "your estimate"
+) -> Plan:
+    """The first iteration's plan for a new cascade over ``pool`` images (pure: no storage).
+
+    ``base_rate``: the expected share of positives, if known; ``source`` says where it comes from."""
     cap = int(params.max_sample_fraction * pool)
     calibration = min(params.first_calibration_sample, cap)
     train = min(params.train_sample, cap)
@@ -91,7 +95,7 @@ def plan(category: str, pool: int, params: CascadeParams, base_rate: float | Non
         train=train,
         calibration=calibration,
         base_rate=base_rate,
-        base_rate_source=source,
+        base_rate_source=source if base_rate is not None else "",
         need_negatives=zero_error_size(params.target_false_omission, conf),
         need_positives=need_pos,
         min_base_rate=need_pos / BEYOND_THRESHOLD / max(1, calibration),
@@ -132,14 +136,12 @@ def _smaller_samples(p: Plan, params: CascadeParams) -> str | None:
         later = max(first // 2, zero_error_size(params.target_false_omission, params.threshold_confidence(iterations)))
         if later > first:
             continue
-        candidate = CascadeParams.from_dict(
-            params.to_dict()
-            | {
-                "train_sample": train,
-                "first_calibration_sample": first,
-                "calibration_sample": later,
-                "max_iterations": iterations,
-            }
+        candidate = replace(
+            params,
+            train_sample=train,
+            first_calibration_sample=first,
+            calibration_sample=later,
+            max_iterations=iterations,
         )
         try:
             validate(p.category, candidate)

@@ -191,5 +191,9 @@ def write_qc(storage: Storage, qc: QCParams) -> None:
 
 
 def flagged_labelers(votes: pa.Table, gold: pa.Table, qc: QCParams) -> set[str]:
-    stats = labeler_stats(votes, gold, qc)
+    return flagged_in(labeler_stats(votes, gold, qc))
+
+
+def flagged_in(stats: pd.DataFrame) -> set[str]:
+    """The flagged labelers of a ``labeler_stats`` table."""
     return set(stats.loc[stats["flagged"], "labeler"]) if len(stats) else set()

@@ -142,8 +142,8 @@ def simulate(
             if out is not None:
                 plot = storage.path(report_key(category, "funnel.png"))
                 if storage.exists(plot):
-                    Path(out).mkdir(parents=True, exist_ok=True)
-                    (Path(out) / f"{category}-seed{seed}-funnel.png").write_bytes(storage.read_bytes(plot))
+                    plots = Storage(str(out))
+                    plots.write_bytes(plots.path(f"{category}-seed{seed}-funnel.png"), storage.read_bytes(plot))
             rows.append(row)
             if on_row is not None:
                 on_row(row)
