@@ -752,6 +752,8 @@ def cmd_simulate(args: argparse.Namespace) -> None:
             f"false omission {c['eval_false_omission']:.4f}; {c['iterations']} iterations, {c['wall_s']:.0f} s",
             flush=True,
         )
+        for warning in c.get("warnings", ()):
+            print(f"   warning: {warning}", flush=True)
 
     rows = simulate(
         storage,

@@ -86,3 +86,41 @@ def test_partial_truth_runs_on_the_covered_part(tmp_path, dask_cluster):
     assert not (tmp_path / "sim" / "seed=0-part=7" / "pool").is_symlink()  # its own pool: the covered part
     full = run_root(tmp_path / "sim", data, 0)
     assert (tmp_path / "sim" / "seed=0" / "pool").is_symlink() and read_pool(full).num_rows == len(uris)
+
+
+def test_a_noisy_crowd_makes_the_summary_warn_in_the_cli_and_the_prefect_artifact(
+    tmp_path, dask_cluster, prefect_harness, capsys
+):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, TaskRunFilter
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    images = tmp_path / "digits"
+    write_tree(str(images), limit=900)
+    storage = Storage(str(tmp_path / "root"))
+    build_pool(storage, str(images), client=dask_cluster)
+    assert cli(["truth", "--root", storage.url, "--folder", str(images), "--name", "digits"]) == 0
+    work = tmp_path / "sim"
+    noisy = ["--accuracy", "0.75", "--accuracy-spread", "0", "--answers-per-image", "3", "--labelers", "10"]
+    argv = ["simulate", "--root", storage.url, "--categories", "3", "--seeds", "0", "--work", str(work), *noisy]
+    small = list(SMALL)
+    small[small.index("--max-iterations") + 1] = "1"  # one iteration: the rest goes to the noisy crowd
+    assert cli([*argv, "--dask-address", dask_cluster.scheduler.address, *small]) == 0
+    out = capsys.readouterr().out
+    (row,) = json.loads((work / "report" / "results.json").read_text())
+    warnings = row["cascade"]["warnings"]
+    # people decided most of the pool with 75%-right answers: the estimate misses the target and says so
+    assert row["cascade"]["estimated_precision"] < 0.95
+    assert warnings and "estimated precision" in warnings[0] and "--labels-per-image" in warnings[0]
+    assert f"   warning: {warnings[0]}" in out
+    with get_client(sync_client=True) as client:
+        # (Prefect 3.8's sync client sends unset filters and offset as null, which its server refuses)
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["summary-3"])),
+            flow_run_filter=FlowRunFilter(),
+            task_run_filter=TaskRunFilter(),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+            offset=0,
+        )  # the latest: this run's
+    assert f"WARNING: {warnings[0]}" in artifact.data
