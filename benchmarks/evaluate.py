@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from lsun_hitl.baselines import all_by_crowd, single_round
-from lsun_hitl.calibration import SCANS
-from lsun_hitl.config import CONFIDENCE_SCOPES, CascadeParams, ModelParams
+from lsun_hitl.config import CascadeParams, ModelParams
 from lsun_hitl.crowd import CrowdParams
 from lsun_hitl.fashion_mnist import CLASSES, import_fashion_mnist
 from lsun_hitl.ingest import build_pool, read_pool
+from lsun_hitl.options import add_flags, params_from_args
 from lsun_hitl.simulate import run_one, run_root
 from lsun_hitl.storage import Storage, report_key
 from lsun_hitl.truth import read_truth
@@ -99,6 +99,19 @@ def add_baselines(
     return images
 
 
+# The harness's own defaults, where they differ from the product's (docs/evaluation/README.md says why):
+# a small convnet at 32 px suits Fashion-MNIST's 28 px images; nobody is there to answer the cascade's
+# question about a large remainder, so it goes to people; --limit pools are small on purpose.
+HARNESS = {
+    "arch": "small_convnet",
+    "image_size": 32,
+    "epochs": 30,
+    "audit_sample": 200,
+    "large_remainder": "people",
+    "allow_small_pool": True,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="/tmp/lsun-eval")
@@ -109,8 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--accuracy", type=float, default=0.9)
     ap.add_argument("--spammer-share", type=float, default=0.1)
     ap.add_argument("--labels-per-image", type=int, default=3)
-    ap.add_argument("--target-precision", type=float, default=0.95)
-    ap.add_argument("--target-false-omission", type=float, default=0.01)
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument(
         "--baselines-only",
@@ -118,34 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         help="add baselines (a) and (b) to --out's finished runs of --categories and --seeds that lack them"
         " (the run's own budget and model settings); runs no cascade",
     )
-    ap.add_argument("--audit-sample", type=int, default=200, help="images per model split people audit")
-    d = CascadeParams()
-    ap.add_argument("--train-sample", type=int, default=d.train_sample)
-    ap.add_argument("--calibration-sample", type=int, default=d.calibration_sample)
-    ap.add_argument("--calibration-min-new", type=int, default=d.calibration_min_new)
-    ap.add_argument("--carry-calibration", action="store_true")
-    ap.add_argument("--max-iterations", type=int, default=d.max_iterations)
-    ap.add_argument("--no-recheck", action="store_true", help="count calibration and audit labels as first given")
-    ap.add_argument(
-        "--threshold-scan",
-        choices=SCANS,
-        default=d.threshold_scan,
-        help="how thresholds are picked among those whose bound passes (see lsun_hitl.calibration)",
-    )
-    ap.add_argument("--start-share", type=float, default=d.start_share, help="fixed-sequence start (negatives)")
-    ap.add_argument(
-        "--positive-start-errors",
-        type=int,
-        default=d.positive_start_errors,
-        help="fixed-sequence start (positives): errors the first region tolerates",
-    )
-    ap.add_argument(
-        "--confidence-scope",
-        choices=CONFIDENCE_SCOPES,
-        default=d.confidence_scope,
-        help="run: 95%% per run and side, spent over the iterations; threshold: 95%% per threshold",
-    )
-    ap.add_argument("--first-calibration-sample", type=int, default=d.first_calibration_sample)
+    add_flags(ap, defaults=HARNESS, exclude=("seed", "human_budget", "weights"))
     ap.add_argument(
         "--human-budget-share",
         type=float,
@@ -153,38 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         " with --remainder unresolved what is left undecided then stays out of the dataset",
     )
     ap.add_argument(
-        "--remainder",
-        choices=("people", "unresolved"),
-        default=d.remainder,
-        help="who takes the images still undecided at the end: people label them, or they stay unresolved",
-    )
-    ap.add_argument(
-        "--large-remainder",
-        choices=("people", "unresolved"),
-        default="people",
-        help="a remainder above --large-remainder-share of the pool: people label it (as before the ask existed),"
-        " or it stays unresolved; nobody is there to answer the cascade's question",
-    )
-    ap.add_argument("--large-remainder-share", type=float, default=d.large_remainder_share)
-    ap.add_argument(
         "--data",
         help="an existing storage root with the pool (pool/, images, groundtruth/), e.g. one made by"
         " benchmarks/scale_pool.py and lsun-hitl ingest, instead of importing Fashion-MNIST",
     )
-    ap.add_argument(
-        "--arch",
-        default="small_convnet",
-        help="small_convnet: on pullover's first model AUC 0.979 against 0.962 (mobilenet_v3_small) and 0.970"
-        " (resnet18), trained in less time (benchmarks/one_iteration.py)",
-    )
-    ap.add_argument("--epochs", type=int, default=30, help="training passes (capped by --max-steps)")
-    ap.add_argument(
-        "--image-size",
-        type=int,
-        default=32,
-        help="model input side (Fashion-MNIST is 28 px: 32 scores about as well as 64 in 2/3 of the time)",
-    )
-    ap.add_argument("--max-steps", type=int, default=d.model.max_steps)
     ap.add_argument(
         "--pretrain",
         action="store_true",
@@ -250,35 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         storage = run_root(base, data, seed)
         crowd = crowd_params(args, seed)
-        params = CascadeParams(
-            seed=seed,
-            target_precision=args.target_precision,
-            target_false_omission=args.target_false_omission,
-            train_sample=args.train_sample,
-            calibration_sample=args.calibration_sample,
-            calibration_min_new=args.calibration_min_new,
-            carry_calibration=args.carry_calibration,
-            max_iterations=args.max_iterations,
-            audit_sample=args.audit_sample,
-            recheck=not args.no_recheck,
-            threshold_scan=args.threshold_scan,
-            start_share=args.start_share,
-            positive_start_errors=args.positive_start_errors,
-            confidence_scope=args.confidence_scope,
-            first_calibration_sample=args.first_calibration_sample,
-            human_budget=None if args.human_budget_share is None else int(args.human_budget_share * len(ids)),
-            remainder=args.remainder,
-            large_remainder=args.large_remainder,
-            large_remainder_share=args.large_remainder_share,
-            allow_small_pool=True,  # --limit pools are small on purpose: the figures say what the loop did
-            model=ModelParams(
-                arch=args.arch,
-                image_size=args.image_size,
-                epochs=args.epochs,
-                max_steps=args.max_steps,
-                weights=weights,
-            ),
-        )
+        budget = None if args.human_budget_share is None else int(args.human_budget_share * len(ids))
+        params = params_from_args(args, seed=seed, human_budget=budget, weights=weights)
         for category in categories:
             if (category, seed) in done:
                 continue

@@ -19,25 +19,20 @@ disagreement) beside each threshold.
 Thresholds come from a fixed grid (dense in logit space), and each side is a nested family of regions
 (``s >= t`` for positives, ``s <= t`` for negatives). Two ways to pick one (``scan``):
 
-* ``"nested"`` (formerly the default, here and in the cascade, before the fixed sequence below could start
-  wide): the widest region whose own bound passes, wherever it lies. The confidence holds per threshold;
+* ``"nested"``: the widest region whose own bound passes, wherever it lies. The confidence holds per threshold;
   taking the best of many nested regions makes the chance that the chosen one misses its target higher than
-  ``1 - confidence``. On smooth simulated scores (1,500 calibration images, base rate 0.1) it missed in 0-4%
-  of draws, under the stated 5% (tests/test_calibration.py); on real first-model scores, where the share of
-  positives rises steeply near the cut, one side or the other missed in 5.5% of draws, 8.75% for the worst
-  category (``benchmarks/guarantee.py``).
+  ``1 - confidence``, most where the share of positives rises steeply near the cut, as it does on real
+  model scores (docs/tuning.md has the measured miss rates).
 * ``"fixed-sequence"`` (the default; Learn-then-Test's fixed-sequence test, Angelopoulos et al. 2021):
   start from a region fixed by the scores alone, widen it one grid step at a time while the bound passes,
   and stop at the first failure. The chosen region then meets its target with probability at least
   ``confidence``: the sequence is fixed before any label is looked at, so no correction for the number of
   thresholds tried is needed. Where it starts matters: from the smallest region that could pass at all
-  (``start_share=0``), one stray positive among the lowest-scored calibration images stops it (on
-  pullover's first model it decided 17,011 negatives where the nested scan decided 46,488). From the half
+  (``start_share=0``), one stray positive among the lowest-scored calibration images stops it. From the half
   of the model's own predicted negatives (scores < 0.5) it is surest of (``start_share=0.5``, the default),
-  a few strays do not stop it, and with 3,000 calibration images it decides about what the nested scan does
-  (``benchmarks/guarantee.py`` replays both on real model scores against the ground truth). The positive
-  side starts from its highest-scored region, made just wide enough that one wrong "no" does not stop it
-  (``positive_start_errors``).
+  a few strays do not stop it (``benchmarks/guarantee.py`` replays both scans on real model scores against
+  the ground truth; docs/tuning.md). The positive side starts from its highest-scored region, made just
+  wide enough that one wrong "no" does not stop it (``positive_start_errors``).
 
 The confidence of one threshold is not the confidence of a run: a cascade chooses two thresholds per
 iteration, for several iterations. ``iteration_confidence`` spends a run's error budget over its
@@ -142,13 +137,13 @@ def choose_thresholds(
         could pass at all. Chosen from the scores alone, it keeps the guarantee. The positive side starts from
         its highest-scored region (``positive_start_errors``), not from a share: stray positives sit among the
         lowest scores (ambiguous items the model is sure of), stray negatives rarely among the highest, and a
-        wide start there lost most model positives in ``benchmarks/guarantee.py``.
+        wide start there loses most model positives (docs/tuning.md).
     positive_start_errors : int
         Fixed-sequence only, positive side: the first region tested is the smallest in which this many people's
         "no" answers would still pass (``passing_size``: 110 images at 97.5% for a 95% target with one, 72 with
         none). With 0, one label left wrong after recheck among the highest-scored calibration images stops the
-        scan before it starts: on ankle-boot (seed 0) that lost all 6,000 model positives. Chosen from the sizes
-        alone, it keeps the guarantee.
+        scan before it starts, losing every model positive (docs/tuning.md). Chosen from the sizes alone, it
+        keeps the guarantee.
     """
     if scan not in SCANS:
         raise ValueError(f"scan {scan!r} is unknown; use one of {', '.join(SCANS)}")

@@ -12,20 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .calibration import SCANS
 from .cluster import ClusterError
-from .config import (
-    ARCHITECTURES,
-    CONFIDENCE_SCOPES,
-    LARGE_REMAINDER,
-    CascadeParams,
-    ConfigError,
-    ModelParams,
-    validate_model,
-)
+from .config import ARCHITECTURES, CascadeParams, ConfigError, ModelParams, validate_model
 from .crowd import CrowdParams
 from .labelers import LabelerError
 from .labels import LabelError
+from .options import add_flags, params_from_args
 from .quality import QCParams, QualityError
 from .storage import Storage, StorageError, clear_category, dataset_key, groundtruth_key, storage_options_from_env
 
@@ -41,41 +33,7 @@ def _storage(args: argparse.Namespace) -> Storage:
 
 
 def _params(args: argparse.Namespace) -> CascadeParams:
-    model = ModelParams(
-        arch=args.arch,
-        image_size=args.image_size,
-        epochs=args.epochs,
-        weights=args.weights,
-        freeze_backbone=args.freeze_backbone,
-    )
-    return CascadeParams(
-        train_sample=args.train_sample,
-        calibration_sample=args.calibration_sample,
-        calibration_min_new=args.calibration_min_new,
-        carry_calibration=args.carry_calibration,
-        audit_sample=args.audit_sample,
-        recheck=not args.no_recheck,
-        target_precision=args.target_precision,
-        target_false_omission=args.target_false_omission,
-        confidence=args.confidence,
-        confidence_scope=args.confidence_scope,
-        threshold_scan=args.threshold_scan,
-        first_calibration_sample=args.first_calibration_sample,
-        max_iterations=args.max_iterations,
-        stop_unlabeled=args.stop_unlabeled,
-        human_budget=args.human_budget,
-        remainder=args.remainder,
-        large_remainder=args.large_remainder,
-        large_remainder_share=args.large_remainder_share,
-        train_growth=args.train_growth,
-        train_sample_max=args.train_sample_max,
-        allow_small_pool=args.allow_small_pool,
-        seed=args.seed,
-        label_timeout_s=args.label_timeout,
-        dask_workers=args.dask_workers,
-        input_cache=not args.no_input_cache,
-        model=model,
-    )
+    return params_from_args(args)
 
 
 def _add_root(p: argparse.ArgumentParser) -> None:
@@ -84,82 +42,13 @@ def _add_root(p: argparse.ArgumentParser) -> None:
 
 
 def _add_cascade(p: argparse.ArgumentParser, many: bool = False) -> None:
-    d, m = CascadeParams(), ModelParams()
+    """The category (one, or several with ``many``), the Dask cluster, and every cascade setting's flag."""
     if many:
         p.add_argument("--category", "--categories", nargs="+", required=True, help="one or more categories")
     else:
         p.add_argument("--category", default="sneaker")
     p.add_argument("--dask-address", help="scheduler of an existing Dask cluster (default: a LocalCluster)")
-    p.add_argument("--dask-workers", type=int, help="LocalCluster worker processes (default: min(2, cores))")
-    p.add_argument("--train-sample", type=int, default=d.train_sample)
-    p.add_argument("--calibration-sample", type=int, default=d.calibration_sample, help="calibration set size")
-    p.add_argument("--calibration-min-new", type=int, default=d.calibration_min_new)
-    p.add_argument(
-        "--carry-calibration",
-        action="store_true",
-        help="never train on calibration images; carry the still-undecided ones into later calibration sets",
-    )
-    p.add_argument("--audit-sample", type=int, default=d.audit_sample, help="images per model split people audit")
-    p.add_argument(
-        "--no-recheck",
-        action="store_true",
-        help="count calibration and audit labels as first given (default: ask people again where the model disputes)",
-    )
-    p.add_argument("--target-precision", type=float, default=d.target_precision)
-    p.add_argument("--target-false-omission", type=float, default=d.target_false_omission)
-    p.add_argument("--confidence", type=float, default=d.confidence)
-    p.add_argument(
-        "--confidence-scope",
-        choices=CONFIDENCE_SCOPES,
-        default=d.confidence_scope,
-        help="run: --confidence holds per run and side (spent over the iterations); threshold: per threshold",
-    )
-    p.add_argument(
-        "--threshold-scan",
-        choices=SCANS,
-        default=d.threshold_scan,
-        help="fixed-sequence: the confidence holds for the chosen threshold; nested: per threshold only",
-    )
-    p.add_argument(
-        "--first-calibration-sample",
-        type=int,
-        default=d.first_calibration_sample,
-        help="the first iteration's calibration set size (its cut decides most of the pool)",
-    )
-    p.add_argument("--max-iterations", type=int, default=d.max_iterations)
-    p.add_argument("--stop-unlabeled", type=int, default=d.stop_unlabeled)
-    p.add_argument("--human-budget", type=int, default=d.human_budget)
-    p.add_argument("--remainder", choices=("people", "unresolved"), default=d.remainder)
-    p.add_argument(
-        "--large-remainder",
-        choices=LARGE_REMAINDER,
-        default=d.large_remainder,
-        help="a remainder above --large-remainder-share of the pool: ask an operator, or decide now",
-    )
-    p.add_argument("--large-remainder-share", type=float, default=d.large_remainder_share)
-    p.add_argument("--train-growth", type=float, default=d.train_growth, help="more training labels after a stall")
-    p.add_argument("--train-sample-max", type=int, default=d.train_sample_max)
-    p.add_argument(
-        "--allow-small-pool",
-        action="store_true",
-        help="run a new cascade even where its first sample is over 30%% of the pool or cannot certify anything",
-    )
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--label-timeout", type=int, default=d.label_timeout_s, help="seconds a run waits for people")
-    p.add_argument("--arch", choices=ARCHITECTURES, default=m.arch)
-    p.add_argument("--image-size", type=int, default=m.image_size)
-    p.add_argument("--epochs", type=int, default=m.epochs)
-    p.add_argument(
-        "--weights",
-        help="pretrained torchvision weights for --arch: a local file or a URL on the storage root (read with its"
-        " storage options), or 'pool' (lsun-hitl pretrain's)",
-    )
-    p.add_argument("--freeze-backbone", action="store_true", help="with --weights: train only the new head")
-    p.add_argument(
-        "--no-input-cache",
-        action="store_true",
-        help="decode the images at every scoring pass instead of keeping the pool's model inputs under cache/",
-    )
+    add_flags(p)
 
 
 def _add_qc(p: argparse.ArgumentParser) -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from .calibration import SCANS, Scan, iteration_confidence, zero_error_size
+from .calibration import Scan, iteration_confidence, zero_error_size
 
 CATEGORY_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 ARCHITECTURES = (
@@ -24,29 +24,56 @@ ARCHITECTURES = (
 
 
 ConfidenceScope = Literal["run", "threshold"]
-LARGE_REMAINDER: tuple[str, ...] = ("ask", "people", "unresolved")
-CONFIDENCE_SCOPES: tuple[str, ...] = ("run", "threshold")
+Remainder = Literal["people", "unresolved"]
+LargeRemainder = Literal["ask", "people", "unresolved"]
+Wait = Literal["auto", "pause", "suspend"]
+LARGE_REMAINDER: tuple[str, ...] = get_args(LargeRemainder)
+CONFIDENCE_SCOPES: tuple[str, ...] = get_args(ConfidenceScope)
 
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names the setting and the fix."""
 
 
+def setting(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    flag: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    cli: bool = True,
+    default_factory: Any = MISSING,
+) -> Any:
+    """A settings field declared once: its default and help text, from which the command-line flags and the
+    README's option table are made (``lsun_hitl.options``).
+
+    ``flag`` is the command-line name when it is not the field's (``--`` + name with ``-`` for ``_``; a
+    boolean that defaults to true gets ``--no-<flag>``); ``choices`` where the type is not a ``Literal``
+    (whose values are the choices); ``cli=False`` keeps a setting to the deployments file and the API.
+    """
+    metadata = {"help": help, "flag": flag, "choices": choices, "cli": cli}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class ModelParams:
     """The classifier trained at each iteration (a torchvision architecture, binary head)."""
 
-    arch: str = "mobilenet_v3_small"
-    image_size: int = 64
-    epochs: int = 10
-    max_steps: int = 500  # caps training time as the labels grow
-    batch_size: int = 128
-    learning_rate: float = 2e-3
-    weights: str | None = None  # a local file with pretrained weights (a torchvision state dict), or "pool"
-    # (the backbone lsun_hitl.pretrain learns from the unlabeled pool itself: `lsun-hitl pretrain`)
-    # with weights: False fine-tunes the whole network, True trains only the new head (a linear probe)
-    freeze_backbone: bool = False
-    threads: int = 2
+    arch: str = setting("mobilenet_v3_small", "the classifier's architecture", choices=ARCHITECTURES)
+    image_size: int = setting(64, "model input side in pixels")
+    epochs: int = setting(10, "passes over the training labels (fewer when they would exceed max_steps)")
+    max_steps: int = setting(500, "cap on training steps, so training time stays bounded as the labels grow")
+    batch_size: int = setting(128, "training batch", flag="train-batch-size")
+    learning_rate: float = setting(2e-3, "AdamW's peak learning rate (one-cycle schedule)")
+    weights: str | None = setting(
+        None,
+        "pretrained torchvision weights for arch: a local file or a URL on the storage root (read with its storage"
+        " options), or 'pool' (the backbone `lsun-hitl pretrain` learns from the unlabeled pool)",
+    )
+    freeze_backbone: bool = setting(False, "with weights: train only the new head (a linear probe)")
+    threads: int = setting(2, "torch threads for training in the flow process", flag="train-threads")
 
 
 @dataclass(frozen=True)
@@ -70,78 +97,105 @@ class CascadeParams:
     after the last iteration, to measure the delivered precision and false omission. With ``recheck``
     the calibration and audit images whose aggregated label the model disputes (people said yes where
     the model scores below 0.5, or no above it, or their answers left it unsure) are sent to people once
-    more before they count.
+    more before they count. Each field's help text says what it does; ``docs/tuning.md`` says why the
+    defaults are what they are.
     """
 
-    train_sample: int = 2500
-    calibration_sample: int = 1500
-    # the first iteration's: its cut decides most of the pool (50,000-65,000 of Fashion-MNIST's 70,000 images),
-    # and with the fixed-sequence scan 3,000 calibration images let it decide about what the nested scan did with
-    # 1,500, where 1,500 left 4,500 more images to people a category (benchmarks/guarantee.py)
-    first_calibration_sample: int = 3000
-    max_sample_fraction: float = 0.25
-    target_precision: float = 0.95
-    target_false_omission: float = 0.01
-    confidence: float = 0.95
-    min_region: int = 30
-    # "fixed-sequence": the confidence holds for the chosen threshold (Learn-then-Test), the negative side
-    # starting from the half of the model's predicted negatives it is surest of (start_share); "nested": the
-    # widest region that passes its own bound, which holds per threshold only: on real first-model scores its
-    # first cut missed a target in 5.5% of calibration draws at 95%, 8.75% on dress (benchmarks/guarantee.py)
-    threshold_scan: Scan = "fixed-sequence"
-    start_share: float = 0.5
-    # the positive side's first region is the smallest that passes with this many wrong "no" answers (110 images at
-    # 97.5%): one crowd error left among the highest-scored calibration images no longer stops it (ankle-boot,
-    # seed 0, lost its first model's 6,000 positives to one at 72); benchmarks/guarantee.py --label-noise
-    positive_start_errors: int = 1
-    # "run": ``confidence`` holds for each side over the whole run, its error budget spent over the
-    # iterations (calibration.iteration_confidence: 0.975, 0.9875, ...); "threshold": each threshold's own
-    confidence_scope: ConfidenceScope = "run"
-    # off by default, by measurement: on bag (seed 0) it left 21.5% of the pool to people, against 12.4%
-    # without (a smaller training set and noisier thresholds outweighed the calibration it saved)
-    carry_calibration: bool = False
-    calibration_min_new: int = 500
-    # a cap: a stalled iteration still labels its sample, which is part of what people would finish by hand, so
-    # the loop goes on; ten iterations fit the run's error budget with 1,500 calibration images (validate)
-    max_iterations: int = 10
-    stop_unlabeled: int = 1000
-    # a share of the pool left to people: 0 keeps the remainder from growing with the pool
-    stop_unlabeled_fraction: float = 0.0
-    # after an iteration whose model decided fewer images than people labeled for it (a stall), the next one
-    # trains on ``train_growth`` times more new labels, up to ``train_sample_max``
-    train_growth: float = 2.0
-    train_sample_max: int = 10_000
-    # a remainder above this share of the pool goes to people only with a yes: "ask" pauses the run for an
-    # operator's decision (lsun-hitl decide, or the resume form in the Prefect UI); "people" or "unresolved" decide
-    large_remainder_share: float = 0.05
-    large_remainder: Literal["ask", "people", "unresolved"] = "ask"
-    # a cap on the images people label (None: no cap): the loop stops when what is left cannot buy a calibration
-    # sample that certifies anything, and people finish the remainder only if it fits (else it stays unresolved)
-    human_budget: int | None = None
-    # a new cascade whose first sample is over 30% of the pool, or whose first calibration sample cannot certify
-    # either side, is refused with smaller samples that fit (lsun_hitl.plan); True runs it anyway
-    allow_small_pool: bool = False
-    # stop when the images left are no more than the next iteration would send to people
-    stop_when_cheaper: bool = True
-    audit_sample: int = 0
-    # ask people again about calibration (and audit) images whose label the model disputes, before
-    # thresholds are chosen: removes the crowd-noise floor under the false-omission bound
-    recheck: bool = True
-    remainder: Literal["people", "unresolved"] = "people"
-    seed: int = 0
-    label_timeout_s: int = 7 * 24 * 3600
-    label_poll_s: int = 2
-    # how a run waits for people: "pause" keeps the process (embedded default), "suspend" ends it and
-    # Prefect reschedules the run when labels arrive (needs a deployment); "auto": suspend when deployed
-    wait: Literal["auto", "pause", "suspend"] = "auto"
-    score_partition: int = 4000
-    score_batch: int = 256
-    # keep every pool image's model input (uint8, at the model's input size) in shards on the storage root,
-    # decoded by whichever pass reaches a shard first, so later iterations and categories do not decode again
-    input_cache: bool = True
-    dask_workers: int | None = None
-    model: ModelParams = field(default_factory=ModelParams)
-    model_schedule: tuple[ModelParams, ...] = ()
+    train_sample: int = setting(2500, "human labels for training per iteration")
+    calibration_sample: int = setting(1500, "held-out human labels per iteration, for the thresholds")
+    first_calibration_sample: int = setting(
+        3000, "the first iteration's calibration sample (its cut decides most of the pool)"
+    )
+    max_sample_fraction: float = setting(0.25, "cap on one iteration's sample, as a share of what is unlabeled")
+    target_precision: float = setting(0.95, "the positive set's precision the thresholds must show")
+    target_false_omission: float = setting(
+        0.01, "the negative set's false-omission rate (positives among negatives) the thresholds must show"
+    )
+    confidence: float = setting(0.95, "confidence of each bound (per run and side with confidence_scope run)")
+    min_region: int = setting(30, "fewest calibration images a threshold's region may hold")
+    threshold_scan: Scan = setting(
+        "fixed-sequence",
+        "how a threshold is picked among those whose bound passes: fixed-sequence widens from a start chosen by"
+        " the scores alone and stops at the first failure, so the confidence holds for the pick; nested takes"
+        " the widest that passes, with a per-threshold confidence",
+    )
+    start_share: float = setting(
+        0.5, "fixed-sequence: the negative side starts from this share of predicted negatives the model is surest of"
+    )
+    positive_start_errors: int = setting(
+        1, "fixed-sequence: the positive side's first region is the smallest that passes with this many errors"
+    )
+    confidence_scope: ConfidenceScope = setting(
+        "run",
+        "run: the confidence holds for each side over the whole run, its error budget spent over the iterations;"
+        " threshold: each threshold at the confidence",
+    )
+    carry_calibration: bool = setting(
+        False,
+        "never train on calibration images; carry the still-undecided ones into later calibration sets",
+    )
+    calibration_min_new: int = setting(500, "with carry_calibration: fewest new calibration images an iteration")
+    max_iterations: int = setting(
+        10, "a cap on iterations (a stalled iteration still labels part of what people would finish by hand)"
+    )
+    stop_unlabeled: int = setting(1000, "stop when no more images than this are left unlabeled")
+    stop_unlabeled_fraction: float = setting(
+        0.0, "stop when no more than this share of the pool is left (0: the remainder does not grow with the pool)"
+    )
+    train_growth: float = setting(
+        2.0,
+        "after an iteration whose model decided fewer images than people labeled for it (a stall), the next"
+        " trains on this many times more new labels",
+    )
+    train_sample_max: int = setting(10_000, "cap on the new training labels train_growth reaches")
+    large_remainder_share: float = setting(
+        0.05, "a remainder above this share of the pool goes to people only as large_remainder says"
+    )
+    large_remainder: LargeRemainder = setting(
+        "ask",
+        "a remainder above large_remainder_share of the pool: ask pauses the run for an operator's decision"
+        " (lsun-hitl decide, or the resume form in the Prefect UI); people or unresolved decide now",
+    )
+    human_budget: int | None = setting(
+        None,
+        "cap on the images people label, the remainder included: the run stops when what is left cannot buy a"
+        " calibration sample that certifies anything, and people finish the remainder only if it fits",
+    )
+    allow_small_pool: bool = setting(
+        False,
+        "run a new cascade even where its first sample is over 30% of the pool or cannot certify anything"
+        " (else it is refused with smaller samples that fit)",
+    )
+    stop_when_cheaper: bool = setting(
+        True, "stop when the images left are no more than the next iteration would send to people"
+    )
+    audit_sample: int = setting(0, "images of each model-decided split people audit after the last iteration")
+    recheck: bool = setting(
+        True,
+        "ask people again about calibration and audit images whose label the model disputes, before they count"
+        " (removes the crowd-noise floor under the false-omission bound)",
+    )
+    remainder: Remainder = setting("people", "who takes the images still undecided at the end")
+    seed: int = setting(0, "seed of every random draw of the run")
+    label_timeout_s: int = setting(7 * 24 * 3600, "seconds a run waits for people", flag="label-timeout")
+    label_poll_s: int = setting(2, "seconds between checks for people's labels while a run waits")
+    wait: Wait = setting(
+        "auto",
+        "how a run waits for people: pause keeps the process; suspend ends it and Prefect reschedules the run"
+        " when labels arrive (needs a deployment); auto suspends when deployed",
+    )
+    score_partition: int = setting(4000, "images per scoring task on Dask")
+    score_batch: int = setting(256, "images per forward pass when scoring")
+    input_cache: bool = setting(
+        True,
+        "keep every pool image's model input (uint8, at the model's input size) in shards under cache/, so later"
+        " iterations and categories do not decode again",
+    )
+    dask_workers: int | None = setting(None, "LocalCluster worker processes (none: min(2, cores))")
+    model: ModelParams = setting(default_factory=ModelParams, cli=False)
+    model_schedule: tuple[ModelParams, ...] = setting(
+        (), "a model per iteration (the last one repeats); empty: model at every iteration", cli=False
+    )
 
     def threshold_confidence(self, iteration: int) -> float:
         """The confidence of ``iteration``'s thresholds (1-based): the run's spent over the iterations, or its own."""
@@ -193,6 +247,12 @@ def validate(category: str, params: CascadeParams) -> None:
             f"category {category!r} is not a valid name: use lower-case letters, digits, "
             "'-' or '_' (for example 'sneaker')"
         )
+    models = {
+        "model" if i == 0 else f"model_schedule[{i - 1}]": m
+        for i, m in enumerate((params.model, *params.model_schedule))
+    }
+    kinds = kind_checks(params) + [c for name, m in models.items() for c in kind_checks(m, f"{name}.")]
+    _raise_first(kinds, params)  # types first: the range checks below compare values
     checks = [
         (0.5 < params.target_precision < 1, "target_precision", "a number between 0.5 and 1, e.g. 0.95"),
         (0 < params.target_false_omission < 0.5, "target_false_omission", "a number between 0 and 0.5, e.g. 0.01"),
@@ -204,35 +264,20 @@ def validate(category: str, params: CascadeParams) -> None:
         (params.stop_unlabeled >= 0, "stop_unlabeled", "zero or more images"),
         (0 <= params.stop_unlabeled_fraction < 1, "stop_unlabeled_fraction", "a fraction in [0, 1)"),
         (params.human_budget is None or params.human_budget > 0, "human_budget", "a positive number or None"),
-        (params.remainder in ("people", "unresolved"), "remainder", "'people' or 'unresolved'"),
         (params.train_growth >= 1, "train_growth", "a factor of 1 (no growth) or more, e.g. 2"),
         (params.train_sample_max >= params.train_sample, "train_sample_max", "at least train_sample"),
         (0 <= params.large_remainder_share <= 1, "large_remainder_share", "a share of the pool in [0, 1], e.g. 0.05"),
-        (
-            params.large_remainder in LARGE_REMAINDER,
-            "large_remainder",
-            "'ask' (pause for a decision), 'people' or 'unresolved'",
-        ),
         (params.label_timeout_s > 0, "label_timeout_s", "a positive number of seconds"),
-        (params.wait in ("auto", "pause", "suspend"), "wait", "'auto', 'pause' or 'suspend'"),
         (params.score_partition >= 1 and params.score_batch >= 1, "score_partition/score_batch", "positive"),
         (params.calibration_min_new >= 0, "calibration_min_new", "zero or more images"),
         (params.audit_sample >= 0, "audit_sample", "zero or more images per split"),
-        (
-            params.threshold_scan in SCANS,
-            "threshold_scan",
-            "'fixed-sequence' (the confidence holds for the chosen threshold) or 'nested'",
-        ),
         (0 <= params.start_share < 1, "start_share", "a share in [0, 1), e.g. 0.5"),
         (params.positive_start_errors >= 0, "positive_start_errors", "zero or more errors, e.g. 1"),
-        (params.confidence_scope in CONFIDENCE_SCOPES, "confidence_scope", "'run' or 'threshold'"),
         (params.first_calibration_sample >= 50, "first_calibration_sample", "at least 50 images"),
     ]
-    for i, m in enumerate((params.model, *params.model_schedule)):
-        checks += _model_checks(m, "model" if i == 0 else f"model_schedule[{i - 1}]")
-    for ok, name, fix in checks:
-        if not ok:
-            raise ConfigError(f"setting {name} = {_value(params, name)!r} cannot work; use {fix}")
+    for name, m in models.items():
+        checks += _model_checks(m, name)
+    _raise_first(checks, params)
     # A calibration sample this small cannot certify the targets even with zero errors. Each iteration's
     # confidence is higher than the one before (the run's is spent over them), so the last one needs most:
     # an iteration that cannot certify anything would only send its sample to people.
@@ -262,18 +307,63 @@ def validate(category: str, params: CascadeParams) -> None:
 def _model_checks(m: ModelParams, name: str) -> list[tuple[bool, str, str]]:
     """(passes, setting, fix) for each model setting that can be wrong; ``name`` prefixes the settings."""
     return [
-        (m.arch in ARCHITECTURES, f"{name}.arch", f"one of {', '.join(ARCHITECTURES)}"),
         (16 <= m.image_size <= 1024, f"{name}.image_size", "between 16 and 1024 pixels"),
         (m.epochs >= 1, f"{name}.epochs", "at least 1"),
         (not m.freeze_backbone or bool(m.weights), f"{name}.freeze_backbone", "weights too (or freeze_backbone=false)"),
     ]
 
 
+def choices_of(f: Field, hint: Any) -> tuple[str, ...] | None:
+    """A setting's allowed values: its ``Literal`` type's, or those its field declares."""
+    if f.metadata.get("choices"):
+        return tuple(f.metadata["choices"])
+    return get_args(hint) if get_origin(hint) is Literal else None
+
+
+_KINDS: dict[type, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "true or false"),
+    int: ((int,), "a whole number"),
+    float: ((int, float), "a number"),
+    str: ((str,), "text"),
+}
+
+
+def kind_checks(obj: CascadeParams | ModelParams, prefix: str = "") -> list[tuple[bool, str, str]]:
+    """(passes, setting, fix) for each setting's type and allowed values, read from the dataclass's fields,
+    so a value from a deployments file or the API is checked as the command line's flags are."""
+    hints = get_type_hints(type(obj))
+    out = []
+    for f in fields(obj):
+        if f.name in ("model", "model_schedule"):
+            continue
+        value, hint = getattr(obj, f.name), hints[f.name]
+        args = get_args(hint)
+        if value is None and type(None) in args:
+            continue
+        choices = choices_of(f, hint)
+        if choices:
+            out.append((value in choices, prefix + f.name, "one of " + ", ".join(map(repr, choices))))
+            continue
+        kind = next((a for a in (hint, *args) if a in _KINDS), None)
+        if kind is not None:
+            accepted, what = _KINDS[kind]
+            ok = isinstance(value, accepted) and (kind is bool or not isinstance(value, bool))
+            out.append((ok, prefix + f.name, what + (" or None" if type(None) in args else "")))
+    return out
+
+
+def _raise_first(checks: list[tuple[bool, str, str]], params: CascadeParams) -> None:
+    for ok, name, fix in checks:
+        if not ok:
+            raise ConfigError(f"setting {name} = {_value(params, name)!r} cannot work; use {fix}")
+
+
 def validate_model(m: ModelParams) -> None:
     """Raise ConfigError naming the first model setting that cannot work (``validate`` checks these too)."""
-    for ok, name, fix in _model_checks(m, "model"):
-        if not ok:
-            raise ConfigError(f"setting {name} = {getattr(m, name.split('.', 1)[1])!r} cannot work; use {fix}")
+    for checks in (lambda: kind_checks(m, "model."), lambda: _model_checks(m, "model")):  # types first
+        for ok, name, fix in checks():
+            if not ok:
+                raise ConfigError(f"setting {name} = {getattr(m, name.split('.', 1)[1])!r} cannot work; use {fix}")
 
 
 def _value(params: CascadeParams, name: str) -> object:

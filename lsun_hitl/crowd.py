@@ -3,9 +3,8 @@
 Each labeler has its own accuracy; a share of them are spammers who answer at random. Every
 image gets ``labels_per_image`` answers from distinct labelers; while the yes and no answers
 disagree by less than ``min_margin`` (ties included), one more labeler is asked, up to
-``max_labels_per_image``: more answers exactly where people disagree. With 90%-accurate labelers a
-margin of 3 costs about 3.7 answers per image and leaves about 0.2% of images wrong before
-Dawid-Skene aggregation, against 2.8% for a plain majority of 3.
+``max_labels_per_image``: more answers exactly where people disagree, so a few more answers per image
+leave far fewer images wrong than a plain majority of a fixed number would (docs/tuning.md).
 The crowd reads only the ground truth and the published requests; it delivers by writing an
 answer file and calling ``on_delivered`` (which resumes the waiting flow run).
 """
