@@ -30,7 +30,12 @@ class ImageInfo:
     mode: str
 
 
-def _open(data: bytes) -> Image.Image:
+def open_image(data: bytes) -> Image.Image:
+    """Open the image file ``data`` lazily (PIL reads the header; pixels are decoded on first use).
+
+    Raises ImageError for an empty file, one PIL cannot identify, or a decompression bomb (over
+    ``MAX_PIXELS`` pixels), so no caller decodes a hostile image.
+    """
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
@@ -69,7 +74,7 @@ def probe(data: bytes) -> ImageInfo:
     ImageInfo
         Full-size width and height, PIL's format name and the file's own mode.
     """
-    img = _open(data)
+    img = open_image(data)
     fmt = img.format or "unknown"
     (width, height), mode = img.size, img.mode  # draft() changes both: record the file's own
     try:
@@ -106,7 +111,7 @@ def load_for_model(data: bytes, size: int) -> np.ndarray:
 
     Raises ImageError with the reason if the bytes are not a usable image.
     """
-    img = _open(data)
+    img = open_image(data)
     try:
         if img.format == "JPEG":
             img.draft("RGB", (size, size))  # let libjpeg decode big photos at a reduced scale

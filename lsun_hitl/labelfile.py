@@ -29,7 +29,7 @@ def read_label_file(path: str, request: pa.Table, category: str) -> pd.DataFrame
         if p.suffix in (".jsonl", ".ndjson"):
             frame = pd.read_json(p, lines=True, dtype=False)
         elif p.suffix == ".json":
-            frame = _label_studio(json.loads(p.read_text()), request, category)
+            frame = label_studio_answers(json.loads(p.read_text()), request, category)
         else:
             frame = pd.read_csv(p, dtype=str, skipinitialspace=True)
     except LabelError as exc:
@@ -45,7 +45,31 @@ def read_label_file(path: str, request: pa.Table, category: str) -> pd.DataFrame
     return frame
 
 
-def _label_studio(tasks: object, request: pa.Table, category: str) -> pd.DataFrame:
+def label_studio_answers(tasks: object, request: pa.Table, category: str) -> pd.DataFrame:
+    """People's answers in a Label Studio JSON export, as rows ``image_id, labeler, answer``.
+
+    Parameters
+    ----------
+    tasks
+        The parsed export: a list of tasks, each with ``data`` and ``annotations``.
+    request
+        ``image_id, uri`` of the images the tasks may name by URL (``data.image``) instead of by
+        ``data.image_id``.
+    category
+        The category asked about: a choice naming it counts as yes.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per annotation with a choice (cancelled ones are skipped); the labeler is
+        ``label-studio-<email or id>`` and the answer yes, no or unsure.
+
+    Raises
+    ------
+    LabelError
+        The export is not a list of tasks, a task names no image of ``request``, or it holds no
+        choice annotations.
+    """
     if not isinstance(tasks, list):
         raise LabelError("a Label Studio export is a JSON list of tasks")
     by_uri = dict(zip(request.column("uri").to_pylist(), request.column("image_id").to_pylist(), strict=True))

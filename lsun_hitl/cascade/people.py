@@ -1,0 +1,64 @@
+"""Asking people to label images, and reading their aggregated answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .. import labels as labels_lib
+from ..ingest import read_pool
+from ..manifest import CascadeState
+from ..storage import Storage, aggregated_key, request_key
+from .common import recheck_id_for
+
+
+def publish(
+    storage: Storage, category: str, request_id: str, iteration: int, rows: np.ndarray, flow_run_id: str | None
+) -> labels_lib.LabelRequest:
+    """Publish the images at pool ``rows`` to people as request ``request_id`` (shuffled order)."""
+    pool = read_pool(storage, columns=["image_id", "uri"])
+    order = np.random.default_rng([iteration, len(rows)]).permutation(len(rows))
+    images = pool.take(pa.array(np.asarray(rows)[order], pa.int64()))
+    return labels_lib.publish_request(storage, category, request_id, iteration, images, flow_run_id)
+
+
+def labels_complete(storage: Storage, category: str, request_id: str) -> bool:
+    """True when every image of the request has at least one yes/no answer stored."""
+    try:
+        labels_lib.collect(storage, category, request_id)
+        return True
+    except labels_lib.LabelError:
+        return False
+
+
+def _aggregated(storage: Storage, category: str, request_id: str) -> dict[str, float]:
+    """image_id -> people's aggregated posterior for request ``request_id`` (aggregated now if not stored)."""
+    key = storage.path(aggregated_key(category, request_id))
+    table = storage.read_table(key) if storage.exists(key) else labels_lib.collect(storage, category, request_id)
+    return dict(zip(table.column("image_id").to_pylist(), table.column("p_positive").to_pylist(), strict=True))
+
+
+def posteriors(storage: Storage, category: str, request_id: str, state: CascadeState, rows: np.ndarray) -> np.ndarray:
+    """People's aggregated posterior that each image at pool ``rows`` is positive, from ``request_id``."""
+    agg = _aggregated(storage, category, request_id)
+    ids = pc.take(state.image_id, pa.array(rows, pa.int64())).to_pylist()
+    return np.array([agg[i] for i in ids], np.float32)
+
+
+def recheck_size(storage: Storage, category: str, request_id: str) -> int:
+    """Images people were asked about again for ``request_id`` (0 when nothing was rechecked)."""
+    path = storage.path(request_key(category, recheck_id_for(request_id), "json"))
+    return int(storage.read_json(path)["n_images"]) if storage.exists(path) else 0
+
+
+def checked_posteriors(
+    storage: Storage, category: str, request_id: str, state: CascadeState, rows: np.ndarray
+) -> np.ndarray:
+    """``posteriors``, with those of rechecked images (every answer to them, both requests) in place."""
+    p = posteriors(storage, category, request_id, state, rows)
+    if len(rows) and recheck_size(storage, category, request_id):
+        agg = _aggregated(storage, category, recheck_id_for(request_id))
+        ids = pc.take(state.image_id, pa.array(rows, pa.int64())).to_pylist()
+        p = np.array([agg.get(i, v) for i, v in zip(ids, p.tolist(), strict=True)], np.float32)
+    return p

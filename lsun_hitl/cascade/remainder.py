@@ -1,0 +1,116 @@
+"""The remainder: images still unlabeled when the iterations stop go to people, or stay unresolved.
+
+A large remainder waits for an operator's decision before anyone is asked to label so many images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import labels as labels_lib
+from ..config import CascadeParams
+from ..manifest import ROLE_REMAINDER, UNLABELED, check_transition, read_manifest, write_manifest
+from ..split import Funnel, apply_human_labels, remainder_to_people
+from ..storage import Storage, decision_key
+from .common import REMAINDER, stored_funnel
+from .people import posteriors, publish
+
+
+def publish_remainder(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, flow_run_id: str | None = None
+) -> labels_lib.LabelRequest | None:
+    """Ask people to label every image still unlabeled after ``iteration``; None if there is none, or if
+    they do not fit in what ``params.human_budget`` leaves (they stay unresolved)."""
+    state = read_manifest(storage, category, iteration)
+    rows = state.unlabeled_index()
+    spent = state.human_labeled()
+    if not remainder_to_people(len(rows), spent, params.human_budget):
+        return None
+    return publish(storage, category, REMAINDER, iteration + 1, rows, flow_run_id)
+
+
+def remainder_decision(storage: Storage, category: str, params: CascadeParams, iteration: int) -> str:
+    """Whether the images left after ``iteration`` go to people: "people", "unresolved", or "ask".
+
+    None go to people with ``params.remainder == "unresolved"`` or when they do not fit in the human budget. A
+    remainder up to ``params.large_remainder_share`` of the pool goes to people as ``params.remainder`` says.
+    A larger one takes the decision an operator stored (``decide_remainder``), else ``params.large_remainder``:
+    "ask" means the run should wait for that decision before anyone is asked to label so many images.
+    """
+    state = read_manifest(storage, category, iteration)
+    left = int(np.sum(state.state == UNLABELED))
+    if params.remainder != "people" or not remainder_to_people(left, state.human_labeled(), params.human_budget):
+        return "unresolved"  # by choice, or it does not fit in what the budget leaves: nobody is asked
+    if left <= params.large_remainder_share * len(state):
+        return "people"
+    path = storage.path(decision_key(category, REMAINDER))
+    stored = storage.read_json(path).get("decision") if storage.exists(path) else None
+    return stored or params.large_remainder
+
+
+def ask_remainder(storage: Storage, category: str, iteration: int, flow_run_id: str | None, why: str) -> dict:
+    """Record that the run waits for a decision on the remainder after ``iteration``; return the question."""
+    state = read_manifest(storage, category, iteration)
+    left = int(np.sum(state.state == UNLABELED))
+    path = storage.path(decision_key(category, REMAINDER))
+    question = storage.read_json(path) if storage.exists(path) else {}
+    question |= {
+        "category": category,
+        "iteration": iteration,
+        "n_images": left,
+        "pool": len(state),
+        "human_labeled": state.human_labeled(),
+        "stopped": why,
+        "flow_run_id": flow_run_id,
+        "decision": question.get("decision"),
+    }
+    storage.write_json(path, question)
+    return question
+
+
+def decide_remainder(storage: Storage, category: str, decision: str) -> dict:
+    """Store an operator's decision on a large remainder ("people" or "unresolved"); return the question."""
+    if decision not in ("people", "unresolved"):
+        raise ValueError(f"decision {decision!r}: use 'people' (label the remainder) or 'unresolved' (leave it)")
+    path = storage.path(decision_key(category, REMAINDER))
+    if not storage.exists(path):
+        raise labels_lib.LabelError(
+            f"no run of {category!r} waits for a decision on its remainder (nothing at {storage.url_of(path)})"
+        )
+    question = storage.read_json(path) | {"decision": decision}
+    storage.write_json(path, question)
+    return question
+
+
+def finish_remainder(storage: Storage, category: str, iteration: int) -> Funnel:
+    """Record people's labels for every image left unlabeled after ``iteration`` as iteration+1."""
+    return stored_funnel(storage, category, iteration + 1, lambda: _label_remainder(storage, category, iteration))
+
+
+def _label_remainder(storage: Storage, category: str, iteration: int) -> Funnel:
+    """Write the manifest of iteration+1 with people's remainder labels; return its funnel."""
+    final_it = iteration + 1
+    before = read_manifest(storage, category, iteration)
+    rows = before.unlabeled_index()
+    after = before.copy()
+    p = posteriors(storage, category, REMAINDER, before, rows)
+    apply_human_labels(after, rows, p, ROLE_REMAINDER, final_it)
+    check_transition(before, after)
+    funnel = Funnel(
+        iteration=final_it,
+        unlabeled_before=len(rows),
+        human_labeled=len(rows),
+        human_positive=int(np.sum(p >= 0.5)),
+        scored=0,
+        model_positive=0,
+        model_negative=0,
+        unlabeled_after=int(np.sum(after.state == UNLABELED)),
+        threshold_positive=None,
+        threshold_negative=None,
+        precision=None,
+        precision_low=None,
+        false_omission=None,
+        false_omission_high=None,
+    )
+    write_manifest(storage, category, final_it, after)
+    return funnel

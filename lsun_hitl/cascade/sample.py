@@ -1,0 +1,108 @@
+"""Sampling: the images people label at each iteration, for training and for calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .. import labels as labels_lib
+from ..config import CascadeParams
+from ..manifest import read_manifest
+from ..sampling import Sample, draw_sample
+from ..split import stalled, train_size
+from ..storage import Storage, calibration_key, calibration_set_key, sample_key
+from .common import funnels, request_id_for, stored_or, thresholds_from_dict
+from .people import publish
+
+
+def sample(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Sample:
+    """The images people label at ``iteration`` (drawn once; the stored draw is reused after)."""
+    table = stored_or(
+        storage,
+        storage.path(sample_key(category, iteration)),
+        storage.read_table,
+        lambda: _draw(storage, category, params, iteration),
+        storage.write_table,
+    )
+    idx = table.column("row").to_numpy()
+    role = table.column("role").to_numpy(zero_copy_only=False)
+    return Sample(train=idx[role == "train"], calibration=idx[role == "calibration"])
+
+
+def _draw(storage: Storage, category: str, params: CascadeParams, iteration: int) -> pa.Table:
+    """Draw the sample of ``iteration`` from what is unlabeled after ``iteration - 1``: row, image_id, role."""
+    state = read_manifest(storage, category, iteration - 1)
+    budget_left = None if params.human_budget is None else params.human_budget - state.human_labeled()
+    drawn = draw_sample(
+        state.unlabeled_index(),
+        n_train=train_sample_size(storage, category, params, iteration),
+        n_calibration=new_calibration_size(
+            params, carried_calibration(storage, category, params, iteration).num_rows, iteration
+        ),
+        max_fraction=params.max_sample_fraction,
+        seed=params.seed,
+        iteration=iteration,
+        budget_left=budget_left,
+        category=category,
+    )
+    rows = np.concatenate([drawn.train, drawn.calibration])
+    return pa.table(
+        {
+            "row": pa.array(rows, pa.int64()),
+            "image_id": pc.take(state.image_id, pa.array(rows)),
+            "role": ["train"] * len(drawn.train) + ["calibration"] * len(drawn.calibration),
+        }
+    )
+
+
+def train_sample_size(storage: Storage, category: str, params: CascadeParams, iteration: int) -> int:
+    """New training labels ``iteration`` asks for: more after iterations that stalled (``split.train_size``)."""
+    stalls = stalled([f for f in funnels(storage, category) if f.iteration < iteration])
+    return train_size(params.train_sample, params.train_growth, params.train_sample_max, stalls)
+
+
+def new_calibration_size(params: CascadeParams, carried: int, iteration: int) -> int:
+    """New calibration images ``iteration`` asks for, given ``carried`` ones still usable."""
+    wanted = params.first_calibration_sample if iteration == 1 else params.calibration_sample
+    if not params.carry_calibration:
+        return wanted
+    return max(params.calibration_min_new, wanted - carried)
+
+
+def carried_calibration(storage: Storage, category: str, params: CascadeParams, iteration: int) -> pa.Table:
+    """Calibration images of earlier iterations still in the undecided band after ``iteration - 1``.
+
+    Each was drawn uniformly from what was unlabeled when it was drawn, and kept only while every
+    later model left it between the thresholds, exactly as the images still unlabeled were; so they
+    are a uniform sample of the undecided region and can calibrate the next model (which never
+    trains on them). Columns: row, image_id, p_positive, from_iteration.
+    """
+    key = storage.path(calibration_set_key(category, iteration - 1))
+    if not params.carry_calibration or iteration <= 1 or not storage.exists(key):
+        return pa.table(
+            {
+                "row": pa.array([], pa.int64()),
+                "image_id": pa.array([], pa.string()),
+                "p_positive": pa.array([], pa.float32()),
+                "from_iteration": pa.array([], pa.int32()),
+            }
+        )
+    table = storage.read_table(key)
+    th = thresholds_from_dict(storage.read_json(storage.path(calibration_key(category, iteration - 1))))
+    s = table.column("score").to_numpy(zero_copy_only=False)
+    keep = np.isfinite(s)
+    if th.positive is not None:
+        keep &= s < th.positive
+    if th.negative is not None:
+        keep &= s > th.negative
+    return table.filter(pa.array(keep)).drop_columns(["score"])
+
+
+def publish_iteration(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, flow_run_id: str | None = None
+) -> labels_lib.LabelRequest:
+    """Ask people to label the iteration's sample (train and calibration images, mixed)."""
+    drawn = sample(storage, category, params, iteration)
+    rows = np.concatenate([drawn.train, drawn.calibration])
+    return publish(storage, category, request_id_for(iteration), iteration, rows, flow_run_id)

@@ -1,0 +1,70 @@
+"""Scoring: the iteration's model scores every image still undecided, on Dask."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..cluster import dask_client
+from ..config import CascadeParams
+from ..ingest import read_pool
+from ..manifest import UNLABELED, CascadeState, read_manifest
+from ..progress import Progress
+from ..sampling import Sample
+from ..scoring import score_candidates
+from ..storage import Storage, scores_dir
+from .sample import sample
+from .train import input_cache, model_key_path
+
+
+def candidates(state: CascadeState, drawn: Sample) -> np.ndarray:
+    """Pool rows the model scores at this iteration: unlabeled ones not in its training sample."""
+    mask = state.state == UNLABELED
+    mask[drawn.train] = False
+    return np.flatnonzero(mask)
+
+
+def score(
+    storage: Storage,
+    category: str,
+    params: CascadeParams,
+    iteration: int,
+    *,
+    dask_address: str | None = None,
+    progress: Progress | None = None,
+) -> int:
+    """Score every candidate of ``iteration`` on Dask; return how many were scored."""
+    state = read_manifest(storage, category, iteration - 1)
+    rows = candidates(state, sample(storage, category, params, iteration))
+    pool = read_pool(storage, columns=["image_id", "uri"])
+    todo = pool.take(pa.array(rows, pa.int64()))
+    cache = input_cache(storage, params, iteration, pool.column("image_id"))
+    if cache is not None:  # every category's passes over the pool share one decode of it
+        todo = todo.add_column(0, "row", pa.array(rows, pa.int64()))
+    with dask_client(dask_address, n_workers=params.dask_workers) as client:
+        scores = score_candidates(
+            storage,
+            category,
+            iteration,
+            todo,
+            model_key_path(storage, category, iteration),
+            client=client,
+            partition_size=params.score_partition,
+            batch_size=params.score_batch,
+            progress=progress,
+            pool=pool if cache is not None else None,
+            cache=cache,
+        )
+    return int(pc.sum(pc.is_valid(scores.column("score"))).as_py() or 0)
+
+
+def read_scores(storage: Storage, category: str, iteration: int, n: int) -> np.ndarray:
+    """The stored scores of the ``n`` candidates of ``iteration``, in candidate order (NaN: unreadable image)."""
+    paths = storage.glob(storage.path(scores_dir(category, iteration), "part-*.parquet"))
+    table = pa.concat_tables([storage.read_table(p, columns=["score"]) for p in paths])
+    if table.num_rows != n:
+        raise RuntimeError(
+            f"iteration {iteration}: {table.num_rows} scores for {n} candidates; run the score step again"
+        )
+    return table.column("score").to_numpy(zero_copy_only=False).astype(np.float32)

@@ -1,0 +1,65 @@
+"""Training: one model per iteration, on every human label so far but the calibration images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from .. import model as model_lib
+from ..config import CascadeParams
+from ..ingest import read_pool
+from ..inputs import InputCache
+from ..manifest import BY_HUMAN, ROLE_CALIBRATION, read_manifest
+from ..pretrain import pretrained_weights
+from ..progress import Progress
+from ..scoring import read_pool_images
+from ..storage import Storage, model_key
+from .common import request_id_for
+from .people import posteriors
+from .sample import sample
+
+
+def model_key_path(storage: Storage, category: str, iteration: int) -> str:
+    return storage.path(model_key(category, iteration))
+
+
+def train(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, progress: Progress | None = None
+) -> str:
+    """Train on every human label so far except this iteration's calibration sample; return the model path."""
+    path = model_key_path(storage, category, iteration)
+    if storage.exists(path):  # the stored model is the output; nothing to read back
+        return path
+    state = read_manifest(storage, category, iteration - 1)
+    drawn = sample(storage, category, params, iteration)
+    human = state.decided_by == BY_HUMAN
+    if params.carry_calibration:  # calibration images stay held out for good
+        human &= state.human_role != ROLE_CALIBRATION
+    earlier = np.flatnonzero(human)
+    rows = np.concatenate([earlier, drawn.train])
+    targets = np.concatenate(
+        [state.p_positive[earlier], posteriors(storage, category, request_id_for(iteration), state, drawn.train)]
+    )
+    model_params = params.model_for(iteration)
+    images, ok = read_pool_images(storage, rows, model_params.image_size, input_cache(storage, params, iteration))
+    net = model_lib.train(
+        images[ok],
+        targets[ok],
+        model_params,
+        seed=params.seed + iteration,
+        progress=progress,
+        pretrained=pretrained_weights(storage, model_params),
+    )
+    storage.write_bytes(path, model_lib.save(net))
+    return path
+
+
+def input_cache(
+    storage: Storage, params: CascadeParams, iteration: int, image_ids: pa.ChunkedArray | None = None
+) -> InputCache | None:
+    """The pool's model-input cache at ``iteration``'s input size, or None when ``params.input_cache`` is off."""
+    if not params.input_cache:
+        return None
+    if image_ids is None:
+        image_ids = read_pool(storage, columns=["image_id"]).column("image_id")
+    return InputCache.of_pool(storage, image_ids, params.model_for(iteration).image_size)
