@@ -7,8 +7,9 @@ labeler's batch or for admin calls by a labeler, 422 for malformed payloads, 413
 position in a batch assigned to the caller, so no path or URL from a client is ever opened.
 No CORS headers are sent unless origins are configured.
 
-When a request is fully labeled the desk calls ``resume`` (the waiting flow run is resumed through
-the Prefect API with the request id as run input).
+When a request is fully labeled the desk calls the ``on_complete`` callback the caller passed to
+``create_app`` (the CLI passes one that resumes the flow run waiting for the request); the service
+itself never talks to the orchestrator.
 
 Latency: the labeler-facing endpoints run on the event loop and touch only memory (token index,
 desk state, an LRU cache of image bytes); storage I/O -- writing a new batch or a submission, reading
@@ -27,10 +28,11 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import resources
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -41,6 +43,7 @@ from .quality import QCParams
 from .storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 BROWSER_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp"}
 
 
@@ -57,17 +60,6 @@ class NewLabeler(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
     role: Literal["labeler", "admin"] = "labeler"
     replace: bool = False
-
-
-def resume_waiting_run(storage: Storage) -> Callable[[str, str], None]:
-    """``on_complete`` that resumes the flow run waiting for a request (through the Prefect API)."""
-
-    def resume(category: str, request_id: str) -> None:
-        from .runner import resume as resume_run
-
-        resume_run(storage, category, request_id)
-
-    return resume
 
 
 class BodyLimit:
@@ -124,6 +116,191 @@ class ImageCache:
                 self._size -= len(data)
 
 
+@dataclass
+class ServiceState:
+    """The objects the routes share, kept on ``app.state.service``."""
+
+    storage: Storage
+    desk: LabelingDesk
+    tokens: TokenIndex
+    images: ImageCache
+    readahead: ThreadPoolExecutor  # reads a new batch's images into ``images``
+    page: str  # the labeling page's HTML
+
+
+def service_state(request: Request) -> ServiceState:
+    """The shared objects of the app serving ``request``."""
+    return request.app.state.service
+
+
+# ---- authentication ---------------------------------------------------------------------------------
+async def labeler(request: Request, authorization: Annotated[str | None, Header()] = None) -> Labeler:
+    """The caller, from its bearer token (401 without a valid one)."""
+    tokens = service_state(request).tokens
+    token = authorization[7:] if authorization and authorization.lower().startswith("bearer ") else None
+    who = tokens.lookup(token)
+    if who is None and token:
+        who = await run_in_threadpool(tokens.authenticate, token)  # may re-read the registry
+    if who is None:
+        raise HTTPException(
+            401,
+            "missing or invalid token: send 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return who
+
+
+Caller = Annotated[Labeler, Depends(labeler)]
+
+
+async def admin(who: Caller) -> Labeler:
+    """The caller if it has an admin token (403 otherwise)."""
+    if not who.is_admin:
+        raise HTTPException(403, "this needs an admin token")
+    return who
+
+
+Admin = Annotated[Labeler, Depends(admin)]
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+def desk_call(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, a DeskError answered with its HTTP status."""
+    try:
+        return fn(*args)
+    except DeskError as exc:
+        raise HTTPException(exc.status, str(exc)) from exc
+
+
+def fetch_cached(state: ServiceState, uri: str) -> tuple[bytes, str]:
+    """An image's bytes and media type, from the cache or else from storage (then cached)."""
+    data = state.images.get(uri)
+    if data is None:
+        data = _fetch(uri, state.storage)
+        state.images.put(uri, data)
+    return data
+
+
+def read_ahead(state: ServiceState, uris: list[str]) -> None:
+    """Read images into the cache before the labeler asks for them."""
+    for uri in uris:
+        try:
+            fetch_cached(state, uri)
+        except HTTPException:
+            pass  # the labeler's own request reports it
+
+
+async def storage_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    """503 with Retry-After for a StorageError; the full error goes to the service's log, not to labelers."""
+    log.error("labeling service: %s", exc)
+    return JSONResponse(
+        {"detail": "the labeling service cannot reach its storage right now; nothing was recorded, try again"},
+        status_code=503,
+        headers={"Retry-After": "10"},
+    )
+
+
+# ---- the labeling page and health -------------------------------------------------------------------
+page_routes = APIRouter()
+
+
+@page_routes.get("/", response_class=HTMLResponse)
+def index(request: Request) -> str:
+    return service_state(request).page
+
+
+@page_routes.get("/healthz")
+def healthz() -> dict:
+    return {"ok": True}
+
+
+# ---- the labeler API --------------------------------------------------------------------------------
+labeler_routes = APIRouter(prefix="/api")
+
+
+@labeler_routes.get("/me")
+async def me(request: Request, who: Caller) -> dict:
+    return {"labeler": who.name, "role": who.role, "flagged": service_state(request).desk.is_flagged(who.name)}
+
+
+@labeler_routes.post("/batches/next")
+async def next_batch(request: Request, who: Caller) -> dict:
+    """The caller's open batch or a new one; ``batch`` is None when there is nothing to label now."""
+    state = service_state(request)
+    desk = state.desk
+    batch = desk_call(desk.assign, who.name)
+    if desk.refresh_due():
+        if batch is None:  # nothing to hand out: look for new requests now
+            await run_in_threadpool(desk.refresh)
+            batch = desk_call(desk.assign, who.name)
+        else:
+            desk.refresh_in_background()
+    if batch is not None and not batch.persisted:
+        await run_in_threadpool(desk_call, desk.persist, batch)
+        state.readahead.submit(read_ahead, state, list(batch.uris))
+    return {"batch": batch.public() if batch else None, "retry_after_s": 5}
+
+
+@labeler_routes.get("/batches/{batch_id}")
+async def get_batch(request: Request, batch_id: str, who: Caller) -> dict:
+    return desk_call(service_state(request).desk.batch_for, batch_id, who.name).public()
+
+
+@labeler_routes.get("/batches/{batch_id}/images/{index}")
+async def image(request: Request, batch_id: str, index: int, who: Caller) -> Response:
+    state = service_state(request)
+    batch = desk_call(state.desk.batch_for, batch_id, who.name)
+    if not 0 <= index < len(batch.uris):
+        raise HTTPException(404, f"batch {batch_id!r} has no image {index}")
+    uri = batch.uris[index]
+    data = state.images.get(uri) or await run_in_threadpool(fetch_cached, state, uri)
+    return Response(data[0], media_type=data[1], headers={"Cache-Control": "private, max-age=3600"})
+
+
+@labeler_routes.post("/batches/{batch_id}/labels")
+async def submit(request: Request, batch_id: str, body: Submission, who: Caller) -> dict:
+    desk = service_state(request).desk
+    desk_call(desk.batch_for, batch_id, who.name)  # 404 / 403 without a thread
+    answers = [(a.index, a.answer) for a in body.answers]
+    return await run_in_threadpool(desk_call, desk.submit, batch_id, who.name, answers)
+
+
+# ---- the admin API ----------------------------------------------------------------------------------
+admin_routes = APIRouter(prefix="/api/admin")
+
+
+@admin_routes.get("/requests")
+def requests(request: Request, _: Admin) -> list[dict]:
+    return service_state(request).desk.progress()
+
+
+@admin_routes.get("/labelers")
+def labelers(request: Request, _: Admin) -> list[dict]:
+    df = service_state(request).desk.labeler_figures()
+    return [] if df.empty else df.astype(object).where(df.notna(), None).to_dict("records")
+
+
+@admin_routes.post("/labelers")
+def add_labeler(request: Request, body: NewLabeler, _: Admin) -> dict:
+    state = service_state(request)
+    try:
+        token = create_labeler(state.storage, body.name, role=body.role, replace=body.replace)
+    except LabelerError as exc:
+        raise HTTPException(409, str(exc)) from exc
+    state.tokens.reload()
+    return {"labeler": body.name, "role": body.role, "token": token}
+
+
+# ---- the app ----------------------------------------------------------------------------------------
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Allow the desk's background work while the app runs; wait for it when the app stops."""
+    desk = app.state.service.desk
+    desk.open()
+    yield
+    await asyncio.to_thread(desk.close)  # background refreshes and resumes end before the process does
+
+
 def create_app(
     storage: Storage,
     qc: QCParams | None = None,
@@ -135,145 +312,51 @@ def create_app(
     image_cache_bytes: int = 256 << 20,
     telemetry: bool = False,
 ) -> FastAPI:
-    """The FastAPI application over one storage root."""
-    desk = LabelingDesk(storage, qc, on_complete=on_complete)
-    tokens = TokenIndex(storage)
-    cache = ImageCache(image_cache_bytes)
-    readahead = ThreadPoolExecutor(max_workers=4, thread_name_prefix="image-readahead")
+    """The FastAPI application over one storage root.
+
+    Parameters
+    ----------
+    storage
+        The storage root: requests, batches, answers, labelers' tokens, images.
+    qc
+        Quality-control parameters for the desk.
+    on_complete
+        Called as ``on_complete(category, request_id)`` (in a background thread) when a request is
+        fully labeled, e.g. to resume the flow run waiting for it; None: nothing is called.
+    cors_origins
+        Origins allowed by CORS (GET and POST); none: no CORS headers.
+    max_body_bytes
+        Larger request bodies are refused with 413.
+    preload
+        How many images ahead the labeling page loads.
+    image_cache_bytes
+        Memory for image bytes served or read ahead.
+    telemetry
+        Keep FastAPI's OpenTelemetry middleware on.
+    """
     extra: dict[str, Any] = {}
     if not telemetry and "telemetry" in inspect.signature(FastAPI.__init__).parameters:
         extra["telemetry"] = {"tracing": False, "metrics": False, "logs": False}
-
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        desk.open()
-        yield
-        await asyncio.to_thread(desk.close)  # background refreshes and resumes end before the process does
-
-    app = FastAPI(title="lsun-hitl labeling", docs_url=None, redoc_url=None, lifespan=lifespan, **extra)
-    app.state.desk = desk
-    app.state.tokens = tokens
+    desk = LabelingDesk(storage, qc, on_complete=on_complete)
     page = resources.files("lsun_hitl").joinpath("static/label.html").read_text()
-    page = page.replace("__PRELOAD__", str(int(preload)))
-
+    app = FastAPI(title="lsun-hitl labeling", docs_url=None, redoc_url=None, lifespan=lifespan, **extra)
+    app.state.service = ServiceState(
+        storage=storage,
+        desk=desk,
+        tokens=TokenIndex(storage),
+        images=ImageCache(image_cache_bytes),
+        readahead=ThreadPoolExecutor(max_workers=4, thread_name_prefix="image-readahead"),
+        page=page.replace("__PRELOAD__", str(int(preload))),
+    )
+    app.state.desk = desk  # for callers: the demo reads labeler figures, ServiceThread closes it
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"])
-
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-
-    @app.exception_handler(StorageError)
-    async def storage_unavailable(_request: Any, exc: StorageError) -> JSONResponse:
-        # the full error (object, attempts, cause) goes to the service's log, not to labelers
-        log.error("labeling service: %s", exc)
-        return JSONResponse(
-            {"detail": "the labeling service cannot reach its storage right now; nothing was recorded, try again"},
-            status_code=503,
-            headers={"Retry-After": "10"},
-        )
-
-    async def labeler(authorization: Annotated[str | None, Header()] = None) -> Labeler:
-        token = authorization[7:] if authorization and authorization.lower().startswith("bearer ") else None
-        who = tokens.lookup(token)
-        if who is None and token:
-            who = await run_in_threadpool(tokens.authenticate, token)  # may re-read the registry
-        if who is None:
-            raise HTTPException(
-                401,
-                "missing or invalid token: send 'Authorization: Bearer <token>'",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        return who
-
-    async def admin(who: Annotated[Labeler, Depends(labeler)]) -> Labeler:
-        if not who.is_admin:
-            raise HTTPException(403, "this needs an admin token")
-        return who
-
-    def desk_call(fn, *args):  # type: ignore[no-untyped-def]
-        try:
-            return fn(*args)
-        except DeskError as exc:
-            raise HTTPException(exc.status, str(exc)) from exc
-
-    @app.get("/", response_class=HTMLResponse)
-    def index() -> str:
-        return page
-
-    @app.get("/healthz")
-    def healthz() -> dict:
-        return {"ok": True}
-
-    def fetch_cached(uri: str) -> tuple[bytes, str]:
-        data = cache.get(uri)
-        if data is None:
-            data = _fetch(uri, storage)
-            cache.put(uri, data)
-        return data
-
-    def read_ahead(uris: list[str]) -> None:
-        for uri in uris:
-            try:
-                fetch_cached(uri)
-            except HTTPException:
-                pass  # the labeler's own request reports it
-
-    @app.get("/api/me")
-    async def me(who: Annotated[Labeler, Depends(labeler)]) -> dict:
-        return {"labeler": who.name, "role": who.role, "flagged": desk.is_flagged(who.name)}
-
-    @app.post("/api/batches/next")
-    async def next_batch(who: Annotated[Labeler, Depends(labeler)]) -> dict:
-        batch = desk_call(desk.assign, who.name)
-        if desk.refresh_due():
-            if batch is None:  # nothing to hand out: look for new requests now
-                await run_in_threadpool(desk.refresh)
-                batch = desk_call(desk.assign, who.name)
-            else:
-                desk.refresh_in_background()
-        if batch is not None and not batch.persisted:
-            await run_in_threadpool(desk_call, desk.persist, batch)
-            readahead.submit(read_ahead, list(batch.uris))
-        return {"batch": batch.public() if batch else None, "retry_after_s": 5}
-
-    @app.get("/api/batches/{batch_id}")
-    async def get_batch(batch_id: str, who: Annotated[Labeler, Depends(labeler)]) -> dict:
-        return desk_call(desk.batch_for, batch_id, who.name).public()
-
-    @app.get("/api/batches/{batch_id}/images/{index}")
-    async def image(batch_id: str, index: int, who: Annotated[Labeler, Depends(labeler)]) -> Response:
-        batch = desk_call(desk.batch_for, batch_id, who.name)
-        if not 0 <= index < len(batch.uris):
-            raise HTTPException(404, f"batch {batch_id!r} has no image {index}")
-        uri = batch.uris[index]
-        data = cache.get(uri) or await run_in_threadpool(fetch_cached, uri)
-        return Response(data[0], media_type=data[1], headers={"Cache-Control": "private, max-age=3600"})
-
-    @app.post("/api/batches/{batch_id}/labels")
-    async def submit(batch_id: str, body: Submission, who: Annotated[Labeler, Depends(labeler)]) -> dict:
-        desk_call(desk.batch_for, batch_id, who.name)  # 404 / 403 without a thread
-        answers = [(a.index, a.answer) for a in body.answers]
-        return await run_in_threadpool(desk_call, desk.submit, batch_id, who.name, answers)
-
-    @app.get("/api/admin/requests")
-    def requests(_: Annotated[Labeler, Depends(admin)]) -> list[dict]:
-        return desk.progress()
-
-    @app.get("/api/admin/labelers")
-    def labelers(_: Annotated[Labeler, Depends(admin)]) -> list[dict]:
-        df = desk.labeler_figures()
-        return [] if df.empty else df.astype(object).where(df.notna(), None).to_dict("records")
-
-    @app.post("/api/admin/labelers")
-    def add_labeler(body: NewLabeler, _: Annotated[Labeler, Depends(admin)]) -> dict:
-        try:
-            token = create_labeler(storage, body.name, role=body.role, replace=body.replace)
-        except LabelerError as exc:
-            raise HTTPException(409, str(exc)) from exc
-        tokens.reload()
-        return {"labeler": body.name, "role": body.role, "token": token}
-
+    app.add_exception_handler(StorageError, storage_unavailable)
+    for router in (page_routes, labeler_routes, admin_routes):
+        app.include_router(router)
     return app
 
 
@@ -306,21 +389,18 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8700,
-    resume_runs: bool = True,
+    on_complete: Callable[[str, str], None] | None = None,
     cors_origins: list[str] | None = None,
 ) -> None:
-    """Run the labeling service until interrupted."""
+    """Run the labeling service until interrupted (``on_complete`` as for ``create_app``)."""
     import sys
 
     import uvicorn
 
-    # Storage writes run in worker threads; with Python's default 5 ms switch interval each GIL hand-back
-    # from the busy event loop costs up to 5 ms, and a submission needs several (measured with 50
-    # labelers: submit p99 79 -> 40 ms).
+    # Storage writes run in worker threads, and each hand-back of the GIL from the busy event loop can
+    # wait a whole switch interval; a submission needs several, so a shorter interval cuts its latency.
     sys.setswitchinterval(0.001)
-    app = create_app(
-        storage, qc, on_complete=resume_waiting_run(storage) if resume_runs else None, cors_origins=cors_origins
-    )
+    app = create_app(storage, qc, on_complete=on_complete, cors_origins=cors_origins)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
