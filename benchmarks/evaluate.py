@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flows.runner import run_with_crowd
 from lsun_hitl.baselines import all_by_crowd, single_round
 from lsun_hitl.config import CascadeParams, ModelParams
 from lsun_hitl.crowd import CrowdParams
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             if (category, seed) in done:
                 continue
             print(f"== {category} seed {seed}", flush=True)
-            row = run_one(storage, category, params, crowd)
+            row = run_one(storage, category, params, crowd, run_with_crowd)
             copy_plots(storage, category, seed, out / "plots")
             if not args.no_baselines:
                 images = add_baselines(row, storage, data, ids, uris, images, crowd, params.model, args)

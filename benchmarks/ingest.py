@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from lsun_hitl.cluster import dask_client  # noqa: E402
 from lsun_hitl.images import ImageError, probe  # noqa: E402
-from lsun_hitl.ingest import _one_request_per_file, build_pool, list_prefix, probe_chunk  # noqa: E402
+from lsun_hitl.ingest import build_pool, list_prefix, one_request_per_file, probe_chunk  # noqa: E402
 from lsun_hitl.progress import Bar  # noqa: E402
 from lsun_hitl.storage import Storage  # noqa: E402
 
@@ -128,7 +128,7 @@ def ceiling(prefix: str, options: dict[str, Any], sample: int, chunk: int) -> di
     for i in range(0, len(picked), chunk):
         batch = picked[i : i + chunk]
         start = time.perf_counter()
-        got = fs.cat(batch, on_error="return", **_one_request_per_file(fs))  # as probe_chunk reads
+        got = fs.cat(batch, on_error="return", **one_request_per_file(fs))  # as probe_chunk reads
         parts["read"] += time.perf_counter() - start
         blobs = [got[p] for p in batch if isinstance(got.get(p), bytes)]
         timed = [("header", _header), ("hash", _hash), ("full_decode", _full_decode), ("probe", _probe)]

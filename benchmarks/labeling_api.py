@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = [create_labeler(storage, f"w{k:03d}") for k in range(args.clients)]
     admin = create_labeler(storage, "admin", role="admin")
     port = free_port()
-    cmd = [sys.executable, "-m", "lsun_hitl.cli", "serve", "--root", storage.url, "--port", str(port)]
+    cmd = [sys.executable, "-m", "cli", "serve", "--root", storage.url, "--port", str(port)]
     cmd += ["--batch-size", str(args.batch_size), "--no-resume"]
     if args.profile:
         cmd[1:1] = ["-m", "cProfile", "-o", args.profile]

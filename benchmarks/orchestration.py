@@ -24,12 +24,12 @@ from collections import defaultdict
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+from flows.runner import run_cascade, simulated_crowd  # noqa: E402
 from lsun_hitl.config import CascadeParams, ModelParams  # noqa: E402
 from lsun_hitl.crowd import CrowdParams, SimulatedCrowd  # noqa: E402
 from lsun_hitl.fashion_mnist import import_fashion_mnist  # noqa: E402
 from lsun_hitl.ingest import build_pool  # noqa: E402
 from lsun_hitl.labels import list_requests  # noqa: E402
-from lsun_hitl.runner import run_cascade, simulated_crowd  # noqa: E402
 from lsun_hitl.storage import Storage  # noqa: E402
 from lsun_hitl.truth import read_truth  # noqa: E402
 

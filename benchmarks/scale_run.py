@@ -45,7 +45,7 @@ def operator(storage: Storage, root: str, category: str, answer: str, stop: thre
     path = storage.path(decision_key(category, "remainder"))
     while not stop.wait(2.0):
         if storage.exists(path) and storage.read_json(path).get("decision") is None:
-            cmd = [sys.executable, "-m", "lsun_hitl.cli", "decide", "--root", root, "--category", category]
+            cmd = [sys.executable, "-m", "cli", "decide", "--root", root, "--category", category]
             subprocess.run([*cmd, "--remainder", answer], check=False)
             return
 
@@ -57,7 +57,7 @@ def run_category(root: str, category: str, options: list[str], answer: str) -> d
     watcher = threading.Thread(target=operator, args=(storage, root, category, answer, stop), daemon=True)
     watcher.start()
     started = time.perf_counter()
-    cmd = [sys.executable, "-m", "lsun_hitl.cli", "demo", "--root", root, "--category", category, *options]
+    cmd = [sys.executable, "-m", "cli", "demo", "--root", root, "--category", category, *options]
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, check=False)
     stop.set()

@@ -5,7 +5,7 @@
 
 Same images (Fashion-MNIST PNGs), same model (mobilenet_v3_small at 64 px, untrained weights: the
 cost of a forward pass does not depend on them), same batch size, same read, decode and resize
-(``scoring._read_batch``). The bare loop reads a batch, decodes it and runs the model, one batch
+(``scoring.read_batch``). The bare loop reads a batch, decodes it and runs the model, one batch
 after another, in one process with one torch thread. Figures printed:
 
 - per core: bare loop pinned to one core vs the Dask step with one worker pinned to the same core;
@@ -35,7 +35,7 @@ from PIL import Image
 from lsun_hitl import model as model_lib
 from lsun_hitl.config import ModelParams
 from lsun_hitl.fashion_mnist import load_arrays
-from lsun_hitl.scoring import _read_batch, score_candidates
+from lsun_hitl.scoring import read_batch, score_candidates
 from lsun_hitl.storage import Storage
 
 
@@ -63,7 +63,7 @@ def bare_loop(uris: list[str], options: dict, model_bytes: bytes, batch_size: in
     start = time.perf_counter()
     out = []
     for i in range(0, len(uris), batch_size):
-        images, ok, _ = _read_batch(uris[i : i + batch_size], options, net.image_size)
+        images, ok, _ = read_batch(uris[i : i + batch_size], options, net.image_size)
         out.append(model_lib.predict(net, images[ok], batch_size))
     return time.perf_counter() - start, np.concatenate(out)
 

@@ -11,30 +11,26 @@
 While people label, the run is *paused* (``pause_flow_run`` with a ``LabelsDelivered`` input), or, when
 it runs from a deployment, *suspended* (its process exits and Prefect reschedules it on resume; every step
 skips work whose output is stored, so it goes on where it stopped). Whoever delivers the labels resumes
-it through the Prefect API (``lsun_hitl.runner.resume``; the labeling service does it by itself). Run it with
+it through the Prefect API (``flows.runner.resume``; the labeling service does it by itself). Run it with
 ``lsun-hitl run --category sneaker --root ./lsun-data``, or ``lsun-hitl demo`` with a simulated crowd.
 """
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
-from prefect.flow_runs import pause_flow_run, suspend_flow_run
-from prefect.input import RunInput
-from prefect.runtime import deployment, flow_run
+from prefect.runtime import flow_run
 
+from flows.waiting import RemainderDecision, remainder_pause_key, wait, wait_for_labels
 from lsun_hitl.config import CascadeParams
-from lsun_hitl.labels import LabelRequest
 from lsun_hitl.storage import Storage
 from tasks.cascade import (
     ask_remainder,
     audit_dataset,
     calibrate_thresholds,
     check_stop,
-    collect_labels,
     draw_sample,
     finish_dataset,
     label_remainder,
-    labels_complete,
     pretrain_backbone,
     publish_audit,
     publish_audit_recheck,
@@ -49,28 +45,6 @@ from tasks.cascade import (
     store_decision,
     train_model,
 )
-
-
-class LabelsDelivered(RunInput):
-    """What resumes a paused cascade: the request whose labels are now stored."""
-
-    request_id: str
-
-
-class RemainderDecision(RunInput):
-    """What resumes a run that asks whether its large remainder goes to people: yes (people) or no."""
-
-    people: bool
-
-
-def wait(params: CascadeParams, wait_for_input: type[RunInput] | RunInput, key: str) -> RunInput | None:
-    """Pause (or, when deployed, suspend) this run until it is resumed with ``wait_for_input``; return the input."""
-    if params.wait == "suspend" or (params.wait == "auto" and deployment.id):
-        # ends this process; Prefect reschedules the run on resume and it goes on from stored outputs
-        return suspend_flow_run(wait_for_input=wait_for_input, timeout=params.label_timeout_s, key=key)
-    return pause_flow_run(
-        wait_for_input=wait_for_input, timeout=params.label_timeout_s, poll_interval=params.label_poll_s, key=key
-    )
 
 
 def decide_remainder(
@@ -96,26 +70,13 @@ def decide_remainder(
             "waiting for an operator: %s images (%.1f%% of the pool) left undecided", question["n_images"], 100 * share
         )
         got = wait(
-            params, RemainderDecision.with_initial_data(description=description, people=False), f"remainder-{attempt}"
+            params,
+            RemainderDecision.with_initial_data(description=description, people=False),
+            remainder_pause_key(attempt),
         )
         if got is not None:
             store_decision(storage, category, "people" if got.people else "unresolved")
     return decision
-
-
-def wait_for_labels(storage: Storage, category: str, request: LabelRequest, params: CascadeParams) -> int:
-    """Pause until every image of ``request`` has a stored answer; return how many were aggregated."""
-    attempt = 0
-    while not labels_complete(storage, category, request.request_id):
-        attempt += 1
-        get_run_logger().info(
-            "waiting for people to label %s images (%s); paused up to %s s",
-            request.n_images,
-            request.request_id,
-            params.label_timeout_s,
-        )
-        wait(params, LabelsDelivered, f"{request.request_id}-{attempt}")
-    return collect_labels(storage, category, request.request_id)
 
 
 @flow(name="lsun-cascade", flow_run_name="{category}", persist_result=True, log_prints=True)

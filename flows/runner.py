@@ -1,4 +1,4 @@
-"""The one adapter from the library to Prefect: start a cascade run, resume a waiting one."""
+"""The adapter from the library to Prefect: start a cascade run, resume a waiting one, stand in for people."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .config import CascadeParams
-from .labels import LabelError, RunEnded, read_request, was_taken
-from .storage import Storage
+from flows.waiting import LabelsDelivered, RemainderDecision, pause_is_for, pause_is_for_remainder
+from lsun_hitl.config import CascadeParams
+from lsun_hitl.labels import LabelError, RunEnded, read_request, was_taken
+from lsun_hitl.storage import Storage
 
 if TYPE_CHECKING:
-    from .crowd import SimulatedCrowd
+    from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,8 @@ def resume(storage: Storage, category: str, request_id: str, *, wait_s: float = 
     from prefect.flow_runs import resume_flow_run
     from prefect.states import StateType
 
-    from .cascade import labels_complete
-    from .handout import root_request
+    from lsun_hitl.cascade import labels_complete
+    from lsun_hitl.handout import root_request
 
     request, _ = read_request(storage, category, request_id)
     if not request.flow_run_id:
@@ -83,9 +84,9 @@ def resume(storage: Storage, category: str, request_id: str, *, wait_s: float = 
         key = state.state_details.pause_key if state is not None else None
         # resume only a pause for this request (keys are "<request>-<attempt>"): "iteration-1" must not
         # resume the pause of "iteration-1-recheck"
-        if state is not None and state.is_paused() and (not key or _pause_for(key, request_id)):
+        if state is not None and state.is_paused() and (not key or pause_is_for(key, request_id)):
             try:
-                resume_flow_run(request.flow_run_id, run_input={"request_id": request_id})
+                resume_flow_run(request.flow_run_id, run_input=LabelsDelivered(request_id=request_id).model_dump())
                 log.info("resumed flow run %s with %s", request.flow_run_id, request_id)
                 return Resumed(request.flow_run_id, "resumed")
             except (RuntimeError, ObjectNotFound) as exc:
@@ -120,7 +121,7 @@ def resume_decision(storage: Storage, category: str, decision: str, *, wait_s: f
     """
     from prefect.flow_runs import resume_flow_run
 
-    from .cascade import decide_remainder
+    from lsun_hitl.cascade import decide_remainder
 
     question = decide_remainder(storage, category, decision)
     run_id = question.get("flow_run_id")
@@ -128,8 +129,8 @@ def resume_decision(storage: Storage, category: str, decision: str, *, wait_s: f
     while run_id:
         state = _run_state(run_id)
         key = (state.state_details.pause_key or "") if state is not None else ""
-        if state is not None and state.is_paused() and key.startswith("remainder-"):
-            resume_flow_run(run_id, run_input={"people": decision == "people"})
+        if state is not None and state.is_paused() and pause_is_for_remainder(key):
+            resume_flow_run(run_id, run_input=RemainderDecision(people=decision == "people").model_dump())
             log.info("resumed flow run %s: remainder %s", run_id, decision)
             return run_id
         if state is None or state.is_final() or time.monotonic() > deadline:
@@ -150,7 +151,7 @@ def simulated_crowd(
     """While the block runs, a daemon thread answers every label request of ``category`` with ``crowd``
     and resumes the flow run waiting for it (``on_resumed(run_id)`` after each resume): the stand-in for people
     in ``lsun-hitl crowd``, the tests and the benchmarks. The thread is stopped when the block ends."""
-    from .crowd import serve
+    from lsun_hitl.crowd import serve
 
     def delivered(request: Any) -> None:
         resumed = resume(storage, category, request.request_id)
@@ -169,10 +170,25 @@ def simulated_crowd(
         thread.join(10)
 
 
-def _pause_for(key: str, request_id: str) -> bool:
-    """True when pause ``key`` ("<request>-<attempt>") waits for ``request_id``."""
-    head, _, attempt = key.rpartition("-")
-    return head == request_id and attempt.isdigit()
+def run_with_crowd(
+    storage: Storage, category: str, params: CascadeParams, crowd: CrowdParams, dask_address: str | None = None
+) -> dict:
+    """Run the cascade flow for ``category`` under ``storage`` while a simulated crowd (answering from the
+    registered truth) labels every request: ``lsun_hitl.simulate``'s runner."""
+    from lsun_hitl.crowd import SimulatedCrowd
+    from lsun_hitl.truth import read_truth
+
+    with simulated_crowd(storage, category, SimulatedCrowd(read_truth(storage, category), crowd)):
+        return run_cascade(category, storage.url, params=params, dask_address=dask_address)
+
+
+def resume_waiting_run(storage: Storage) -> Callable[[str, str], None]:
+    """The labeling service's ``on_complete``: resume the flow run waiting for a request once it is labeled."""
+
+    def on_complete(category: str, request_id: str) -> None:
+        resume(storage, category, request_id)
+
+    return on_complete
 
 
 def _run_state(flow_run_id: str) -> Any:

@@ -136,21 +136,8 @@ def serve(
     while not stop.is_set():
         for request in list_requests(storage, category):
             key = f"{request.request_id}:{request.flow_run_id}"
-            if key in notified:
+            if _settled(key, notified, running, outcome):
                 continue
-            if key in running:
-                if key not in outcome:
-                    continue
-                running.discard(key)
-                error = outcome.pop(key)
-                if error is None:
-                    notified.add(key)
-                    continue
-                if isinstance(error, RunEnded):  # nothing left to resume; retrying would not change that
-                    log.log(error.log_level, "crowd: not resuming for %s: %s", key, error)
-                    notified.add(key)
-                    continue
-                log.warning("crowd: notice for %s failed (%s); will retry", key, error)
             try:
                 deliver(storage, category, crowd, request.request_id)
             except Exception as exc:  # noqa: BLE001 - keep serving; retry on the next poll
@@ -159,6 +146,26 @@ def serve(
             running.add(key)
             threading.Thread(target=notify, args=(key, request), daemon=True, name=f"crowd-{key}").start()
         stop.wait(poll_s)
+
+
+def _settled(key: str, notified: set[str], running: set[str], outcome: dict[str, BaseException | None]) -> bool:
+    """True when request ``key`` needs no delivery now: its run was notified (or has ended), or the notice
+    is still running. A notice that failed otherwise is logged and delivered again."""
+    if key in notified:
+        return True
+    if key not in running:
+        return False
+    if key not in outcome:
+        return True  # the notice is still running
+    running.discard(key)
+    error = outcome.pop(key)
+    if error is None or isinstance(error, RunEnded):  # RunEnded: nothing left to resume, retrying changes nothing
+        if error is not None:
+            log.log(error.log_level, "crowd: not resuming for %s: %s", key, error)
+        notified.add(key)
+        return True
+    log.warning("crowd: notice for %s failed (%s); will retry", key, error)
+    return False
 
 
 # ---- the crowd as clients of the labeling service: the same path as people ------------------------------

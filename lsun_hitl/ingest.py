@@ -119,7 +119,7 @@ def probe_chunk(urls: Sequence[str], storage_options: dict[str, Any] | None = No
     # every URL of a chunk shares the first one's filesystem; stripping the protocol per URL is the
     # same as url_to_fs without a filesystem lookup per file
     paths = [fs._strip_protocol(u) for u in urls]
-    contents = fs.cat(paths, on_error="return", **_one_request_per_file(fs))
+    contents = fs.cat(paths, on_error="return", **one_request_per_file(fs))
     if not isinstance(contents, dict):  # a single path returns bytes
         contents = {paths[0]: contents}
     for url, path in zip(urls, paths, strict=True):
@@ -143,7 +143,7 @@ def probe_chunk(urls: Sequence[str], storage_options: dict[str, Any] | None = No
     return pa.Table.from_pydict(rows, POOL_SCHEMA), pa.Table.from_pydict(rejects, REJECT_SCHEMA)
 
 
-def _one_request_per_file(fs: Any) -> dict[str, Any]:
+def one_request_per_file(fs: Any) -> dict[str, Any]:
     """``cat`` options that read each whole file with one request.
 
     s3fs asks for an object's size (a HEAD request) before every whole-object read, to split objects

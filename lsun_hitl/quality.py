@@ -30,6 +30,9 @@ class QualityError(ValueError):
     """Malformed gold set or quality settings."""
 
 
+AGGREGATIONS: tuple[str, ...] = ("dawid-skene", "majority")
+
+
 @dataclass(frozen=True)
 class QCParams:
     """How labels are collected and checked.
@@ -57,7 +60,7 @@ class QCParams:
     flag_confidence: float = 0.99
     batch_size: int = 20
     lease_s: float = 1800.0
-    aggregation: str = "dawid-skene"
+    aggregation: str = "dawid-skene"  # one of AGGREGATIONS
 
     def validate(self) -> QCParams:
         if not 1 <= self.labels_per_image <= self.max_labels_per_image:
@@ -70,7 +73,7 @@ class QCParams:
             raise QualityError("min_gold_accuracy must be in [0.5, 1]")
         if self.batch_size < 1:
             raise QualityError("batch_size must be at least 1")
-        if self.aggregation not in ("dawid-skene", "majority"):
+        if self.aggregation not in AGGREGATIONS:
             raise QualityError("aggregation must be 'dawid-skene' or 'majority'")
         return self
 

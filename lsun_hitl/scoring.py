@@ -58,7 +58,12 @@ def _model(storage: Storage, model_path: str) -> Any:
     return _MODEL_CACHE[model_path]
 
 
-def _read_batch(uris: list[str], options: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray, list]:
+def read_batch(uris: list[str], options: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray, list]:
+    """Read and decode ``uris`` (one filesystem request for all) into model inputs.
+
+    Returns the images (len(uris), size, size, 3) uint8 (zeros where one did not decode), a bool mask of
+    those that decoded, and each one's error (None where it decoded).
+    """
     from .model import decode_many
 
     fs, _ = url_to_fs(uris[0], **options)
@@ -98,7 +103,7 @@ def read_pool_images(
         table = read_pool(storage, columns=["uri"])
         uris = table.column("uri").take(pa.array(rows[todo], pa.int64())).to_pylist()
         for start in range(0, len(uris), 512):
-            imgs, good, _ = _read_batch(uris[start : start + 512], storage.options, size)
+            imgs, good, _ = read_batch(uris[start : start + 512], storage.options, size)
             at = todo[start : start + len(good)]
             images[at], ok[at] = imgs, good
     return images, ok
@@ -125,14 +130,14 @@ def _tune_malloc() -> None:
 
 
 def _decoded(uris: list[str], options: dict[str, Any], size: int, batch_size: int) -> Iterator[tuple]:
-    """``_read_batch`` over ``uris`` in batches, reading and decoding batch i+1 while batch i is used."""
+    """``read_batch`` over ``uris`` in batches, reading and decoding batch i+1 while batch i is used."""
     batches = [uris[i : i + batch_size] for i in range(0, len(uris), batch_size)]
     with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(_read_batch, batches[0], options, size) if batches else None
+        pending = reader.submit(read_batch, batches[0], options, size) if batches else None
         for i in range(len(batches)):
             got = pending.result()
             if i + 1 < len(batches):
-                pending = reader.submit(_read_batch, batches[i + 1], options, size)
+                pending = reader.submit(read_batch, batches[i + 1], options, size)
             yield got
 
 
@@ -171,8 +176,6 @@ def score_partition(
     """
     import torch
 
-    from .model import predict
-
     out_path = f"{out_dir}/part-{part:05d}.parquet"
     if storage.exists(out_path):
         rows_stored = pq.ParquetFile(storage.fs.open(out_path, "rb")).metadata.num_rows
@@ -188,46 +191,11 @@ def score_partition(
     with storage.fs.open(candidates_path, "rb") as f:
         rows = pq.ParquetFile(f).read_row_group(part)
     model = _model(storage, model_path)
-    decoded = 0
     if cache is None:
-        ids = rows.column("image_id").to_pylist()
-        scores = np.full(len(ids), np.nan, np.float32)
-        errors: list[str | None] = []
-        start = 0
-        for images, ok, errs in _decoded(rows.column("uri").to_pylist(), storage.options, model.image_size, batch_size):
-            if ok.any():
-                scores[start : start + len(ok)][ok] = predict(model, images[ok], batch_size)
-            errors.extend(errs)
-            start += len(ok)
+        ids, scores, errors = _score_decoded(rows, storage, model, batch_size)
         decoded = len(ids)
     else:
-        shard = int(rows.column("row")[0].as_py()) // cache.shard_rows
-        got = cache.read(shard)
-        if got is None:  # the first pass over this shard, by any category: decode it whole and keep it
-            images, ok, errs = _decode_all(
-                rows.column("uri").to_pylist(), storage.options, cache.image_size, batch_size
-            )
-            index = pa.table({"image_id": rows.column("image_id"), "ok": ok, "error": errs}, schema=INDEX_SCHEMA)
-            cache.write(shard, images, index)
-            decoded = rows.num_rows
-        else:
-            images, index = got
-        want = rows.filter(rows.column("candidate"))
-        offsets = want.column("row").to_numpy() - shard * cache.shard_rows
-        if pc.any(pc.not_equal(index.column("image_id").take(pa.array(offsets)), want.column("image_id"))).as_py():
-            raise RuntimeError(
-                f"cached shard {shard} under {storage.url_of(cache.key)} does not hold this pool's images; delete "
-                "that folder and score again"
-            )
-        ids = want.column("image_id").to_pylist()
-        ok = index.column("ok").to_numpy(zero_copy_only=False)[offsets]
-        scores = np.full(len(ids), np.nan, np.float32)
-        if ok.any():
-            scores[ok] = predict(model, images[offsets[ok]], batch_size)
-        errors = [
-            e if e is not None or k else "not a decodable image"
-            for e, k in zip(index.column("error").take(pa.array(offsets)).to_pylist(), ok, strict=True)
-        ]
+        ids, scores, errors, decoded = _score_cached(rows, storage, model, batch_size, cache)
     table = pa.table(
         {"image_id": ids, "score": pa.array(scores, from_pandas=True), "error": errors}, schema=SCORE_SCHEMA
     )
@@ -239,6 +207,60 @@ def score_partition(
         "worker": _worker_name(),
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def _score_decoded(
+    rows: pa.Table, storage: Storage, model: Any, batch_size: int
+) -> tuple[list[str], np.ndarray, list[str | None]]:
+    """Read, decode and score every row's image: (image ids, scores with NaN where one did not decode, errors)."""
+    from .model import predict
+
+    ids = rows.column("image_id").to_pylist()
+    scores = np.full(len(ids), np.nan, np.float32)
+    errors: list[str | None] = []
+    start = 0
+    for images, ok, errs in _decoded(rows.column("uri").to_pylist(), storage.options, model.image_size, batch_size):
+        if ok.any():
+            scores[start : start + len(ok)][ok] = predict(model, images[ok], batch_size)
+        errors.extend(errs)
+        start += len(ok)
+    return ids, scores, errors
+
+
+def _score_cached(
+    rows: pa.Table, storage: Storage, model: Any, batch_size: int, cache: InputCache
+) -> tuple[list[str], np.ndarray, list[str | None], int]:
+    """Score the candidates of one pool shard from the input cache, decoding and storing the shard first if no
+    pass has yet: (image ids, scores, errors, images decoded)."""
+    from .model import predict
+
+    shard = int(rows.column("row")[0].as_py()) // cache.shard_rows
+    got = cache.read(shard)
+    decoded = 0
+    if got is None:  # the first pass over this shard, by any category: decode it whole and keep it
+        images, ok, errs = _decode_all(rows.column("uri").to_pylist(), storage.options, cache.image_size, batch_size)
+        index = pa.table({"image_id": rows.column("image_id"), "ok": ok, "error": errs}, schema=INDEX_SCHEMA)
+        cache.write(shard, images, index)
+        decoded = rows.num_rows
+    else:
+        images, index = got
+    want = rows.filter(rows.column("candidate"))
+    offsets = want.column("row").to_numpy() - shard * cache.shard_rows
+    if pc.any(pc.not_equal(index.column("image_id").take(pa.array(offsets)), want.column("image_id"))).as_py():
+        raise RuntimeError(
+            f"cached shard {shard} under {storage.url_of(cache.key)} does not hold this pool's images; delete "
+            "that folder and score again"
+        )
+    ids = want.column("image_id").to_pylist()
+    ok = index.column("ok").to_numpy(zero_copy_only=False)[offsets]
+    scores = np.full(len(ids), np.nan, np.float32)
+    if ok.any():
+        scores[ok] = predict(model, images[offsets[ok]], batch_size)
+    errors = [
+        e if e is not None or k else "not a decodable image"
+        for e, k in zip(index.column("error").take(pa.array(offsets)).to_pylist(), ok, strict=True)
+    ]
+    return ids, scores, errors, decoded
 
 
 def _peaks(counts: list[dict]) -> dict[str, float]:

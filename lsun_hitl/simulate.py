@@ -9,6 +9,9 @@ Each seed gets its own storage root under ``base`` (``seed=<k>/``) that shares t
 truth and input cache with the data root by symbolic links, so the pool is decoded once for every run; when
 the truth covers only part of the pool, the runs' pool is that part (``pool/images.parquet`` written in the
 seed's root). A remainder the run would ask an operator about is counted as going to people, and said so.
+
+Running the cascade is the caller's (``run``: ``flows.runner.run_with_crowd`` runs the Prefect flow while a
+simulated crowd answers), so this module stays free of the orchestrator.
 """
 
 from __future__ import annotations
@@ -25,11 +28,15 @@ import pyarrow.compute as pc
 
 from .cascade import funnels
 from .config import CascadeParams
-from .crowd import CrowdParams, SimulatedCrowd
+from .crowd import CrowdParams
 from .evaluation import evaluate
 from .ingest import read_pool
 from .storage import Storage, clear_category, dataset_key, report_key
 from .truth import read_truth
+
+# runs one cascade under a storage root with a simulated crowd answering: (storage, category, params, crowd,
+# dask_address) -> the run's summary (``Summary.to_dict()``)
+Runner = Callable[[Storage, str, CascadeParams, CrowdParams, "str | None"], dict]
 
 SHARED = ("images", "pool", "groundtruth", "cache")  # cache: the pool's model inputs, decoded once for every run
 
@@ -61,15 +68,17 @@ def run_root(
 
 
 def run_one(
-    storage: Storage, category: str, params: CascadeParams, crowd: CrowdParams, dask_address: str | None = None
+    storage: Storage,
+    category: str,
+    params: CascadeParams,
+    crowd: CrowdParams,
+    run: Runner,
+    dask_address: str | None = None,
 ) -> dict:
-    """Run the cascade for ``category`` under ``storage`` with a simulated crowd; its figures against the truth."""
-    from .runner import run_cascade, simulated_crowd
-
+    """Run the cascade for ``category`` under ``storage`` with a simulated crowd (``run``); its figures against
+    the truth."""
     started = time.time()
-    sim = SimulatedCrowd(read_truth(storage, category), crowd)
-    with simulated_crowd(storage, category, sim):
-        summary = run_cascade(category, storage.url, params=params, dask_address=dask_address)
+    summary = run(storage, category, params, crowd, dask_address)
     ev = evaluate(storage, category)
     row = {
         "category": category,
@@ -107,6 +116,7 @@ def simulate(
     seeds: Sequence[int],
     params: CascadeParams,
     crowd: CrowdParams,
+    run: Runner,
     *,
     out: str | Path | None = None,
     on_row: Callable[[dict], None] | None = None,
@@ -137,7 +147,7 @@ def simulate(
             storage = run_root(base, data, seed, part, category)
             clear_category(storage, category)  # a new simulation of it, not the continuation of an earlier one
             preflight(storage, category, run_params, dask_address)
-            row = run_one(storage, category, run_params, dataclasses.replace(crowd, seed=seed), dask_address)
+            row = run_one(storage, category, run_params, dataclasses.replace(crowd, seed=seed), run, dask_address)
             row["truth_coverage"] = len(covered) / len(pool_uris)
             if out is not None:
                 plot = storage.path(report_key(category, "funnel.png"))

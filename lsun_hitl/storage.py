@@ -61,17 +61,20 @@ def storage_options_from_env() -> dict[str, Any]:
     (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ``~/.aws/config``), which s3fs reads itself.
     """
     raw = os.environ.get("LSUN_HITL_STORAGE_OPTIONS", "").strip()
-    if not raw:
-        return {}
+    return options_from_json(raw, "LSUN_HITL_STORAGE_OPTIONS") if raw else {}
+
+
+def options_from_json(raw: str, name: str) -> dict[str, Any]:
+    """fsspec storage options given as JSON text; StorageError naming ``name`` (a flag, a variable) and the fix."""
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise StorageError(
-            f"LSUN_HITL_STORAGE_OPTIONS is not valid JSON ({exc}); set it to a JSON object such as "
-            '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\''
+            f"{name} is not valid JSON ({exc}); give a JSON object such as "
+            '\'{"endpoint_url": "http://127.0.0.1:9000"}\''
         ) from exc
     if not isinstance(value, dict):
-        raise StorageError("LSUN_HITL_STORAGE_OPTIONS must be a JSON object")
+        raise StorageError(f'{name} must be a JSON object, such as \'{{"endpoint_url": "http://127.0.0.1:9000"}}\'')
     return value
 
 

@@ -85,20 +85,7 @@ def normalize(table: pa.Table, pool: pa.Table | None, source: str) -> pa.Table:
     key = next((k for k in KEY_COLUMNS if k in names), None)
     if key is None:
         raise TruthError(f"truth table {source!r} has no 'uri' or 'image_id' column (it has: {', '.join(names)})")
-    keys = [str(v) for v in table.column(key).to_pylist()]
-    if key == "image_id":
-        if pool is None:
-            raise TruthError(f"truth table {source!r} names images by image_id: ingest the pool first")
-        by_id = dict(zip(pool.column("image_id").to_pylist(), pool.column("uri").to_pylist(), strict=True))
-        missing = [k for k in keys if k not in by_id]
-        if missing:
-            raise TruthError(
-                f"truth table {source!r} names {len(missing)} image_id(s) not in the pool, e.g. {missing[:3]}; "
-                "use the ids of `lsun-hitl ingest`'s pool, or name images by uri"
-            )
-        uris = [by_id[k] for k in keys]
-    else:
-        uris = [to_uri(k) for k in keys]
+    uris = _uris(table, key, pool, source)
     if len(set(uris)) != len(uris):
         raise TruthError(f"truth table {source!r} names some images twice; keep one row per image")
     class_col = next((c for c in CLASS_COLUMNS if c in names), None)
@@ -122,6 +109,23 @@ def normalize(table: pa.Table, pool: pa.Table | None, source: str) -> pa.Table:
             f"truth table {source!r} has no class column ({', '.join(CLASS_COLUMNS)}) and no yes/no column per category"
         )
     return pa.table(columns)
+
+
+def _uris(table: pa.Table, key: str, pool: pa.Table | None, source: str) -> list[str]:
+    """Each row's image as a URI: the ``uri`` column's, or the pool's for an ``image_id``."""
+    keys = [str(v) for v in table.column(key).to_pylist()]
+    if key != "image_id":
+        return [to_uri(k) for k in keys]
+    if pool is None:
+        raise TruthError(f"truth table {source!r} names images by image_id: ingest the pool first")
+    by_id = dict(zip(pool.column("image_id").to_pylist(), pool.column("uri").to_pylist(), strict=True))
+    missing = [k for k in keys if k not in by_id]
+    if missing:
+        raise TruthError(
+            f"truth table {source!r} names {len(missing)} image_id(s) not in the pool, e.g. {missing[:3]}; "
+            "use the ids of `lsun-hitl ingest`'s pool, or name images by uri"
+        )
+    return [by_id[k] for k in keys]
 
 
 def from_folder(folder: str, storage_options: dict | None = None) -> pa.Table:

@@ -22,6 +22,12 @@ from lsun_hitl.storage import Storage
 
 T = TypeVar("T")
 
+# Retry policies. A step that fails on a storage or cluster hiccup is retried: it finds whatever part of its
+# output was stored and goes on. Publishing a request to people backs off longer (storage may be briefly
+# unreachable while labelers write to it) and is never cached: it must see the current requests.
+STEP: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 5}
+PUBLISH: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "cache_policy": NO_CACHE}
+
 
 def recorded(step: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """Record the figures of a step taking (storage, category, params, iteration, ...): ``steps.record``."""
@@ -51,7 +57,7 @@ def ui_progress(description: str) -> Callable[[int, int], None]:
     return update
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(**STEP)
 def start_cascade(storage: Storage, category: str, params: CascadeParams) -> int:
     return cascade.start(storage, category, params)
 
@@ -64,14 +70,14 @@ def pretrain_backbone(storage: Storage, params: CascadeParams) -> list[str]:
     return cascade.pretrain(storage, params, progress=progress)
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(**STEP)
 @recorded("sample")
 def draw_sample(storage: Storage, category: str, params: CascadeParams, iteration: int) -> dict[str, int]:
     drawn = cascade.sample(storage, category, params, iteration)
     return {"train": len(drawn.train), "calibration": len(drawn.calibration)}
 
 
-@task(retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+@task(**PUBLISH)
 @recorded("publish")
 def publish_labels(
     storage: Storage, category: str, params: CascadeParams, iteration: int, flow_run_id: str | None
@@ -79,14 +85,14 @@ def publish_labels(
     return cascade.publish_iteration(storage, category, params, iteration, flow_run_id)
 
 
-@task(retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+@task(**PUBLISH)
 def publish_remainder(
     storage: Storage, category: str, params: CascadeParams, iteration: int, flow_run_id: str | None
 ) -> LabelRequest | None:
     return cascade.publish_remainder(storage, category, params, iteration, flow_run_id)
 
 
-@task(retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+@task(**PUBLISH)
 @recorded("recheck")
 def publish_recheck(
     storage: Storage, category: str, params: CascadeParams, iteration: int, flow_run_id: str | None
@@ -99,7 +105,7 @@ def labels_complete(storage: Storage, category: str, request_id: str) -> bool:
     return cascade.labels_complete(storage, category, request_id)
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(**STEP, cache_policy=NO_CACHE)
 def collect_labels(storage: Storage, category: str, request_id: str) -> int:
     return take(storage, category, request_id).num_rows
 
@@ -118,13 +124,13 @@ def score_pool(storage: Storage, category: str, params: CascadeParams, iteration
     return cascade.score(storage, category, params, iteration, dask_address=dask_address, progress=progress)
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(**STEP)
 @recorded("calibrate")
 def calibrate_thresholds(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Thresholds:
     return cascade.calibrate(storage, category, params, iteration)
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(**STEP)
 @recorded("split")
 def split_pool(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Funnel:
     return cascade.split(storage, category, params, iteration)
@@ -140,17 +146,17 @@ def remainder_decision(storage: Storage, category: str, params: CascadeParams, i
     return cascade.remainder_decision(storage, category, params, iteration)
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(**STEP, cache_policy=NO_CACHE)
 def ask_remainder(storage: Storage, category: str, iteration: int, flow_run_id: str | None, why: str) -> dict:
     return cascade.ask_remainder(storage, category, iteration, flow_run_id, why)
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(**STEP, cache_policy=NO_CACHE)
 def store_decision(storage: Storage, category: str, decision: str) -> dict:
     return cascade.decide_remainder(storage, category, decision)
 
 
-@task(retries=2, retry_delay_seconds=5)
+@task(**STEP)
 def label_remainder(storage: Storage, category: str, iteration: int) -> Funnel:
     return cascade.finish_remainder(storage, category, iteration)
 
@@ -162,7 +168,7 @@ def report_funnel(storage: Storage, category: str) -> str:
     return markdown
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(**STEP, cache_policy=NO_CACHE)
 def finish_dataset(storage: Storage, category: str, stop: str | None, params: CascadeParams) -> cascade.Summary:
     summary = cascade.finish(storage, category, stop, params)
     for warning in summary.warnings:
@@ -173,21 +179,21 @@ def finish_dataset(storage: Storage, category: str, stop: str | None, params: Ca
     return summary
 
 
-@task(retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+@task(**PUBLISH)
 def publish_audit(
     storage: Storage, category: str, params: CascadeParams, flow_run_id: str | None
 ) -> LabelRequest | None:
     return cascade.publish_audit(storage, category, params, flow_run_id)
 
 
-@task(retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+@task(**PUBLISH)
 def publish_audit_recheck(
     storage: Storage, category: str, params: CascadeParams, flow_run_id: str | None
 ) -> LabelRequest | None:
     return cascade.publish_audit_recheck(storage, category, params, flow_run_id)
 
 
-@task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(**STEP, cache_policy=NO_CACHE)
 def audit_dataset(storage: Storage, category: str, params: CascadeParams) -> cascade.Audit:
     result = cascade.audit(storage, category, params)
     create_markdown_artifact(markdown=f"```\n{result}\n```", key=f"audit-{category}", description=f"{category}: audit")

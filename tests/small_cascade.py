@@ -6,9 +6,9 @@ and prints ``SUMMARY <category> <summary>`` for each. ``--key=value`` overrides 
 import dataclasses
 import sys
 
+from flows.runner import run_cascade, simulated_crowd
 from lsun_hitl.config import CascadeParams, ModelParams
 from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
-from lsun_hitl.runner import run_cascade, simulated_crowd
 from lsun_hitl.storage import Storage
 from lsun_hitl.truth import read_truth
 

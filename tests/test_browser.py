@@ -10,6 +10,7 @@ import httpx
 import pytest
 from prefect import get_client
 
+from flows.runner import resume_waiting_run, run_cascade
 from lsun_hitl.config import CascadeParams, ModelParams
 from lsun_hitl.crowd import truth_by_image_id
 from lsun_hitl.fashion_mnist import import_fashion_mnist
@@ -18,8 +19,7 @@ from lsun_hitl.labelers import create_labeler
 from lsun_hitl.labels import list_requests, read_votes
 from lsun_hitl.manifest import manifest_iterations
 from lsun_hitl.quality import QCParams
-from lsun_hitl.runner import run_cascade
-from lsun_hitl.service import ServiceThread, create_app, resume_waiting_run
+from lsun_hitl.service import ServiceThread, create_app
 from lsun_hitl.storage import Storage
 
 CHROMIUM = "/usr/bin/chromium"

@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 
+from flows.runner import run_cascade, simulated_crowd
 from lsun_hitl.cascade import Summary
 from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
 from lsun_hitl.evaluation import evaluate
@@ -13,7 +14,6 @@ from lsun_hitl.fashion_mnist import import_fashion_mnist
 from lsun_hitl.ingest import build_pool
 from lsun_hitl.labels import list_requests
 from lsun_hitl.manifest import UNLABELED, manifest_iterations, read_manifest
-from lsun_hitl.runner import run_cascade, simulated_crowd
 from lsun_hitl.storage import Storage, dataset_key, sample_key
 from lsun_hitl.truth import read_truth
 

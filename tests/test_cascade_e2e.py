@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from prefect import get_client
 
+from flows.runner import resume, run_cascade, simulated_crowd
 from lsun_hitl.cascade import Audit, Summary
 from lsun_hitl.config import CascadeParams, ModelParams
 from lsun_hitl.crowd import CrowdParams, SimulatedCrowd, deliver
@@ -13,7 +14,6 @@ from lsun_hitl.fashion_mnist import import_fashion_mnist
 from lsun_hitl.ingest import build_pool, read_pool
 from lsun_hitl.labels import RunEnded, list_requests, publish_request, read_request, read_votes
 from lsun_hitl.manifest import UNLABELED, manifest_iterations, read_manifest
-from lsun_hitl.runner import resume, run_cascade, simulated_crowd
 from lsun_hitl.storage import Storage, calibration_key, calibration_set_key, dataset_key, sample_key
 from lsun_hitl.truth import read_truth
 

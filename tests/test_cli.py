@@ -1,6 +1,6 @@
 import pytest
 
-from lsun_hitl.cli import main
+from cli import main
 from lsun_hitl.config import CascadeParams, ConfigError, validate
 
 

@@ -86,7 +86,7 @@ def test_cli_error_is_one_message(root, args, says):
     storage, files = root
     before = digest(storage)
     argv = [a.replace("{files}", str(files)) for a in args]
-    cmd = [sys.executable, "-m", "lsun_hitl.cli", argv[0], "--root", storage.url, *argv[1:]]
+    cmd = [sys.executable, "-m", "cli", argv[0], "--root", storage.url, *argv[1:]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, stdin=subprocess.DEVNULL)
     err = done.stderr.strip()
     assert done.returncode == 2, (cmd, done.stdout, err)

@@ -15,13 +15,13 @@ from prefect import get_client
 from prefect.deployments import run_deployment
 
 from deployments import build, load_config
+from flows.runner import resume
 from lsun_hitl.config import ConfigError
 from lsun_hitl.crowd import CrowdParams, SimulatedCrowd, deliver
 from lsun_hitl.fashion_mnist import import_fashion_mnist
 from lsun_hitl.ingest import build_pool
 from lsun_hitl.labels import list_requests
 from lsun_hitl.manifest import manifest_iterations
-from lsun_hitl.runner import resume
 from lsun_hitl.storage import Storage
 from lsun_hitl.truth import read_truth
 

@@ -19,8 +19,8 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
+from cli import main as cli
 from lsun_hitl import export
-from lsun_hitl.cli import main as cli
 from lsun_hitl.ingest import image_id as content_id
 from lsun_hitl.storage import Storage
 

@@ -8,8 +8,8 @@ import csv
 import numpy as np
 import pyarrow as pa
 
+from cli import main as cli
 from lsun_hitl import labels
-from lsun_hitl.cli import main as cli
 from lsun_hitl.fashion_mnist import import_fashion_mnist
 from lsun_hitl.handout import follow_up, gold_ids
 from lsun_hitl.ingest import build_pool, read_pool

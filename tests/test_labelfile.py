@@ -7,8 +7,8 @@ import json
 import pyarrow as pa
 import pytest
 
+from cli import main
 from lsun_hitl import labels
-from lsun_hitl.cli import main
 from lsun_hitl.labelfile import label_studio_tasks, read_label_file
 from lsun_hitl.labels import LabelError
 from lsun_hitl.storage import LABELERS_KEY, Storage

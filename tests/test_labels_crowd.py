@@ -102,13 +102,14 @@ def test_incomplete_request_names_missing_images(published):
 
 
 def test_a_resume_matches_only_its_own_requests_pause():
-    from lsun_hitl.runner import _pause_for
+    from flows.waiting import labels_pause_key, pause_is_for, pause_is_for_remainder, remainder_pause_key
 
-    assert _pause_for("iteration-1-2", "iteration-1")
-    assert not _pause_for("iteration-1-recheck-1", "iteration-1")
-    assert _pause_for("iteration-1-recheck-1", "iteration-1-recheck")
-    assert not _pause_for("audit-recheck-1", "audit") and _pause_for("audit-1", "audit")
-    assert not _pause_for("iteration-12-1", "iteration-1")
+    assert pause_is_for(labels_pause_key("iteration-1", 2), "iteration-1")
+    assert not pause_is_for("iteration-1-recheck-1", "iteration-1")
+    assert pause_is_for("iteration-1-recheck-1", "iteration-1-recheck")
+    assert not pause_is_for("audit-recheck-1", "audit") and pause_is_for("audit-1", "audit")
+    assert not pause_is_for("iteration-12-1", "iteration-1")
+    assert pause_is_for_remainder(remainder_pause_key(3)) and not pause_is_for_remainder("iteration-1-1")
 
 
 def test_crowd_answers_do_not_depend_on_what_it_answered_before():
@@ -162,8 +163,8 @@ def test_the_crowd_stops_notifying_a_run_that_has_ended(published):
 def test_resume_returns_at_once_when_the_run_took_the_labels(published, capsys):
     """Labels stored before the run reached its pause are taken without one: resuming then says so and
     returns at once (it used to wait 300 s for a pause that never came, then end in a traceback)."""
-    from lsun_hitl.cli import main as cli
-    from lsun_hitl.runner import resume
+    from cli import main as cli
+    from flows.runner import resume
 
     storage, _, truth = published
     deliver(storage, "cat", SimulatedCrowd(truth), "iteration-1")

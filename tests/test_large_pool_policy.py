@@ -5,13 +5,13 @@ import dataclasses
 import threading
 import time
 
+from flows.runner import resume_decision, run_cascade, simulated_crowd
 from lsun_hitl.cascade import Summary, decide_remainder
 from lsun_hitl.config import CascadeParams, ConfigError, validate
 from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
 from lsun_hitl.fashion_mnist import import_fashion_mnist
 from lsun_hitl.ingest import build_pool
 from lsun_hitl.labels import LabelError, list_requests
-from lsun_hitl.runner import resume_decision, run_cascade, simulated_crowd
 from lsun_hitl.split import Funnel, stalled, train_size
 from lsun_hitl.steps import read_steps, steps_markdown
 from lsun_hitl.storage import Storage, decision_key

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lsun_hitl.cli import build_parser
+from cli import build_parser
 from lsun_hitl.config import CascadeParams, ModelParams
 from lsun_hitl.options import options, params_from_args, readme_block
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from lsun_hitl.cli import main as cli
+from cli import main as cli
 from lsun_hitl.config import CascadeParams, ConfigError, validate
 from lsun_hitl.fashion_mnist import import_fashion_mnist
 from lsun_hitl.ingest import build_pool

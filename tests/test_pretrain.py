@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from cli import main as cli
 from lsun_hitl import cascade
 from lsun_hitl import model as model_lib
-from lsun_hitl.cli import main as cli
 from lsun_hitl.config import CascadeParams, ModelParams
 from lsun_hitl.crowd import CrowdParams, SimulatedCrowd, deliver
 from lsun_hitl.fashion_mnist import import_fashion_mnist

@@ -9,7 +9,7 @@ import json
 import numpy as np
 
 from benchmarks.digits_tree import write_tree
-from lsun_hitl.cli import main as cli
+from cli import main as cli
 from lsun_hitl.ingest import build_pool, read_pool
 from lsun_hitl.simulate import run_root
 from lsun_hitl.storage import Storage, dataset_key

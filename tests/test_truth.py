@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from lsun_hitl.cli import main as cli
+from cli import main as cli
 from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
 from lsun_hitl.ingest import build_pool, read_pool
 from lsun_hitl.quality import read_gold
