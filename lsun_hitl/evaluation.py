@@ -39,8 +39,17 @@ class Evaluation:
 
 
 def evaluate(storage: Storage, category: str) -> Evaluation:
-    """Compare the final dataset of ``category`` with the Fashion-MNIST ground truth."""
-    table = storage.read_table(storage.path(dataset_key(category)), columns=["uri", "label", "decided_by"])
+    """Compare the final dataset of ``category`` with its registered ground truth (``lsun_hitl.truth``).
+
+    Raises ValueError naming the category when it has no finished dataset under ``storage``.
+    """
+    path = storage.path(dataset_key(category))
+    if not storage.exists(path):
+        raise ValueError(
+            f"category {category!r} has no finished dataset under {storage.url} ({dataset_key(category)}); "
+            "run its cascade to the end first (lsun-hitl run or demo)"
+        )
+    table = storage.read_table(path, columns=["uri", "label", "decided_by"])
     truth_map = read_truth(storage, category)
     truth = np.array([truth_map[u] for u in table.column("uri").to_pylist()], bool)
     label = np.array(table.column("label").to_pylist())

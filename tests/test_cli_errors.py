@@ -73,7 +73,7 @@ CASES = [
     (["gold", "--category", "bag", "--labels", "{files}/bad.csv"], "give image_id or uri, and answer"),
     (["gold", "--category", "unicorn", "--from-truth", "10"], "no ground truth for category 'unicorn'"),
     (["truth", "--table", "{files}/truth-bad.csv"], "not yes/no"),
-    (["evaluate", "--category", "bag"], "bag"),
+    (["evaluate", "--category", "bag"], "category 'bag' has no finished dataset"),
     (["export", "--category", "bag", "--format", "parquet", "--out", "{files}/out"], "bag"),
     (["review", "--category", "bag", "--labels", "{files}/review.json"], "has no finished dataset"),
     (["labelers", "add"], "labelers add needs a NAME"),
