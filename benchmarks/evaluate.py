@@ -32,7 +32,7 @@ from lsun_hitl.fashion_mnist import CLASSES, import_fashion_mnist
 from lsun_hitl.ingest import build_pool, read_pool
 from lsun_hitl.options import add_flags, params_from_args
 from lsun_hitl.simulate import run_one, run_root
-from lsun_hitl.storage import Storage, report_key
+from lsun_hitl.storage import Storage, clear_category, report_key
 from lsun_hitl.truth import read_truth
 
 
@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             if (category, seed) in done:
                 continue
             print(f"== {category} seed {seed}", flush=True)
+            # a new run, not the continuation of one a different --out (or an interrupted session) left behind
+            clear_category(storage, category)
             row = run_one(storage, category, params, crowd, run_with_crowd)
             copy_plots(storage, category, seed, out / "plots")
             if not args.no_baselines:
