@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from lsun_hitl.config import CascadeParams, ConfigError
-from lsun_hitl.options import add_flags, params_from_args
+from lsun_hitl.config import ConfigError
+from lsun_hitl.options import add_flags
 from lsun_hitl.quality import AGGREGATIONS, QCParams, QualityError
 from lsun_hitl.storage import Storage, options_from_json, storage_options_from_env
 
@@ -14,10 +14,6 @@ def storage_from(args: argparse.Namespace) -> Storage:
     given = getattr(args, "storage_options", None)
     options = options_from_json(given, "--storage-options") if given else storage_options_from_env()
     return Storage(args.root, options)
-
-
-def cascade_params(args: argparse.Namespace) -> CascadeParams:
-    return params_from_args(args)
 
 
 def add_root(p: argparse.ArgumentParser) -> None:

@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 from typing import Any, get_args
 
-from cli.common import add_cascade, add_root, cascade_params, storage_from
+from cli.common import add_cascade, add_root, storage_from
 from cli.data import ingest
 from lsun_hitl.config import ConfigError, Remainder
 from lsun_hitl.crowd import CrowdParams
 from lsun_hitl.labels import LabelError
+from lsun_hitl.options import params_from_args
 from lsun_hitl.quality import QCParams
 from lsun_hitl.storage import Storage, clear_category, dataset_key, groundtruth_key
 
@@ -69,15 +70,14 @@ def cmd_run(args: argparse.Namespace) -> None:
     from lsun_hitl.cascade import preflight
 
     storage = storage_from(args)
-    first = preflight(
-        storage, args.category, cascade_params(args), args.dask_address, base_rate=args.expected_base_rate
-    )
+    params = params_from_args(args)
+    first = preflight(storage, args.category, params, args.dask_address, base_rate=args.expected_base_rate)
     if first is not None:
         print(first, flush=True)
     summary = run_cascade(
         args.category,
         storage.url,
-        params=cascade_params(args),
+        params=params,
         dask_address=args.dask_address,
         storage_options=storage.options,
     )
@@ -147,7 +147,7 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     )
     if crowd.labels_per_image > crowd.n_labelers:
         raise ConfigError(f"--answers-per-image {crowd.labels_per_image} exceeds --labelers {crowd.n_labelers}")
-    params = dataclasses.replace(cascade_params(args), seed=args.seeds[0])
+    params = dataclasses.replace(params_from_args(args), seed=args.seeds[0])
 
     def report(row: dict) -> None:
         c = row["cascade"]
@@ -188,7 +188,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     started = time.time()
     check_category(args.category)
-    params = cascade_params(args)
+    params = params_from_args(args)
     from lsun_hitl.cascade import preflight
 
     storage = storage_from(args)
