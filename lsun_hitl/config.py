@@ -57,6 +57,20 @@ def setting(
     return field(default=default, metadata=metadata)
 
 
+# The settings that act only after an iteration's scores exist (choosing and applying its thresholds): a stored
+# run can be replayed under other values of these without training or scoring again (``lsun_hitl.replay``).
+THRESHOLD_SETTINGS = (
+    "target_precision",
+    "target_false_omission",
+    "confidence",
+    "confidence_scope",
+    "min_region",
+    "threshold_scan",
+    "start_share",
+    "positive_start_errors",
+)
+
+
 @dataclass(frozen=True)
 class ModelParams:
     """The classifier trained at each iteration (a torchvision architecture, binary head)."""
@@ -64,7 +78,9 @@ class ModelParams:
     arch: str = setting("mobilenet_v3_small", "the classifier's architecture", choices=ARCHITECTURES)
     image_size: int = setting(64, "model input side in pixels")
     epochs: int = setting(10, "passes over the training labels (fewer when they would exceed max_steps)")
-    max_steps: int = setting(500, "cap on training steps, so training time stays bounded as the labels grow")
+    max_steps: int = setting(
+        4000, "cap on training steps: training time grows with the labels up to it, then stays bounded"
+    )
     batch_size: int = setting(128, "training batch", flag="train-batch-size")
     learning_rate: float = setting(2e-3, "AdamW's peak learning rate (one-cycle schedule)")
     weights: str | None = setting(
