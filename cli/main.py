@@ -25,6 +25,7 @@ COMMANDS = {
     "resume": runs.cmd_resume,
     "decide": runs.cmd_decide,
     "simulate": runs.cmd_simulate,
+    "replay": runs.cmd_replay,
     "demo": runs.cmd_demo,
     "handout": people.cmd_handout,
     "serve": people.cmd_serve,

@@ -12,10 +12,10 @@ from typing import Any, get_args
 
 from cli.common import add_cascade, add_root, storage_from
 from cli.data import ingest
-from lsun_hitl.config import ConfigError, Remainder
+from lsun_hitl.config import THRESHOLD_SETTINGS, ConfigError, Remainder
 from lsun_hitl.crowd import CrowdParams
 from lsun_hitl.labels import LabelError
-from lsun_hitl.options import params_from_args
+from lsun_hitl.options import add_flags, options, params_from_args
 from lsun_hitl.quality import QCParams
 from lsun_hitl.storage import Storage, clear_category, dataset_key, groundtruth_key
 
@@ -56,6 +56,14 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--spammer-share", type=float, default=c.spammer_share, help="share answering at random")
     p.add_argument("--answers-per-image", type=int, default=c.labels_per_image, help="first answers per image")
     p.add_argument("--work", help="folder for the runs and the report (default: <root>/simulations)")
+
+    p = sub.add_parser(
+        "replay",
+        help="choose a stored run's thresholds again with other targets, confidence or scan (seconds, no new run)",
+    )
+    add_root(p)
+    p.add_argument("--category", "--categories", nargs="+", required=True, help="one or more categories")
+    add_flags(p, exclude=[o.name for o in options() if o.name not in THRESHOLD_SETTINGS])
 
     p = sub.add_parser("demo", help="import Fashion-MNIST, build the pool, run the cascade with a simulated crowd")
     add_root(p)
@@ -178,6 +186,28 @@ def cmd_simulate(args: argparse.Namespace) -> None:
     report_dir.write_bytes(report_dir.path("results.md"), (text + "\n").encode())
     print(text)
     print(f"funnel plots and results in {work / 'report'}")
+
+
+def cmd_replay(args: argparse.Namespace) -> None:
+    from lsun_hitl.replay import replay, table
+    from lsun_hitl.truth import TruthError, read_truth
+
+    storage = storage_from(args)
+    params = params_from_args(args)
+    for category in args.category:
+        try:
+            truth = read_truth(storage, category)
+        except TruthError:
+            truth = None  # a real run: no truth to score the replayed decisions against
+        rows = replay(storage, category, params, truth)
+        given = ", ".join(f"{n}={getattr(params, n)}" for n in THRESHOLD_SETTINGS)
+        print(f"== {category}: {storage.url} replayed with {given}")
+        print(table(rows))
+        print(
+            f"model-decided: the run {sum(r.run_positive + r.run_negative for r in rows):,}, the replay "
+            f"{sum(r.positive + r.negative for r in rows):,} (exact at iteration 1; later iterations replay each"
+            " model over the candidates the run had)"
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

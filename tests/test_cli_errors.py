@@ -74,6 +74,7 @@ CASES = [
     (["gold", "--category", "unicorn", "--from-truth", "10"], "no ground truth for category 'unicorn'"),
     (["truth", "--table", "{files}/truth-bad.csv"], "not yes/no"),
     (["evaluate", "--category", "bag"], "category 'bag' has no finished dataset"),
+    (["replay", "--category", "bag"], "no calibrated iteration of 'bag'"),
     (["export", "--category", "bag", "--format", "parquet", "--out", "{files}/out"], "bag"),
     (["review", "--category", "bag", "--labels", "{files}/review.json"], "has no finished dataset"),
     (["labelers", "add"], "labelers add needs a NAME"),

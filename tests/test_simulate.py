@@ -38,7 +38,9 @@ SMALL = [
 ]
 
 
-def test_simulate_digits_reports_effort_and_quality_against_the_truth(tmp_path, dask_cluster, prefect_harness, capsys):
+def test_simulate_digits_reports_effort_and_quality_against_the_truth_and_replays_other_targets(
+    tmp_path, dask_cluster, prefect_harness, capsys
+):
     images = tmp_path / "digits"
     assert write_tree(str(images)) == 1797
     storage = Storage(str(tmp_path / "root"))
@@ -73,6 +75,43 @@ def test_simulate_digits_reports_effort_and_quality_against_the_truth(tmp_path, 
     shares = [r["cascade"]["human_labeled_share"] for r in rows]
     assert f"{min(shares):.1%}" in line and f"{max(shares):.1%}" in line  # the range over the seeds
     assert "Mean share of the pool labeled by people" in out
+    check_replay(Storage(str(work / "seed=0")), truth, capsys)
+
+
+def check_replay(run: Storage, truth: dict[str, bool], capsys) -> None:
+    """``replay`` of a finished simulation: its own settings give back the run's thresholds and decisions; other
+    targets give other ones, in the direction they should; the CLI prints the table."""
+    import dataclasses
+
+    from lsun_hitl.cascade import funnels
+    from lsun_hitl.config import CascadeParams
+    from lsun_hitl.manifest import BY_MODEL, NEGATIVE, read_manifest
+    from lsun_hitl.replay import replay
+
+    own = CascadeParams(target_false_omission=0.05)  # SMALL's only threshold setting
+    rows = replay(run, "3", own, truth)
+    funnel = {f.iteration: f for f in funnels(run, "3")}
+    assert rows and rows[0].iteration == 1
+    final = read_manifest(run, "3", max(funnel))
+    is3 = np.array([truth[u] for u in read_pool(run, columns=["uri"]).column("uri").to_pylist()])
+    for r in rows:
+        assert (r.new.positive, r.new.negative) == (r.run.positive, r.run.negative)
+        assert (r.positive, r.negative) == (r.run_positive, r.run_negative)
+        assert (r.run_positive, r.run_negative) == (
+            funnel[r.iteration].model_positive,
+            funnel[r.iteration].model_negative,
+        )
+        by_model = (final.decided_by == BY_MODEL) & (final.decided_iteration == r.iteration)
+        if r.negative:
+            assert r.false_omission == float(is3[by_model & (final.state == NEGATIVE)].mean())
+    loose = replay(run, "3", dataclasses.replace(own, target_false_omission=0.3, target_precision=0.5), truth)[0]
+    strict = replay(run, "3", dataclasses.replace(own, target_false_omission=0.001, target_precision=0.999), truth)[0]
+    assert loose.negative >= rows[0].negative >= strict.negative and loose.negative > strict.negative
+    assert loose.positive >= rows[0].positive >= strict.positive
+    assert cli(["replay", "--root", run.url, "--category", "3", "--target-false-omission", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "target_false_omission=0.3" in out and f"| 1 | {rows[0].open:,} |" in out
+    assert f"{loose.positive:,} / {loose.negative:,}" in out
 
 
 def test_partial_truth_runs_on_the_covered_part(tmp_path, dask_cluster):
