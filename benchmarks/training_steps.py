@@ -29,7 +29,7 @@ from lsun_hitl.inputs import InputCache
 from lsun_hitl.manifest import BY_HUMAN, ROLE_CALIBRATION, read_manifest
 from lsun_hitl.scoring import read_pool_images
 from lsun_hitl.storage import Storage
-from lsun_hitl.truth import read_truth
+from lsun_hitl.truth import per_row, read_truth
 
 
 def main() -> None:
@@ -48,8 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     storage = Storage(args.root)
     pool = read_pool(storage, columns=["image_id", "uri"])
-    truth_of = read_truth(storage, args.category)
-    truth = np.array([truth_of.get(u, False) for u in pool.column("uri").to_pylist()])
+    truth = per_row(read_truth(storage, args.category), pool.column("uri").to_pylist())
     state = read_manifest(storage, args.category, args.iteration)
     rows = np.flatnonzero((state.decided_by == BY_HUMAN) & (state.human_role != ROLE_CALIBRATION))
     targets = state.p_positive[rows]
@@ -64,10 +63,9 @@ def main() -> None:
     )
     print("| step cap | steps run | epochs | AUC | oracle negatives | oracle positives | train s |")
     print("|---|---|---|---|---|---|---|")
-    per_epoch = -(-int(ok.sum()) // 128)
     for cap in args.steps:
         params = ModelParams(arch=args.arch, image_size=args.image_size, epochs=args.epochs, max_steps=cap, threads=2)
-        epochs = max(1, min(args.epochs, cap // per_epoch))
+        epochs, steps = model_lib.schedule(int(ok.sum()), params)
         started = time.time()
         net = model_lib.train(images[ok], targets[ok], params, seed=args.seed)
         took = time.time() - started
@@ -75,7 +73,7 @@ def main() -> None:
         neg, pos = decidable(scores, held_truth, fo=args.false_omission, precision=args.precision)
         n = len(held_truth)
         print(
-            f"| {cap:,} | {per_epoch * epochs:,} | {epochs} | {roc_auc_score(held_truth, scores):.4f} |"
+            f"| {cap:,} | {steps:,} | {epochs} | {roc_auc_score(held_truth, scores):.4f} |"
             f" {neg / n:.1%} | {pos / n:.1%} | {took:.0f} |",
             flush=True,
         )

@@ -215,6 +215,14 @@ def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return padded[:, :, dy : dy + h, dx : dx + w].permute(0, 2, 3, 1)
 
 
+def schedule(n_images: int, params: ModelParams) -> tuple[int, int]:
+    """``(epochs, steps)`` training runs on ``n_images``: ``params.epochs`` passes, fewer when they would exceed
+    ``params.max_steps`` (one at least)."""
+    steps_per_epoch = max(1, math.ceil(n_images / params.batch_size))
+    epochs = max(1, min(params.epochs, params.max_steps // steps_per_epoch))
+    return epochs, steps_per_epoch * epochs
+
+
 def train(
     images: np.ndarray,
     targets: np.ndarray,
@@ -240,9 +248,7 @@ def train(
     model = build(params, pretrained).to(dev).train()
     x = torch.from_numpy(images)
     y = torch.from_numpy(np.asarray(targets, np.float32))
-    steps_per_epoch = math.ceil(len(x) / params.batch_size)
-    epochs = max(1, min(params.epochs, params.max_steps // max(1, steps_per_epoch)))
-    total = steps_per_epoch * epochs
+    epochs, total = schedule(len(x), params)
     trainable = [t for t in model.parameters() if t.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params.learning_rate, total_steps=total, pct_start=0.15)

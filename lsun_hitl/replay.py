@@ -21,15 +21,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .calibration import Thresholds, choose_thresholds
+from .calibration import Thresholds
+from .cascade.calibrate import thresholds_for
 from .cascade.common import thresholds_from_dict
-from .cascade.score import read_scores
-from .config import THRESHOLD_SETTINGS, CascadeParams
+from .cascade.sample import sample
+from .cascade.score import candidates, read_scores
+from .config import CascadeParams
 from .ingest import read_pool
-from .manifest import BY_HUMAN, UNLABELED, manifest_iterations, read_manifest
-from .storage import Storage, calibration_key, calibration_set_key, sample_key
-
-REPLAYED = THRESHOLD_SETTINGS  # the settings a replay can change: they act after scoring
+from .manifest import BY_HUMAN, manifest_iterations, read_manifest
+from .split import beyond_thresholds
+from .storage import Storage, calibration_key, calibration_set_key
+from .truth import per_row
 
 
 @dataclass(frozen=True)
@@ -48,16 +50,6 @@ class Replayed:
     false_omission: float | None  # of the replayed model negatives, against the truth
 
 
-def decided(scores: np.ndarray, thresholds: Thresholds) -> tuple[np.ndarray, np.ndarray]:
-    """Masks of the scores a model decides positive and negative under ``thresholds`` (``split``'s rule)."""
-    finite = np.isfinite(scores)
-    pos = finite & (scores >= thresholds.positive) if thresholds.positive is not None else np.zeros(len(scores), bool)
-    neg = np.zeros(len(scores), bool)
-    if thresholds.negative is not None:
-        neg = finite & (scores <= thresholds.negative) & ~pos
-    return pos, neg
-
-
 def replay_iteration(
     storage: Storage, category: str, iteration: int, params: CascadeParams, truth: np.ndarray | None = None
 ) -> Replayed:
@@ -69,33 +61,23 @@ def replay_iteration(
     calibration = storage.path(calibration_key(category, iteration))
     if not storage.exists(calibration):
         raise FileNotFoundError(f"iteration {iteration} of {category!r} under {storage.url} has no thresholds yet")
-    before = read_manifest(storage, category, iteration - 1)
     after = read_manifest(storage, category, iteration)
-    drawn = storage.read_table(storage.path(sample_key(category, iteration)))
-    train = drawn.filter(drawn.column("role").to_numpy(zero_copy_only=False) == "train").column("row").to_numpy()
-    mask = before.state == UNLABELED
-    mask[train] = False
-    rows = np.flatnonzero(mask)
+    # the iteration's stored draw (calibrated, so it exists): sample() reads it back, it does not draw again
+    rows = candidates(read_manifest(storage, category, iteration - 1), sample(storage, category, params, iteration))
     scores = read_scores(storage, category, iteration, len(rows))
     people_now = (after.decided_by[rows] == BY_HUMAN) & (after.decided_iteration[rows] == iteration)
     rows, scores = rows[~people_now], scores[~people_now]
     cal = storage.read_table(storage.path(calibration_set_key(category, iteration)))
-    carried = int((cal.column("from_iteration").to_numpy() != iteration).sum())
-    new = choose_thresholds(
+    new = thresholds_for(
+        params,
+        iteration,
         cal.column("score").to_numpy(zero_copy_only=False),
         cal.column("p_positive").to_numpy(zero_copy_only=False),
-        target_precision=params.target_precision,
-        target_false_omission=params.target_false_omission,
-        confidence=params.threshold_confidence(iteration),
-        min_region=params.min_region,
-        n_carried=carried,
-        scan=params.threshold_scan,
-        start_share=params.start_share,
-        positive_start_errors=params.positive_start_errors,
+        n_carried=int((cal.column("from_iteration").to_numpy() != iteration).sum()),
     )
     run = thresholds_from_dict(storage.read_json(calibration))
-    run_pos, run_neg = decided(scores, run)
-    pos, neg = decided(scores, new)
+    run_pos, run_neg = beyond_thresholds(scores, run)
+    pos, neg = beyond_thresholds(scores, new)
     precision = false_omission = None
     if truth is not None:
         precision = float(truth[rows[pos]].mean()) if pos.any() else None
@@ -120,18 +102,11 @@ def replay(
             f"no calibrated iteration of {category!r} under {storage.url}: replay reads a run's stored thresholds;"
             " run the cascade first (lsun-hitl run or simulate)"
         )
-    by_row = None
-    if truth is not None:
-        uris = read_pool(storage, columns=["uri"]).column("uri").to_pylist()
-        by_row = np.array([truth.get(u, False) for u in uris], bool)
+    by_row = None if truth is None else per_row(truth, read_pool(storage, columns=["uri"]).column("uri").to_pylist())
     return [replay_iteration(storage, category, k, params, by_row) for k in done]
 
 
-def _threshold(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _rate(value: float | None) -> str:
+def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
@@ -144,8 +119,8 @@ def table(rows: Sequence[Replayed]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.iteration} | {r.open:,} | {_threshold(r.run.positive)} / {_threshold(r.run.negative)} |"
-            f" {r.run_positive:,} / {r.run_negative:,} | {_threshold(r.new.positive)} / {_threshold(r.new.negative)} |"
-            f" {r.positive:,} / {r.negative:,} | {_rate(r.precision)} | {_rate(r.false_omission)} |"
+            f"| {r.iteration} | {r.open:,} | {_cell(r.run.positive)} / {_cell(r.run.negative)} |"
+            f" {r.run_positive:,} / {r.run_negative:,} | {_cell(r.new.positive)} / {_cell(r.new.negative)} |"
+            f" {r.positive:,} / {r.negative:,} | {_cell(r.precision)} | {_cell(r.false_omission)} |"
         )
     return "\n".join(lines)

@@ -57,6 +57,22 @@ def apply_human_labels(
     state.human_role[index] = role
 
 
+def beyond_thresholds(scores: np.ndarray, thresholds: Thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """Masks of the ``scores`` at or beyond the positive and the negative threshold (NaN scores in neither).
+
+    A score past both (thresholds that cross) counts as positive only.
+    """
+    scores = np.asarray(scores, np.float32)
+    finite = np.isfinite(scores)
+    pos = np.zeros(len(scores), bool)
+    neg = np.zeros(len(scores), bool)
+    if thresholds.positive is not None:
+        pos = finite & (scores >= thresholds.positive)
+    if thresholds.negative is not None:
+        neg = finite & (scores <= thresholds.negative) & ~pos
+    return pos, neg
+
+
 def apply_thresholds(
     state: CascadeState, index: np.ndarray, scores: np.ndarray, thresholds: Thresholds, iteration: int
 ) -> tuple[int, int]:
@@ -68,13 +84,8 @@ def apply_thresholds(
     scores = np.asarray(scores, np.float32)
     state.score[index] = scores
     open_ = state.state[index] == UNLABELED
-    finite = np.isfinite(scores)
-    pos = np.zeros(len(index), bool)
-    neg = np.zeros(len(index), bool)
-    if thresholds.positive is not None:
-        pos = open_ & finite & (scores >= thresholds.positive)
-    if thresholds.negative is not None:
-        neg = open_ & finite & (scores <= thresholds.negative) & ~pos
+    pos, neg = beyond_thresholds(scores, thresholds)
+    pos, neg = open_ & pos, open_ & neg
     for mask, code in ((pos, POSITIVE), (neg, NEGATIVE)):
         rows = index[mask]
         state.state[rows] = code

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -215,6 +216,11 @@ def read_truth(storage: Storage, category: str) -> dict[str, bool]:
             "register a table or a class-folder tree with `lsun-hitl truth --table FILE` or `--folder DIR`"
         )
     return truth
+
+
+def per_row(truth: dict[str, bool], uris: list[str]) -> np.ndarray:
+    """``truth`` (``read_truth``'s) as a bool array over ``uris``; a URI it lacks counts as a negative."""
+    return np.array([truth.get(u, False) for u in uris], bool)
 
 
 def gold_from_truth(storage: Storage, category: str, n: int = 100, seed: int = 0) -> pa.Table:

@@ -65,22 +65,30 @@ def _calibrate(storage: Storage, category: str, params: CascadeParams, iteration
         storage, category, params, iteration, state, drawn, all_scores[np.searchsorted(rows, drawn.calibration)]
     )
     storage.write_table(storage.path(calibration_set_key(category, iteration)), cal.table(state.image_id))
-    thresholds = choose_thresholds(
-        cal.scores,
-        cal.p_positive,
-        target_precision=params.target_precision,
-        target_false_omission=params.target_false_omission,
-        confidence=params.threshold_confidence(iteration),
-        min_region=params.min_region,
-        n_carried=cal.n_carried,
-        scan=params.threshold_scan,
-        start_share=params.start_share,
-        positive_start_errors=params.positive_start_errors,
-    )
+    thresholds = thresholds_for(params, iteration, cal.scores, cal.p_positive, cal.n_carried)
     thresholds = replace(thresholds, n_rechecked=recheck_size(storage, category, request_id_for(iteration)))
     png = report.score_histogram(category, iteration, all_scores, cal.scores, cal.p_positive, thresholds)
     storage.write_bytes(storage.path(report_key(category, f"scores-iteration={iteration}.png")), png)
     return thresholds
+
+
+def thresholds_for(
+    params: CascadeParams, iteration: int, scores: np.ndarray, p_positive: np.ndarray, n_carried: int = 0
+) -> Thresholds:
+    """``iteration``'s thresholds from calibration ``scores`` and people's ``p_positive`` under ``params``'
+    threshold settings (``config.THRESHOLD_SETTINGS``)."""
+    return choose_thresholds(
+        scores,
+        p_positive,
+        target_precision=params.target_precision,
+        target_false_omission=params.target_false_omission,
+        confidence=params.threshold_confidence(iteration),
+        min_region=params.min_region,
+        n_carried=n_carried,
+        scan=params.threshold_scan,
+        start_share=params.start_share,
+        positive_start_errors=params.positive_start_errors,
+    )
 
 
 def _calibration_set(
