@@ -100,6 +100,36 @@ def add_baselines(
     return images
 
 
+PARAMS_KEY = "reports/{category}/evaluate-params.json"  # the settings a run was started with (--resume checks them)
+
+
+def resumable(storage: Storage, category: str, params: CascadeParams) -> bool:
+    """Whether ``category``'s stored run under ``storage`` can go on with ``params``: it was started with them.
+
+    A stored run with other settings (or none recorded) is started over, with a line saying so.
+    """
+    path = storage.path(PARAMS_KEY.format(category=category))
+    if not storage.exists(path):
+        print(f"   no settings are recorded for a stored {category} run: starting it over", flush=True)
+        return False
+    stored, now = storage.read_json(path), json.loads(json.dumps(params.to_dict()))
+    if stored != now:
+        changed = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+        print(f"   the stored {category} run has other settings ({', '.join(changed)}): starting it over", flush=True)
+        return False
+    print(f"   going on with the stored {category} run", flush=True)
+    return True
+
+
+def step_seconds(storage: Storage, category: str) -> float:
+    """Seconds of every recorded step of ``category``'s run (``reports/<c>/steps/``): its compute across all the
+    processes that ran it, where ``wall_s`` is the last process's."""
+    root = storage.path("reports", category, "steps")
+    if not storage.exists(root):
+        return 0.0
+    return float(sum(storage.read_json(f).get("seconds", 0.0) for f in storage.fs.glob(f"{root}/*/*.json")))
+
+
 # The harness's own defaults, where they differ from the product's (docs/evaluation/README.md says why):
 # a small convnet at 32 px suits Fashion-MNIST's 28 px images; nobody is there to answer the cascade's
 # question about a large remainder, so it goes to people; --limit pools are small on purpose.
@@ -152,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrain-sample", type=int, default=50_000, help="pool images pretraining learns from")
     ap.add_argument(
         "--report-only", action="store_true", help="rewrite results.md and the plot from --out's results.json"
+    )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on with a category's stored run under --root (one an interrupted session left) instead of"
+        " starting it over, when it was started with the same settings; its steps skip what is stored",
     )
     args = ap.parse_args(argv)
     if args.report_only:
@@ -213,9 +249,12 @@ def main(argv: list[str] | None = None) -> int:
             if (category, seed) in done:
                 continue
             print(f"== {category} seed {seed}", flush=True)
-            # a new run, not the continuation of one a different --out (or an interrupted session) left behind
-            clear_category(storage, category)
+            if not (args.resume and resumable(storage, category, params)):
+                # a new run, not the continuation of one a different --out (or an interrupted session) left behind
+                clear_category(storage, category)
+                storage.write_json(storage.path(PARAMS_KEY.format(category=category)), params.to_dict())
             row = run_one(storage, category, params, crowd, run_with_crowd)
+            row["cascade"]["step_seconds"] = step_seconds(storage, category)
             copy_plots(storage, category, seed, out / "plots")
             if not args.no_baselines:
                 images = add_baselines(row, storage, data, ids, uris, images, crowd, params.model, args)
