@@ -110,7 +110,8 @@ def resumable(storage: Storage, category: str, params: CascadeParams) -> bool:
     """
     path = storage.path(PARAMS_KEY.format(category=category))
     if not storage.exists(path):
-        print(f"   no settings are recorded for a stored {category} run: starting it over", flush=True)
+        if storage.exists(storage.path("manifests", category)):
+            print(f"   no settings are recorded for the stored {category} run: starting it over", flush=True)
         return False
     stored, now = storage.read_json(path), json.loads(json.dumps(params.to_dict()))
     if stored != now:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,17 +46,60 @@ def draw_sample(
         its own draw, so runs of different categories are independent samples (of the calibration bounds too).
     """
     n = len(unlabeled)
-    cap = int(max_fraction * n)
-    n_cal = min(n_calibration, cap)
-    n_tr = min(n_train, cap)
-    if budget_left is not None:
-        n_cal = min(n_cal, max(budget_left, 0))
-        n_tr = min(n_tr, max(budget_left - n_cal, 0))
+    n_tr, n_cal = sample_sizes(
+        n, n_train=n_train, n_calibration=n_calibration, max_fraction=max_fraction, budget_left=budget_left
+    )
     rng = np.random.default_rng([seed, iteration, _category_stream(category)])
     chosen = rng.choice(n, n_cal + n_tr, replace=False, shuffle=True)  # O(sample), not O(pool)
     cal = np.sort(unlabeled[chosen[:n_cal]])
     train = np.sort(unlabeled[chosen[n_cal:]])
     return Sample(train=train, calibration=cal)
+
+
+def sample_sizes(
+    n_unlabeled: int, *, n_train: int, n_calibration: int, max_fraction: float, budget_left: int | None = None
+) -> tuple[int, int]:
+    """``(n_train, n_calibration)`` drawn from ``n_unlabeled`` images: each capped at ``max_fraction`` of them,
+    both together at ``budget_left`` (calibration kept whole first: thresholds without it are worthless)."""
+    cap = int(max_fraction * n_unlabeled)
+    n_cal = min(n_calibration, cap)
+    n_tr = min(n_train, cap)
+    if budget_left is not None:
+        n_cal = min(n_cal, max(budget_left, 0))
+        n_tr = min(n_tr, max(budget_left - n_cal, 0))
+    return n_tr, n_cal
+
+
+def draw_sample_partitioned(
+    parts: Sequence[np.ndarray],
+    *,
+    n_train: int,
+    n_calibration: int,
+    max_fraction: float,
+    seed: int,
+    iteration: int,
+    budget_left: int | None = None,
+    category: str = "",
+) -> Sample:
+    """``draw_sample``'s sizes, drawn by bottom-k over partitions (``lsun_hitl.partitions``).
+
+    Parameters
+    ----------
+    parts : sequence of arrays of int
+        Each partition's still-unlabeled global pool rows. Any grouping of the same rows gives the same
+        sample, so results do not depend on the partition count.
+
+    The ``n_calibration`` rows with the smallest keys are the calibration sample, the next ``n_train`` the
+    training sample: both uniform without replacement and disjoint.
+    """
+    from .partitions import draw_bottom_k
+
+    n = int(sum(len(p) for p in parts))
+    n_tr, n_cal = sample_sizes(
+        n, n_train=n_train, n_calibration=n_calibration, max_fraction=max_fraction, budget_left=budget_left
+    )
+    rows, _ = draw_bottom_k(parts, n_cal + n_tr, seed=seed, iteration=iteration, category=category)
+    return Sample(train=np.sort(rows[n_cal:]), calibration=np.sort(rows[:n_cal]))
 
 
 def _category_stream(category: str) -> int:

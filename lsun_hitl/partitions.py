@@ -1,0 +1,172 @@
+"""Partitions of a pool, the sample drawn over them, and tables written as committed sets of part files.
+
+The building blocks of manifests past one process's memory (100M images): each step maps over partitions on
+the cluster and the flow process keeps only small reductions. Three rules make the results the same whatever the
+partition count:
+
+- **Partitions are contiguous ranges of the pool's rows.** The pool is sorted by ``image_id``; partition ``p`` of
+  ``P`` holds rows ``[p * n // P, (p + 1) * n // P)``, so partitions ``0 .. P-1`` in order are the pool in its
+  order, and a row's global index (its position in the pool) does not depend on ``P``.
+- **The sample is bottom-k of a keyed hash of that global index** (``sample_keys``): each row gets a 64-bit key
+  from ``(seed, iteration, category, row)``; the ``k`` unlabeled rows with the smallest keys are a uniform sample
+  without replacement. Each partition returns its own ``k`` smallest and the reduce keeps the ``k`` smallest of
+  those, which are the ``k`` smallest of the whole pool.
+- **A partitioned table is visible only when committed** (``commit``): its parts are written under a fresh
+  ``attempt=<id>/`` folder, then one small file, ``_committed.json``, names the attempt and its parts. Readers
+  (``committed_files``, ``read_dataset``) read only what it names, so they see the previous commit or the new one
+  whole, never a mix; an attempt that died before its commit is ignored and removed by the next commit.
+"""
+
+from __future__ import annotations
+
+import uuid
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from .storage import Storage
+
+COMMIT_FILE = "_committed.json"
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class Partitioning:
+    """``n_partitions`` contiguous row ranges over a pool of ``n_rows`` rows (see the module's docstring)."""
+
+    n_rows: int
+    n_partitions: int
+
+    def __post_init__(self) -> None:
+        if self.n_partitions < 1:
+            raise ValueError(f"n_partitions must be at least 1, got {self.n_partitions}")
+
+    @property
+    def starts(self) -> np.ndarray:
+        """First global row of each partition, and ``n_rows`` at the end (``n_partitions + 1`` values)."""
+        return np.arange(self.n_partitions + 1, dtype=np.int64) * self.n_rows // self.n_partitions
+
+    def rows(self, p: int) -> tuple[int, int]:
+        """``(start, stop)``: the global rows of partition ``p``."""
+        s = self.starts
+        return int(s[p]), int(s[p + 1])
+
+    def of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The partition of each global row index in ``rows``."""
+        return np.searchsorted(self.starts, np.asarray(rows, np.int64), side="right") - 1
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer over uint64 arrays: a bijective mix whose outputs pass BigCrush as a counter hash."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return x ^ (x >> np.uint64(31))
+
+
+def sample_keys(rows: np.ndarray, *, seed: int, iteration: int, category: str) -> np.ndarray:
+    """Parameters
+    ----------
+    rows : array of int, shape (n,)
+        Global pool row indices.
+    seed, iteration, category
+        What the draw is a function of; every (seed, iteration, category) is its own independent stream.
+
+    Returns
+    -------
+    keys : array of uint64, shape (n,)
+        One pseudo-random key per row, a pure function of the row and the stream.
+    """
+    stream = _splitmix64(np.array([seed & 0xFFFFFFFF], np.uint64))[0]
+    stream = _splitmix64(np.array([stream ^ np.uint64(iteration & 0xFFFFFFFF)], np.uint64))[0]
+    stream = _splitmix64(np.array([stream ^ np.uint64(zlib.crc32(category.encode()))], np.uint64))[0]
+    return _splitmix64(np.asarray(rows, np.int64).astype(np.uint64) ^ stream)
+
+
+def bottom_k(rows: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` rows with the smallest keys, in key order: ``(rows, keys)``.
+
+    ``sample_keys`` gives distinct rows distinct keys (an injective mix of the row), so the result is unique.
+
+    The map of a partitioned draw (each partition's unlabeled rows) and its reduce (the concatenated results),
+    in O(n) time: ``np.argpartition``, then a sort of the ``k`` kept.
+    """
+    rows, keys = np.asarray(rows, np.int64), np.asarray(keys, np.uint64)
+    k = max(0, min(int(k), len(rows)))
+    if k < len(rows):
+        keep = np.argpartition(keys, k - 1)[:k] if k else np.zeros(0, np.int64)
+        rows, keys = rows[keep], keys[keep]
+    order = np.argsort(keys, kind="stable")
+    return rows[order], keys[order]
+
+
+def draw_bottom_k(
+    parts: Sequence[np.ndarray], k: int, *, seed: int, iteration: int, category: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bottom-k over ``parts`` (each an array of global unlabeled rows, in any grouping): map, then reduce.
+
+    Returns the ``k`` rows with the smallest keys in key order and their keys; the same for any grouping of
+    the same rows (``tests/test_partitions.py``). On a cluster each part's ``bottom_k`` runs where the part is.
+    """
+    mapped = [bottom_k(r, sample_keys(r, seed=seed, iteration=iteration, category=category), k) for r in parts]
+    if not mapped:
+        return np.zeros(0, np.int64), np.zeros(0, np.uint64)
+    return bottom_k(np.concatenate([m[0] for m in mapped]), np.concatenate([m[1] for m in mapped]), k)
+
+
+# -- committed sets of part files -------------------------------------------------------------------------
+
+
+def new_attempt() -> str:
+    """A fresh attempt id: parts of two writers (a retried task, a second flow) never share a folder."""
+    return uuid.uuid4().hex[:12]
+
+
+def part_key(directory: str, attempt: str, part: int) -> str:
+    return f"{directory}/attempt={attempt}/part-{part:05d}.parquet"
+
+
+def write_part(storage: Storage, directory: str, attempt: str, part: int, table: pa.Table) -> str:
+    """Write one part of an attempt (atomically, as every storage write); return its key. Runs on workers."""
+    key = part_key(directory, attempt, part)
+    storage.write_table(storage.path(key), table, row_group_size=256 * 1024)
+    return key
+
+
+def commit(storage: Storage, directory: str, attempt: str, n_parts: int, rows: int) -> None:
+    """Make ``attempt``'s ``n_parts`` parts the table at ``directory``, then remove every other attempt.
+
+    Raises ``FileNotFoundError`` naming the missing part if the attempt is incomplete: nothing is committed
+    then. The commit is one atomic write of ``_committed.json``; committing the same attempt again is a no-op.
+    """
+    parts = [part_key(directory, attempt, p) for p in range(n_parts)]
+    missing = [k for k in parts if not storage.exists(storage.path(k))]
+    if missing:
+        raise FileNotFoundError(f"cannot commit {directory}: part {missing[0]} of attempt {attempt} is missing")
+    record = {"attempt": attempt, "parts": [k.removeprefix(directory + "/") for k in parts], "rows": int(rows)}
+    storage.write_json(storage.path(directory, COMMIT_FILE), record)
+    for stale in storage.glob(storage.path(directory, "attempt=*")):
+        if not stale.rstrip("/").endswith(f"attempt={attempt}"):
+            storage.fs.rm(stale, recursive=True)
+
+
+def committed_files(storage: Storage, directory: str) -> list[str] | None:
+    """The committed part files of ``directory`` (storage paths, in part order), or None if nothing is committed."""
+    path = storage.path(directory, COMMIT_FILE)
+    if not storage.exists(path):
+        return None
+    return [storage.path(directory, name) for name in storage.read_json(path)["parts"]]
+
+
+def read_dataset(storage: Storage, directory: str) -> ds.Dataset:
+    """The committed table at ``directory`` as one ``pyarrow.dataset`` (parts in order); raises
+    ``FileNotFoundError`` if nothing is committed there."""
+    files = committed_files(storage, directory)
+    if files is None:
+        raise FileNotFoundError(f"no committed table at {storage.url_of(directory)} (no {COMMIT_FILE})")
+    return ds.dataset(files, format="parquet", filesystem=storage.fs)
