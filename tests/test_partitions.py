@@ -119,3 +119,100 @@ def test_a_partitioned_table_is_seen_whole_on_local_disk_and_by_duckdb(tmp_path)
 def test_a_partitioned_table_is_seen_whole_on_s3(s3_bucket):
     url, options = s3_bucket
     check_committed_table_is_seen_whole(Storage(url, options))
+
+
+# -- the manifest in parts --------------------------------------------------------------------------------
+
+POOL = 10_000
+
+
+def make_pool(root) -> Storage:
+    from lsun_hitl.ingest import POOL as POOL_KEY
+
+    storage = Storage(str(root))
+    ids = sorted(f"{i:032x}" for i in np.random.default_rng(0).choice(2**60, POOL, replace=False))
+    storage.write_table(storage.path(POOL_KEY), pa.table({"image_id": ids, "uri": [f"file:///x/{i}" for i in ids]}))
+    return storage
+
+
+def updates(n_iterations: int = 3) -> tuple[list, object]:
+    """Three iterations' samples (bottom-k), people's answers and model scores, by global row, made by replaying
+    them on the whole state: what the flow process would hold."""
+    from lsun_hitl.calibration import Thresholds
+    from lsun_hitl.manifest import ROLE_CALIBRATION, ROLE_TRAIN, CascadeState
+    from lsun_hitl.manifest_parts import IterationUpdate
+    from lsun_hitl.split import apply_human_labels, apply_thresholds
+
+    rng = np.random.default_rng(5)
+    state = CascadeState.initial(pa.array([f"{i}" for i in range(POOL)]))
+    out = []
+    for it in range(1, n_iterations + 1):
+        s = draw_sample_partitioned(
+            [state.unlabeled_index()], n_train=300, n_calibration=400, max_fraction=0.5, seed=1, iteration=it
+        )
+        train_p, cal_p = rng.random(len(s.train)).astype(np.float32), rng.random(len(s.calibration)).astype(np.float32)
+        apply_human_labels(state, s.train, train_p, ROLE_TRAIN, it)
+        apply_human_labels(state, s.calibration, cal_p, ROLE_CALIBRATION, it)
+        scored = state.unlabeled_index()
+        scores = rng.random(len(scored)).astype(np.float32)
+        scores[::97] = np.nan  # unreadable images stay unlabeled
+        thresholds = Thresholds(0.97, 0.05 * it, None, None, 400, 0, 0, 0.95)
+        apply_thresholds(state, scored, scores, thresholds, it)
+        out.append(IterationUpdate(it, s.train, train_p, s.calibration, cal_p, scored, scores, thresholds))
+    return out, state
+
+
+def run_parts(storage: Storage, client, n_partitions: int, its: list, layout_today: bool = False) -> list[dict]:
+    """Iteration 0 and ``its`` on the cluster, one task per part, each committed by the coordinator."""
+    from lsun_hitl.manifest import CascadeState, write_manifest
+    from lsun_hitl.manifest_parts import advance_part, initial_part, manifest_dir, sum_counts
+
+    part = Partitioning(POOL, n_partitions)
+    if layout_today:  # iteration 0 as today's single file: read as one partition, sliced
+        from lsun_hitl.ingest import read_pool
+
+        write_manifest(storage, "shirt", 0, CascadeState.initial(read_pool(storage).column("image_id")))
+    else:
+        attempt = new_attempt()
+        client.gather([client.submit(initial_part, storage, "shirt", part, p, attempt) for p in range(n_partitions)])
+        commit(storage, manifest_dir("shirt", 0), attempt, n_partitions, POOL)
+    totals = []
+    for u in its:
+        attempt = new_attempt()
+        futures = [client.submit(advance_part, storage, "shirt", part, p, u, attempt) for p in range(n_partitions)]
+        counts = sum_counts(client.gather(futures))
+        commit(storage, manifest_dir("shirt", u.iteration), attempt, n_partitions, POOL)
+        totals.append(counts)
+    return totals
+
+
+def test_the_manifest_in_1_4_and_64_parts_on_dask_is_the_same_and_today_s_layout_still_opens(tmp_path, dask_cluster):
+    from lsun_hitl.manifest_parts import read_whole
+
+    its, whole = updates()
+    tables, counts = {}, {}
+    for n_partitions in (1, 4, 64):
+        storage = make_pool(tmp_path / f"p{n_partitions}")
+        counts[n_partitions] = run_parts(storage, dask_cluster, n_partitions, its)
+        tables[n_partitions] = [read_whole(storage, "shirt", it).to_table() for it in range(4)]
+    for n_partitions in (4, 64):
+        assert counts[n_partitions] == counts[1]
+        assert all(a.equals(b) for a, b in zip(tables[n_partitions], tables[1], strict=True))
+    # and the same as today's path, the whole state advanced in the flow process
+    final = read_whole(Storage(str(tmp_path / "p1")), "shirt", 3)
+    for name in ("state", "decided_iteration", "decided_by", "human_role", "score", "p_positive"):
+        assert np.array_equal(getattr(final, name), getattr(whole, name), equal_nan=True), name
+    last = counts[1][-1]
+    assert last["human"] == 3 * 700 and last["model_positive"] > 0 and last["model_negative"] > 0
+    assert last["unlabeled"] + last["positive"] + last["negative"] == POOL
+    # through DuckDB over the committed parts, as one table
+    from lsun_hitl.partitions import committed_files
+
+    storage = Storage(str(tmp_path / "p64"))
+    files = committed_files(storage, "manifests/shirt/iteration=3")
+    got = duckdb.sql(f"select state, count(*) from read_parquet({files!r}) group by state order by state").fetchall()
+    assert dict(got) == {"negative": last["negative"], "positive": last["positive"], "unlabeled": last["unlabeled"]}
+    # an existing root in today's layout (one manifest.parquet) is read as one partition and goes on in parts
+    today = make_pool(tmp_path / "today")
+    assert run_parts(today, dask_cluster, 4, its, layout_today=True) == counts[1]
+    assert read_whole(today, "shirt", 3).to_table().equals(tables[1][3])

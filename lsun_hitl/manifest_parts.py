@@ -1,0 +1,136 @@
+"""A category's manifest in partitions: each iteration a committed set of part files, advanced part by part.
+
+Layout (``lsun_hitl.partitions`` for the rules): ``manifests/<category>/iteration=<k>/_committed.json`` names
+``attempt=<id>/part-<p>.parquet``, one part per partition of the pool's rows, in pool order, with
+``lsun_hitl.manifest``'s columns. Read as one table with ``pyarrow.dataset`` or DuckDB over the files it names.
+Today's layout, one ``manifest.parquet`` per iteration, still opens: ``read_part`` slices it as if it were
+partitioned (see ``tests/test_partitions.py``).
+
+``advance_part`` is one partition's share of an iteration, run where the part is (a Dask worker): read the
+previous iteration's part, record people's labels and the model's decisions for rows in its range, check that
+no decision flipped, write the new part. It returns the part's counts, so the flow process (the coordinator)
+keeps only the samples, the thresholds and the counts, and commits the iteration once every part is written.
+The result is the same for any partition count: each row's new state depends only on its own inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .calibration import Thresholds
+from .manifest import ROLE_CALIBRATION, ROLE_TRAIN, CascadeState, check_transition, read_manifest
+from .partitions import Partitioning, committed_files, write_part
+from .split import apply_human_labels, apply_thresholds
+from .storage import Storage, manifest_key
+
+
+def manifest_dir(category: str, iteration: int) -> str:
+    return f"manifests/{category}/iteration={iteration}"
+
+
+@dataclass(frozen=True)
+class IterationUpdate:
+    """What an iteration changes, by global pool row: small, held by the flow process and sent to each part.
+
+    ``scored_rows`` / ``scores``: the candidates the model scored (at 100M these come from the scoring step's
+    own parts, read per partition; here they are passed whole).
+    """
+
+    iteration: int
+    train: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    train_p: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    calibration: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    calibration_p: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    scored_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    thresholds: Thresholds | None = None  # None: the model decides nothing this iteration (scores are recorded)
+
+
+# thresholds that decide nothing: what an iteration whose bounds all failed applies
+NO_DECISION = Thresholds(
+    None, None, None, None, n_calibration=0, n_positive_region=0, n_negative_region=0, confidence=0
+)
+
+
+def read_part(storage: Storage, category: str, iteration: int, partitioning: Partitioning, p: int) -> CascadeState:
+    """Partition ``p`` of ``iteration``'s manifest: a committed part, or rows of today's one-file manifest."""
+    files = committed_files(storage, manifest_dir(category, iteration))
+    start, stop = partitioning.rows(p)
+    if files is None:  # today's layout: one file, read as one partition and sliced
+        whole = storage.read_table(storage.path(manifest_key(category, iteration)))
+        return CascadeState.from_table(whole.slice(start, stop - start))
+    if len(files) != partitioning.n_partitions:
+        raise ValueError(
+            f"the manifest of {category} iteration {iteration} has {len(files)} parts, not {partitioning.n_partitions}"
+        )
+    state = CascadeState.from_table(storage.read_table(files[p]))
+    if len(state) != stop - start:
+        raise ValueError(f"part {p} of {category} iteration {iteration} has {len(state)} rows, not {stop - start}")
+    return state
+
+
+def _local(rows: np.ndarray, values: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """The entries of ``rows`` in ``[start, stop)`` as part-local indices, with their ``values``."""
+    rows = np.asarray(rows, np.int64)
+    inside = (rows >= start) & (rows < stop)
+    return rows[inside] - start, np.asarray(values)[inside]
+
+
+def advance_part(
+    storage: Storage,
+    category: str,
+    partitioning: Partitioning,
+    p: int,
+    update: IterationUpdate,
+    attempt: str,
+) -> dict[str, int]:
+    """Write partition ``p`` of ``update.iteration``'s manifest from the previous iteration's; its counts.
+
+    Returns ``{"unlabeled", "positive", "negative", "human", "model_positive", "model_negative"}`` of the part.
+    """
+    start, stop = partitioning.rows(p)
+    before = read_part(storage, category, update.iteration - 1, partitioning, p)
+    after = before.copy()
+    for rows, values, role in (
+        (update.train, update.train_p, ROLE_TRAIN),
+        (update.calibration, update.calibration_p, ROLE_CALIBRATION),
+    ):
+        index, p_positive = _local(rows, values, start, stop)
+        apply_human_labels(after, index, p_positive, role, update.iteration)
+    index, scores = _local(update.scored_rows, update.scores, start, stop)
+    model_pos, model_neg = apply_thresholds(after, index, scores, update.thresholds or NO_DECISION, update.iteration)
+    check_transition(before, after)
+    write_part(storage, manifest_dir(category, update.iteration), attempt, p, after.to_table())
+    return {**after.counts(), "human": after.human_labeled(), "model_positive": model_pos, "model_negative": model_neg}
+
+
+def initial_part(storage: Storage, category: str, partitioning: Partitioning, p: int, attempt: str) -> dict[str, int]:
+    """Write partition ``p`` of iteration 0 (every image unlabeled) from the pool's image ids; its counts.
+
+    Reads the pool's ``image_id`` column and slices it: one column, but the whole of it on every part (a
+    partitioned pool is what removes that).
+    """
+    from .ingest import read_pool
+
+    start, stop = partitioning.rows(p)
+    ids = read_pool(storage, columns=["image_id"]).column("image_id").slice(start, stop - start).combine_chunks()
+    state = CascadeState.initial(ids)
+    write_part(storage, manifest_dir(category, 0), attempt, p, state.to_table())
+    return {**state.counts(), "human": 0, "model_positive": 0, "model_negative": 0}
+
+
+def read_whole(storage: Storage, category: str, iteration: int) -> CascadeState:
+    """The whole manifest of ``iteration`` in either layout (for tests and small pools: it holds every row)."""
+    files = committed_files(storage, manifest_dir(category, iteration))
+    if files is None:
+        return read_manifest(storage, category, iteration)
+    import pyarrow as pa
+
+    return CascadeState.from_table(pa.concat_tables([storage.read_table(f) for f in files]))
+
+
+def sum_counts(parts: list[dict[str, int]]) -> dict[str, int]:
+    """The reduce of ``advance_part``'s counts."""
+    return {k: int(sum(c[k] for c in parts)) for k in parts[0]} if parts else {}
