@@ -18,10 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from .calibration import Thresholds
 from .manifest import ROLE_CALIBRATION, ROLE_TRAIN, CascadeState, check_transition, read_manifest
-from .partitions import Partitioning, committed_files, write_part
+from .partitions import Partitioning, bottom_k, committed_files, sample_keys, write_part
 from .split import apply_human_labels, apply_thresholds
 from .storage import Storage, manifest_key
 
@@ -46,6 +48,7 @@ class IterationUpdate:
     scored_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     thresholds: Thresholds | None = None  # None: the model decides nothing this iteration (scores are recorded)
+    scores_dir: str | None = None  # instead of scored_rows / scores: committed parts (row, score), one a partition
 
 
 # thresholds that decide nothing: what an iteration whose bounds all failed applies
@@ -69,6 +72,23 @@ def read_part(storage: Storage, category: str, iteration: int, partitioning: Par
     if len(state) != stop - start:
         raise ValueError(f"part {p} of {category} iteration {iteration} has {len(state)} rows, not {stop - start}")
     return state
+
+
+def sample_part(
+    storage: Storage, category: str, iteration: int, partitioning: Partitioning, p: int, k: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The map of ``iteration``'s sample: partition ``p``'s ``k`` unlabeled rows (global) with the smallest
+    keys after ``iteration - 1``, and their keys; ``partitions.bottom_k`` of the concatenation is the sample."""
+    start, stop = partitioning.rows(p)
+    files = committed_files(storage, manifest_dir(category, iteration - 1))
+    if files is None:  # today's layout
+        column = storage.read_table(storage.path(manifest_key(category, iteration - 1)), columns=["state"])
+        column = column.slice(start, stop - start)
+    else:
+        column = storage.read_table(files[p], columns=["state"])  # one column: the sample needs no other
+    open_ = pc.equal(column.column("state").cast(pa.string()), "unlabeled").to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(open_).astype(np.int64) + start
+    return bottom_k(rows, sample_keys(rows, seed=seed, iteration=iteration, category=category), k)
 
 
 def _local(rows: np.ndarray, values: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +119,11 @@ def advance_part(
     ):
         index, p_positive = _local(rows, values, start, stop)
         apply_human_labels(after, index, p_positive, role, update.iteration)
-    index, scores = _local(update.scored_rows, update.scores, start, stop)
+    if update.scores_dir is None:
+        index, scores = _local(update.scored_rows, update.scores, start, stop)
+    else:
+        part = storage.read_table(committed_files(storage, update.scores_dir)[p], columns=["row", "score"])
+        index, scores = _local(part.column("row").to_numpy(), part.column("score").to_numpy(), start, stop)
     model_pos, model_neg = apply_thresholds(after, index, scores, update.thresholds or NO_DECISION, update.iteration)
     check_transition(before, after)
     write_part(storage, manifest_dir(category, update.iteration), attempt, p, after.to_table())
@@ -126,8 +150,6 @@ def read_whole(storage: Storage, category: str, iteration: int) -> CascadeState:
     files = committed_files(storage, manifest_dir(category, iteration))
     if files is None:
         return read_manifest(storage, category, iteration)
-    import pyarrow as pa
-
     return CascadeState.from_table(pa.concat_tables([storage.read_table(f) for f in files]))
 
 

@@ -148,7 +148,13 @@ def updates(n_iterations: int = 3) -> tuple[list, object]:
     out = []
     for it in range(1, n_iterations + 1):
         s = draw_sample_partitioned(
-            [state.unlabeled_index()], n_train=300, n_calibration=400, max_fraction=0.5, seed=1, iteration=it
+            [state.unlabeled_index()],
+            n_train=300,
+            n_calibration=400,
+            max_fraction=0.5,
+            seed=1,
+            iteration=it,
+            category="shirt",
         )
         train_p, cal_p = rng.random(len(s.train)).astype(np.float32), rng.random(len(s.calibration)).astype(np.float32)
         apply_human_labels(state, s.train, train_p, ROLE_TRAIN, it)
@@ -165,7 +171,8 @@ def updates(n_iterations: int = 3) -> tuple[list, object]:
 def run_parts(storage: Storage, client, n_partitions: int, its: list, layout_today: bool = False) -> list[dict]:
     """Iteration 0 and ``its`` on the cluster, one task per part, each committed by the coordinator."""
     from lsun_hitl.manifest import CascadeState, write_manifest
-    from lsun_hitl.manifest_parts import advance_part, initial_part, manifest_dir, sum_counts
+    from lsun_hitl.manifest_parts import advance_part, initial_part, manifest_dir, sample_part, sum_counts
+    from lsun_hitl.partitions import bottom_k
 
     part = Partitioning(POOL, n_partitions)
     if layout_today:  # iteration 0 as today's single file: read as one partition, sliced
@@ -178,6 +185,12 @@ def run_parts(storage: Storage, client, n_partitions: int, its: list, layout_tod
         commit(storage, manifest_dir("shirt", 0), attempt, n_partitions, POOL)
     totals = []
     for u in its:
+        # the sample as a map over the parts (each its bottom-k) and a reduce: the one the flow process drew
+        mapped = client.gather(
+            [client.submit(sample_part, storage, "shirt", u.iteration, part, p, 700, 1) for p in range(n_partitions)]
+        )
+        drawn, _ = bottom_k(np.concatenate([m[0] for m in mapped]), np.concatenate([m[1] for m in mapped]), 700)
+        assert np.array_equal(np.sort(drawn[:400]), u.calibration) and np.array_equal(np.sort(drawn[400:]), u.train)
         attempt = new_attempt()
         futures = [client.submit(advance_part, storage, "shirt", part, p, u, attempt) for p in range(n_partitions)]
         counts = sum_counts(client.gather(futures))
