@@ -17,6 +17,7 @@ records the command that produced it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -103,32 +104,49 @@ def add_baselines(
 PARAMS_KEY = "reports/{category}/evaluate-params.json"  # the settings a run was started with (--resume checks them)
 
 
-def resumable(storage: Storage, category: str, params: CascadeParams) -> bool:
-    """Whether ``category``'s stored run under ``storage`` can go on with ``params``: it was started with them.
+def run_settings(params: CascadeParams, crowd: CrowdParams, data: Storage) -> dict:
+    """What a run's results depend on besides the code: its cascade settings, its simulated crowd and its pool."""
+    return json.loads(json.dumps({"params": params.to_dict(), "crowd": dataclasses.asdict(crowd), "data": data.url}))
 
-    A stored run with other settings (or none recorded) is started over, with a line saying so.
+
+def resumable(storage: Storage, category: str, settings: dict) -> bool:
+    """Whether ``category``'s stored run under ``storage`` can go on: it was started with ``settings``.
+
+    No stored run: False (a new one starts). A stored run with no recorded settings: False, saying so. A stored
+    run with other settings: an error naming them (``--resume`` never discards a run it was asked to continue).
+    A record of the cascade settings only (this script's first format) is compared on those.
     """
     path = storage.path(PARAMS_KEY.format(category=category))
     if not storage.exists(path):
         if storage.exists(storage.path("manifests", category)):
             print(f"   no settings are recorded for the stored {category} run: starting it over", flush=True)
         return False
-    stored, now = storage.read_json(path), json.loads(json.dumps(params.to_dict()))
-    if stored != now:
-        changed = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
-        print(f"   the stored {category} run has other settings ({', '.join(changed)}): starting it over", flush=True)
-        return False
+    stored = storage.read_json(path)
+    if "params" not in stored:  # first format: the cascade settings alone
+        stored = {**settings, "params": stored}
+    if stored != settings:
+        changed = [
+            f"{group}.{k}"
+            for group in ("params", "crowd")
+            for k in sorted(set(stored[group]) | set(settings[group]))
+            if stored[group].get(k) != settings[group].get(k)
+        ] + (["data"] if stored["data"] != settings["data"] else [])
+        raise SystemExit(
+            f"evaluate: error: the stored {category} run under {storage.url} was started with other settings"
+            f" ({', '.join(changed)}); pass the same flags to go on with it, or drop --resume to start it over"
+        )
     print(f"   going on with the stored {category} run", flush=True)
     return True
 
 
 def step_seconds(storage: Storage, category: str) -> float:
-    """Seconds of every recorded step of ``category``'s run (``reports/<c>/steps/``): its compute across all the
-    processes that ran it, where ``wall_s`` is the last process's."""
+    """Seconds of the recorded steps of ``category``'s run (``reports/<c>/steps/``), where ``wall_s`` is the last
+    process's: each step's first completed run, whichever process ran it. A lower bound on the run's compute (a
+    step interrupted partway records nothing) and no measure of waiting for people."""
     root = storage.path("reports", category, "steps")
     if not storage.exists(root):
         return 0.0
-    return float(sum(storage.read_json(f).get("seconds", 0.0) for f in storage.fs.glob(f"{root}/*/*.json")))
+    return float(sum(storage.read_json(f).get("seconds", 0.0) for f in storage.glob(f"{root}/*/*.json")))
 
 
 # The harness's own defaults, where they differ from the product's (docs/evaluation/README.md says why):
@@ -250,10 +268,11 @@ def main(argv: list[str] | None = None) -> int:
             if (category, seed) in done:
                 continue
             print(f"== {category} seed {seed}", flush=True)
-            if not (args.resume and resumable(storage, category, params)):
+            settings = run_settings(params, crowd, data)
+            if not (args.resume and resumable(storage, category, settings)):
                 # a new run, not the continuation of one a different --out (or an interrupted session) left behind
                 clear_category(storage, category)
-                storage.write_json(storage.path(PARAMS_KEY.format(category=category)), params.to_dict())
+                storage.write_json(storage.path(PARAMS_KEY.format(category=category)), settings)
             row = run_one(storage, category, params, crowd, run_with_crowd)
             row["cascade"]["step_seconds"] = step_seconds(storage, category)
             copy_plots(storage, category, seed, out / "plots")

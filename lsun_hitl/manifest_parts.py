@@ -57,21 +57,46 @@ NO_DECISION = Thresholds(
 )
 
 
-def read_part(storage: Storage, category: str, iteration: int, partitioning: Partitioning, p: int) -> CascadeState:
-    """Partition ``p`` of ``iteration``'s manifest: a committed part, or rows of today's one-file manifest."""
-    files = committed_files(storage, manifest_dir(category, iteration))
-    start, stop = partitioning.rows(p)
-    if files is None:  # today's layout: one file, read as one partition and sliced
-        whole = storage.read_table(storage.path(manifest_key(category, iteration)))
-        return CascadeState.from_table(whole.slice(start, stop - start))
-    if len(files) != partitioning.n_partitions:
+def part_files(storage: Storage, directory: str, partitioning: Partitioning, what: str) -> list[str] | None:
+    """The committed parts at ``directory`` (None if nothing is committed), checked to be one per partition."""
+    files = committed_files(storage, directory)
+    if files is not None and len(files) != partitioning.n_partitions:
+        raise ValueError(f"{what} has {len(files)} parts, not {partitioning.n_partitions}: partitioned differently")
+    return files
+
+
+def _checked(table: pa.Table, rows: int, what: str) -> pa.Table:
+    if table.num_rows != rows:
         raise ValueError(
-            f"the manifest of {category} iteration {iteration} has {len(files)} parts, not {partitioning.n_partitions}"
+            f"{what} has {table.num_rows:,} rows, not {rows:,}: it belongs to another pool or partitioning"
         )
-    state = CascadeState.from_table(storage.read_table(files[p]))
-    if len(state) != stop - start:
-        raise ValueError(f"part {p} of {category} iteration {iteration} has {len(state)} rows, not {stop - start}")
-    return state
+    return table
+
+
+def read_part(storage: Storage, category: str, iteration: int, partitioning: Partitioning, p: int) -> CascadeState:
+    """Partition ``p`` of ``iteration``'s manifest: a committed part, or rows of today's one-file manifest.
+
+    Today's layout is read whole by each part and sliced: right for the pools that layout holds (it was written
+    by one process), to be migrated to parts before pools past a worker's memory.
+    """
+    return CascadeState.from_table(_state_table(storage, category, iteration, partitioning, p))
+
+
+def _state_table(
+    storage: Storage,
+    category: str,
+    iteration: int,
+    partitioning: Partitioning,
+    p: int,
+    columns: list[str] | None = None,
+) -> pa.Table:
+    what = f"the manifest of {category} iteration {iteration}"
+    start, stop = partitioning.rows(p)
+    files = part_files(storage, manifest_dir(category, iteration), partitioning, what)
+    if files is None:  # today's layout: one file, read as one partition and sliced
+        whole = storage.read_table(storage.path(manifest_key(category, iteration)), columns=columns)
+        return _checked(whole, partitioning.n_rows, what).slice(start, stop - start)
+    return _checked(storage.read_table(files[p], columns=columns), stop - start, f"part {p} of {what}")
 
 
 def sample_part(
@@ -79,13 +104,8 @@ def sample_part(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The map of ``iteration``'s sample: partition ``p``'s ``k`` unlabeled rows (global) with the smallest
     keys after ``iteration - 1``, and their keys; ``partitions.bottom_k`` of the concatenation is the sample."""
-    start, stop = partitioning.rows(p)
-    files = committed_files(storage, manifest_dir(category, iteration - 1))
-    if files is None:  # today's layout
-        column = storage.read_table(storage.path(manifest_key(category, iteration - 1)), columns=["state"])
-        column = column.slice(start, stop - start)
-    else:
-        column = storage.read_table(files[p], columns=["state"])  # one column: the sample needs no other
+    start, _ = partitioning.rows(p)
+    column = _state_table(storage, category, iteration - 1, partitioning, p, columns=["state"])  # one column
     open_ = pc.equal(column.column("state").cast(pa.string()), "unlabeled").to_numpy(zero_copy_only=False)
     rows = np.flatnonzero(open_).astype(np.int64) + start
     return bottom_k(rows, sample_keys(rows, seed=seed, iteration=iteration, category=category), k)
@@ -122,7 +142,14 @@ def advance_part(
     if update.scores_dir is None:
         index, scores = _local(update.scored_rows, update.scores, start, stop)
     else:
-        part = storage.read_table(committed_files(storage, update.scores_dir)[p], columns=["row", "score"])
+        files = part_files(storage, update.scores_dir, partitioning, f"the scores at {update.scores_dir}")
+        if files is None:
+            raise FileNotFoundError(f"no committed scores at {storage.url_of(update.scores_dir)}")
+        part = storage.read_table(files[p], columns=["row", "score"])
+        if len(part) and not (
+            start <= pc.min(part.column("row")).as_py() and pc.max(part.column("row")).as_py() < stop
+        ):
+            raise ValueError(f"part {p} of the scores at {update.scores_dir} holds rows outside [{start}, {stop})")
         index, scores = _local(part.column("row").to_numpy(), part.column("score").to_numpy(), start, stop)
     model_pos, model_neg = apply_thresholds(after, index, scores, update.thresholds or NO_DECISION, update.iteration)
     check_transition(before, after)

@@ -14,13 +14,14 @@ partition count:
 - **A partitioned table is visible only when committed** (``commit``): its parts are written under a fresh
   ``attempt=<id>/`` folder, then one small file, ``_committed.json``, names the attempt and its parts. Readers
   (``committed_files``, ``read_dataset``) read only what it names, so they see the previous commit or the new one
-  whole, never a mix; an attempt that died before its commit is ignored and removed by the next commit.
+  whole, never a mix. The attempt a commit replaced stays until the next commit (a reader scanning it finishes);
+  an attempt that died before its commit is ignored, and ``sweep`` removes it once no writer is active.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -75,16 +76,18 @@ def sample_keys(rows: np.ndarray, *, seed: int, iteration: int, category: str) -
     rows : array of int, shape (n,)
         Global pool row indices.
     seed, iteration, category
-        What the draw is a function of; every (seed, iteration, category) is its own independent stream.
+        What the draw is a function of: the 64-bit seed, the iteration and an 8-byte BLAKE2b hash of the
+        category's name are mixed into one stream key, so different triples give unrelated keys.
 
     Returns
     -------
     keys : array of uint64, shape (n,)
         One pseudo-random key per row, a pure function of the row and the stream.
     """
-    stream = _splitmix64(np.array([seed & 0xFFFFFFFF], np.uint64))[0]
-    stream = _splitmix64(np.array([stream ^ np.uint64(iteration & 0xFFFFFFFF)], np.uint64))[0]
-    stream = _splitmix64(np.array([stream ^ np.uint64(zlib.crc32(category.encode()))], np.uint64))[0]
+    name = int.from_bytes(hashlib.blake2b(category.encode(), digest_size=8).digest(), "little")
+    stream = np.uint64(0)
+    for part in (seed, iteration, name):
+        stream = _splitmix64(np.array([stream ^ np.uint64(part & 0xFFFFFFFFFFFFFFFF)], np.uint64))[0]
     return _splitmix64(np.asarray(rows, np.int64).astype(np.uint64) ^ stream)
 
 
@@ -128,7 +131,7 @@ def new_attempt() -> str:
 
 
 def part_key(directory: str, attempt: str, part: int) -> str:
-    return f"{directory}/attempt={attempt}/part-{part:05d}.parquet"
+    return f"{directory.strip('/')}/attempt={attempt}/part-{part:05d}.parquet"
 
 
 def write_part(storage: Storage, directory: str, attempt: str, part: int, table: pa.Table) -> str:
@@ -138,29 +141,74 @@ def write_part(storage: Storage, directory: str, attempt: str, part: int, table:
     return key
 
 
+def _record(storage: Storage, directory: str) -> dict | None:
+    path = storage.path(directory.strip("/"), COMMIT_FILE)
+    return storage.read_json(path) if storage.exists(path) else None
+
+
 def commit(storage: Storage, directory: str, attempt: str, n_parts: int, rows: int) -> None:
-    """Make ``attempt``'s ``n_parts`` parts the table at ``directory``, then remove every other attempt.
+    """Make ``attempt``'s ``n_parts`` parts the table at ``directory``.
 
     Raises ``FileNotFoundError`` naming the missing part if the attempt is incomplete: nothing is committed
-    then. The commit is one atomic write of ``_committed.json``; committing the same attempt again is a no-op.
+    then. The commit is one atomic write of ``_committed.json``, which also names the attempt it replaced; the
+    attempt replaced before that (two commits back) is removed, so a reader still scanning the previous commit
+    finishes, and an attempt some other writer has not committed yet is never touched (``sweep`` removes
+    leftovers when no writer is active). Committing the same attempt again changes nothing.
     """
+    directory = directory.strip("/")
     parts = [part_key(directory, attempt, p) for p in range(n_parts)]
     missing = [k for k in parts if not storage.exists(storage.path(k))]
     if missing:
         raise FileNotFoundError(f"cannot commit {directory}: part {missing[0]} of attempt {attempt} is missing")
-    record = {"attempt": attempt, "parts": [k.removeprefix(directory + "/") for k in parts], "rows": int(rows)}
+    before = _record(storage, directory)
+    if before is not None and before["attempt"] == attempt:
+        return
+    record = {
+        "attempt": attempt,
+        "parts": [k.removeprefix(directory + "/") for k in parts],
+        "rows": int(rows),
+        "previous": None if before is None else before["attempt"],
+    }
     storage.write_json(storage.path(directory, COMMIT_FILE), record)
-    for stale in storage.glob(storage.path(directory, "attempt=*")):
-        if not stale.rstrip("/").endswith(f"attempt={attempt}"):
-            storage.fs.rm(stale, recursive=True)
+    stale = None if before is None else before.get("previous")
+    if stale and stale != attempt:
+        _remove_attempt(storage, directory, stale)
+
+
+def _remove_attempt(storage: Storage, directory: str, attempt: str) -> None:
+    """Best effort: a leftover folder costs disk, not correctness (readers follow ``_committed.json``)."""
+    path = storage.path(directory, f"attempt={attempt}")
+    try:
+        if storage.exists(path):
+            storage.fs.rm(path, recursive=True)
+    except OSError:
+        pass
+
+
+def sweep(storage: Storage, directory: str) -> list[str]:
+    """Remove every attempt at ``directory`` but the committed one (call it when no writer or reader is active:
+    a run's end); the attempts removed."""
+    directory = directory.strip("/")
+    record = _record(storage, directory)
+    keep = None if record is None else record["attempt"]
+    removed = []
+    root = storage.path(directory)
+    names = (
+        [p.rstrip("/").rsplit("/", 1)[-1] for p in storage.fs.ls(root, detail=False)] if storage.exists(root) else []
+    )
+    for name in names:
+        if name.startswith("attempt=") and name != f"attempt={keep}":
+            _remove_attempt(storage, directory, name.removeprefix("attempt="))
+            removed.append(name.removeprefix("attempt="))
+    return removed
 
 
 def committed_files(storage: Storage, directory: str) -> list[str] | None:
     """The committed part files of ``directory`` (storage paths, in part order), or None if nothing is committed."""
-    path = storage.path(directory, COMMIT_FILE)
-    if not storage.exists(path):
+    record = _record(storage, directory)
+    if record is None:
         return None
-    return [storage.path(directory, name) for name in storage.read_json(path)["parts"]]
+    return [storage.path(directory.strip("/"), name) for name in record["parts"]]
 
 
 def read_dataset(storage: Storage, directory: str) -> ds.Dataset:

@@ -60,10 +60,11 @@ def sample_sizes(
     n_unlabeled: int, *, n_train: int, n_calibration: int, max_fraction: float, budget_left: int | None = None
 ) -> tuple[int, int]:
     """``(n_train, n_calibration)`` drawn from ``n_unlabeled`` images: each capped at ``max_fraction`` of them,
-    both together at ``budget_left`` (calibration kept whole first: thresholds without it are worthless)."""
+    both together at ``n_unlabeled`` and at ``budget_left`` (calibration kept whole first: thresholds without
+    it are worthless)."""
     cap = int(max_fraction * n_unlabeled)
     n_cal = min(n_calibration, cap)
-    n_tr = min(n_train, cap)
+    n_tr = min(n_train, cap, n_unlabeled - n_cal)  # both together never more than there are
     if budget_left is not None:
         n_cal = min(n_cal, max(budget_left, 0))
         n_tr = min(n_tr, max(budget_left - n_cal, 0))

@@ -15,6 +15,7 @@ from lsun_hitl.partitions import (
     new_attempt,
     read_dataset,
     sample_keys,
+    sweep,
     write_part,
 )
 from lsun_hitl.sampling import draw_sample_partitioned
@@ -105,15 +106,27 @@ def check_committed_table_is_seen_whole(storage: Storage) -> list[str]:
     commit(storage, directory, retry, 4, rows=1_000)
     seen = read_dataset(storage, directory).to_table()
     assert seen.column("row").to_pylist() == list(range(1_000)) and set(seen.column("tag").to_pylist()) == {"new"}
-    attempts = storage.glob(storage.path(directory, "attempt=*"))
-    assert len(attempts) == 1 and attempts[0].rstrip("/").endswith(f"attempt={retry}")
+
+    # the commit keeps the attempt it replaced (a reader may still scan it) and never touches one it did not
+    # commit (another writer's); sweep, at a run's end, leaves the committed attempt only
+    def attempts() -> set[str]:
+        return {p.rstrip("/").rsplit("attempt=", 1)[1] for p in storage.glob(storage.path(directory, "attempt=*"))}
+
+    assert attempts() == {first, crashed, retry}
+    assert sorted(sweep(storage, directory)) == sorted([first, crashed]) and attempts() == {retry}
+    third = write_all(storage, directory, "third", 4)
+    commit(storage, directory, third, 4, rows=1_000)
+    fourth = write_all(storage, directory, "fourth", 4)
+    commit(storage, directory, fourth, 4, rows=1_000)
+    assert attempts() == {third, fourth}  # two commits back (retry) removed, the one replaced kept
+    assert set(read_dataset(storage, directory).to_table().column("tag").to_pylist()) == {"fourth"}
     return committed_files(storage, directory)
 
 
 def test_a_partitioned_table_is_seen_whole_on_local_disk_and_by_duckdb(tmp_path):
     files = check_committed_table_is_seen_whole(Storage(str(tmp_path)))
     got = duckdb.sql(f"select count(*), min(row), max(row), min(tag) from read_parquet({files!r})").fetchall()[0]
-    assert got == (1_000, 0, 999, "new")
+    assert got == (1_000, 0, 999, "fourth")
 
 
 def test_a_partitioned_table_is_seen_whole_on_s3(s3_bucket):
@@ -229,3 +242,50 @@ def test_the_manifest_in_1_4_and_64_parts_on_dask_is_the_same_and_today_s_layout
     today = make_pool(tmp_path / "today")
     assert run_parts(today, dask_cluster, 4, its, layout_today=True) == counts[1]
     assert read_whole(today, "shirt", 3).to_table().equals(tables[1][3])
+
+
+def test_scores_in_parts_decide_the_same_and_a_mismatched_partitioning_is_refused(tmp_path, dask_cluster):
+    from lsun_hitl.manifest_parts import advance_part, manifest_dir, read_whole, sample_part
+
+    its, _ = updates(1)
+    (u,) = its
+    reference = make_pool(tmp_path / "ref")
+    run_parts(reference, dask_cluster, 4, its)
+    storage = make_pool(tmp_path / "scores")
+    run_parts(storage, dask_cluster, 4, [])
+    part = Partitioning(POOL, 4)
+    attempt = new_attempt()
+    for p in range(4):
+        start, stop = part.rows(p)
+        inside = (u.scored_rows >= start) & (u.scored_rows < stop)
+        table = pa.table({"row": pa.array(u.scored_rows[inside]), "score": pa.array(u.scores[inside])})
+        write_part(storage, "scores/shirt/iteration=1", attempt, p, table)
+    commit(storage, "scores/shirt/iteration=1", attempt, 4, int(len(u.scored_rows)))
+    from dataclasses import replace
+
+    by_parts = replace(
+        u, scored_rows=np.zeros(0, np.int64), scores=np.zeros(0, np.float32), scores_dir="scores/shirt/iteration=1"
+    )
+    attempt = new_attempt()
+    for p in range(4):
+        advance_part(storage, "shirt", part, p, by_parts, attempt)
+    commit(storage, manifest_dir("shirt", 1), attempt, 4, POOL)
+    assert read_whole(storage, "shirt", 1).to_table().equals(read_whole(reference, "shirt", 1).to_table())
+    # parts of another partition count, or scores partitioned differently: one message, nothing written
+    with pytest.raises(ValueError, match="has 4 parts, not 8"):
+        sample_part(storage, "shirt", 2, Partitioning(POOL, 8), 0, 10, 1)
+    swapped = new_attempt()  # scores whose part 0 holds part 1's rows
+    for p, source in enumerate([1, 0, 2, 3]):
+        start, stop = part.rows(source)
+        write_part(
+            storage,
+            "scores/bad",
+            swapped,
+            p,
+            pa.table({"row": pa.array(np.arange(start, stop))}).append_column(
+                "score", pa.array(np.zeros(stop - start, np.float32))
+            ),
+        )
+    commit(storage, "scores/bad", swapped, 4, POOL)
+    with pytest.raises(ValueError, match="rows outside"):
+        advance_part(storage, "shirt", part, 0, replace(by_parts, scores_dir="scores/bad"), new_attempt())
