@@ -72,35 +72,25 @@ def sample_sizes(
 
 
 def draw_sample_partitioned(
-    parts: Sequence[np.ndarray],
-    *,
-    n_train: int,
-    n_calibration: int,
-    max_fraction: float,
-    seed: int,
-    iteration: int,
-    budget_left: int | None = None,
-    category: str = "",
+    parts: Sequence[np.ndarray], *, n_train: int, n_calibration: int, seed: int, iteration: int, category: str = ""
 ) -> Sample:
-    """``draw_sample``'s sizes, drawn by bottom-k over partitions (``lsun_hitl.partitions``).
+    """A sample of exactly these sizes drawn by bottom-k over partitions (``lsun_hitl.partitions``).
 
     Parameters
     ----------
     parts : sequence of arrays of int
         Each partition's still-unlabeled global pool rows. Any grouping of the same rows gives the same
         sample, so results do not depend on the partition count.
+    n_train, n_calibration
+        Final sizes: ``sample_sizes`` of the open count (the coordinator knows it from the parts' counts).
 
     The ``n_calibration`` rows with the smallest keys are the calibration sample, the next ``n_train`` the
     training sample: both uniform without replacement and disjoint.
     """
     from .partitions import draw_bottom_k
 
-    n = int(sum(len(p) for p in parts))
-    n_tr, n_cal = sample_sizes(
-        n, n_train=n_train, n_calibration=n_calibration, max_fraction=max_fraction, budget_left=budget_left
-    )
-    rows, _ = draw_bottom_k(parts, n_cal + n_tr, seed=seed, iteration=iteration, category=category)
-    return Sample(train=np.sort(rows[n_cal:]), calibration=np.sort(rows[:n_cal]))
+    rows, _ = draw_bottom_k(parts, n_calibration + n_train, seed=seed, iteration=iteration, category=category)
+    return Sample(train=np.sort(rows[n_calibration:]), calibration=np.sort(rows[:n_calibration]))
 
 
 def _category_stream(category: str) -> int:

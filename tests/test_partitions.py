@@ -50,7 +50,7 @@ def test_partitions_are_contiguous_ranges_that_cover_the_pool():
 
 def test_the_sample_is_the_same_for_1_4_and_64_partitions_and_uniform():
     rows = unlabeled_rows()
-    kw = dict(n_train=2_500, n_calibration=3_000, max_fraction=0.5, seed=3, iteration=2, category="shirt")
+    kw = dict(n_train=2_500, n_calibration=3_000, seed=3, iteration=2, category="shirt")
     one = draw_sample_partitioned([rows], **kw)
     for n_partitions in (4, 64):
         other = draw_sample_partitioned(split(rows, n_partitions), **kw)
@@ -164,7 +164,6 @@ def updates(n_iterations: int = 3) -> tuple[list, object]:
             [state.unlabeled_index()],
             n_train=300,
             n_calibration=400,
-            max_fraction=0.5,
             seed=1,
             iteration=it,
             category="shirt",
