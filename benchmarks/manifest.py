@@ -47,18 +47,27 @@ from lsun_hitl.partitions import Partitioning
 from lsun_hitl.sampling import draw_sample
 from lsun_hitl.split import apply_human_labels, apply_thresholds
 from lsun_hitl.steps import peak_rss_mb, reset_peak_rss
-from lsun_hitl.storage import Storage, manifest_key
+from lsun_hitl.storage import Storage, manifest_key, scores_dir
 
 CATEGORY = "bench"
 
 
-def synthetic_ids(n: int, seed: int = 0) -> pa.Array:
-    """``n`` distinct-looking 32-character hex ids (like content hashes), built without Python objects."""
-    rng = np.random.default_rng(seed)
-    digits = np.frombuffer(b"0123456789abcdef", np.uint8)[rng.integers(0, 16, (n, 32), dtype=np.uint8)]
+HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+SCORES = scores_dir(CATEGORY, 1)  # the partitioned run's scores: committed parts (row, score)
+
+
+def ids_from_nibbles(nibbles: np.ndarray) -> pa.Array:
+    """A string array of one 32-character hex id per row of ``nibbles`` (n, 32), built without Python objects."""
+    n = len(nibbles)
+    digits = HEX[nibbles]
     offsets = (np.arange(n + 1, dtype=np.int64) * 32).astype(np.int32 if n * 32 < 2**31 else np.int64)
     kind = pa.string() if offsets.dtype == np.int32 else pa.large_string()
     return pa.Array.from_buffers(kind, n, [None, pa.py_buffer(offsets), pa.py_buffer(digits.tobytes())])
+
+
+def synthetic_ids(n: int, seed: int = 0) -> pa.Array:
+    """``n`` distinct-looking 32-character hex ids (like content hashes)."""
+    return ids_from_nibbles(np.random.default_rng(seed).integers(0, 16, (n, 32), dtype=np.uint8))
 
 
 def peak_mb() -> float:
@@ -109,12 +118,8 @@ def hex_ids(start: int, stop: int) -> pa.Array:
     """32-character hex ids of global rows ``[start, stop)``: sorted, distinct, like content hashes in shape."""
     rows = np.arange(start, stop, dtype=np.uint64)
     shifts = np.arange(15, -1, -1, dtype=np.uint64) * np.uint64(4)
-    low = (rows[:, None] >> shifts) & np.uint64(15)
-    digits = np.frombuffer(b"0123456789abcdef", np.uint8)[np.concatenate([np.zeros_like(low), low], axis=1)]
-    n = stop - start
-    offsets = np.arange(n + 1, dtype=np.int32 if n * 32 < 2**31 else np.int64) * 32
-    kind = pa.string() if offsets.dtype == np.int32 else pa.large_string()
-    return pa.Array.from_buffers(kind, n, [None, pa.py_buffer(offsets), pa.py_buffer(digits.tobytes())])
+    low = ((rows[:, None] >> shifts) & np.uint64(15)).astype(np.uint8)
+    return ids_from_nibbles(np.concatenate([np.zeros_like(low), low], axis=1))
 
 
 def make_part(root: str, part: Partitioning, p: int, attempt: str, scores_attempt: str) -> None:
@@ -127,7 +132,7 @@ def make_part(root: str, part: Partitioning, p: int, attempt: str, scores_attemp
     write_part(storage, manifest_dir(CATEGORY, 0), attempt, p, CascadeState.initial(hex_ids(start, stop)).to_table())
     scores = np.random.default_rng(p).random(stop - start, dtype=np.float32)
     rows = pa.array(np.arange(start, stop, dtype=np.int64))
-    write_part(storage, "scores/bench/iteration=1", scores_attempt, p, pa.table({"row": rows, "score": scores}))
+    write_part(storage, SCORES, scores_attempt, p, pa.table({"row": rows, "score": scores}))
 
 
 def raw_part(root: str, part: Partitioning, p: int) -> tuple[str, float]:
@@ -145,7 +150,7 @@ def raw_part(root: str, part: Partitioning, p: int) -> tuple[str, float]:
     rows = pq.read_table(committed_files(storage, manifest_dir(CATEGORY, 1))[p])
     t = time.perf_counter()
     pq.read_table(committed_files(storage, manifest_dir(CATEGORY, 0))[p])
-    pq.read_table(committed_files(storage, "scores/bench/iteration=1")[p])
+    pq.read_table(committed_files(storage, SCORES)[p])
     pq.write_table(rows, str(Path(root) / f"raw-{p:05d}.parquet"), compression="zstd", row_group_size=256 * 1024)
     return get_worker().address, time.perf_counter() - t
 
@@ -155,7 +160,7 @@ def phase_partitioned(root: str, rows: int, n_partitions: int, repeat: int) -> d
     from distributed import Client, LocalCluster
 
     from lsun_hitl.manifest_parts import IterationUpdate, advance_part, manifest_dir, sample_part, sum_counts
-    from lsun_hitl.partitions import bottom_k, commit, new_attempt
+    from lsun_hitl.partitions import commit, merge_bottom_k, new_attempt
 
     part = Partitioning(rows, n_partitions)
     with (
@@ -166,7 +171,7 @@ def phase_partitioned(root: str, rows: int, n_partitions: int, repeat: int) -> d
         setup, scores_attempt = new_attempt(), new_attempt()
         client.gather([client.submit(make_part, root, part, p, setup, scores_attempt) for p in range(n_partitions)])
         commit(storage, manifest_dir(CATEGORY, 0), setup, n_partitions, rows)
-        commit(storage, "scores/bench/iteration=1", scores_attempt, n_partitions, rows)
+        commit(storage, SCORES, scores_attempt, n_partitions, rows)
         client.run(reset_peak_rss)  # worker peaks from here on: the iteration's, not the synthetic pool's setup
         best: dict[str, float] = {}
         for _ in range(repeat):  # best of repeat: the cores may be shared
@@ -178,7 +183,7 @@ def phase_partitioned(root: str, rows: int, n_partitions: int, repeat: int) -> d
                     for p in range(n_partitions)
                 ]
             )
-            drawn, _ = bottom_k(np.concatenate([m[0] for m in mapped]), np.concatenate([m[1] for m in mapped]), 4000)
+            drawn, _ = merge_bottom_k(mapped, n_cal + n_train)
             t_sample = time.perf_counter() - start
             rng = np.random.default_rng(1)
             update = IterationUpdate(
@@ -188,7 +193,7 @@ def phase_partitioned(root: str, rows: int, n_partitions: int, repeat: int) -> d
                 calibration=np.sort(drawn[:n_cal]),
                 calibration_p=rng.random(n_cal).astype(np.float32),
                 thresholds=Thresholds(0.9, 0.1, None, None, 1500, 0, 0, 0.95),
-                scores_dir="scores/bench/iteration=1",
+                scores_dir=SCORES,
             )
             attempt = new_attempt()
             futures = [
@@ -202,9 +207,8 @@ def phase_partitioned(root: str, rows: int, n_partitions: int, repeat: int) -> d
                 [client.submit(raw_part, root, part, p, pure=False) for p in range(n_partitions)]
             ):
                 per_worker[worker] = per_worker.get(worker, 0.0) + t
-            raw = max(
-                per_worker.values()
-            )  # the busiest worker's read + write time: the baseline's wall on these workers
+            # the busiest worker's read + write time: the baseline's wall on these workers
+            raw = max(per_worker.values())
             for key, value in (("seconds", seconds), ("sample_s", t_sample), ("raw_s", raw)):
                 best[key] = min(best.get(key, value), value)
         workers = client.run(peak_rss_mb)
@@ -241,9 +245,7 @@ def main_partitioned(rows: int, n_partitions: int, repeat: int) -> int:
     shutil.rmtree(root, ignore_errors=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     c = r["counts"]
-    print(
-        f"manifest iteration in {n_partitions} parts at {rows:,} rows, 2-worker LocalCluster, best of {repeat} ({root})"
-    )
+    print(f"manifest iteration in {n_partitions} parts at {rows:,} rows, 2-worker LocalCluster, best of {repeat}")
     print("| work | seconds | flow process peak MB | worker peaks MB |")
     print("|---|---|---|---|")
     workers = " / ".join(f"{w:,.0f}" for w in r["worker_peak_mb"])

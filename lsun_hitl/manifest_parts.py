@@ -25,11 +25,7 @@ from .calibration import Thresholds
 from .manifest import ROLE_CALIBRATION, ROLE_TRAIN, CascadeState, check_transition, read_manifest
 from .partitions import Partitioning, bottom_k, committed_files, sample_keys, write_part
 from .split import apply_human_labels, apply_thresholds
-from .storage import Storage, manifest_key
-
-
-def manifest_dir(category: str, iteration: int) -> str:
-    return f"manifests/{category}/iteration={iteration}"
+from .storage import Storage, manifest_dir, manifest_key
 
 
 @dataclass(frozen=True)
@@ -103,7 +99,7 @@ def sample_part(
     storage: Storage, category: str, iteration: int, partitioning: Partitioning, p: int, k: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The map of ``iteration``'s sample: partition ``p``'s ``k`` unlabeled rows (global) with the smallest
-    keys after ``iteration - 1``, and their keys; ``partitions.bottom_k`` of the concatenation is the sample."""
+    keys after ``iteration - 1``, and their keys; ``partitions.merge_bottom_k`` of the parts' is the sample."""
     start, _ = partitioning.rows(p)
     column = _state_table(storage, category, iteration - 1, partitioning, p, columns=["state"])  # one column
     open_ = pc.equal(column.column("state").cast(pa.string()), "unlabeled").to_numpy(zero_copy_only=False)

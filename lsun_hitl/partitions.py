@@ -32,7 +32,6 @@ import pyarrow.dataset as ds
 from .storage import Storage
 
 COMMIT_FILE = "_committed.json"
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 @dataclass(frozen=True)
@@ -63,10 +62,10 @@ class Partitioning:
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     """SplitMix64's finalizer over uint64 arrays: a bijective mix whose outputs pass BigCrush as a counter hash."""
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps modulo 2**64, as the algorithm wants
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return x ^ (x >> np.uint64(31))
 
 
@@ -117,6 +116,11 @@ def draw_bottom_k(
     the same rows (``tests/test_partitions.py``). On a cluster each part's ``bottom_k`` runs where the part is.
     """
     mapped = [bottom_k(r, sample_keys(r, seed=seed, iteration=iteration, category=category), k) for r in parts]
+    return merge_bottom_k(mapped, k)
+
+
+def merge_bottom_k(mapped: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reduce of a partitioned draw: the ``k`` smallest-keyed of the parts' ``bottom_k`` results."""
     if not mapped:
         return np.zeros(0, np.int64), np.zeros(0, np.uint64)
     return bottom_k(np.concatenate([m[0] for m in mapped]), np.concatenate([m[1] for m in mapped]), k)

@@ -340,8 +340,13 @@ def calibration_set_key(category: str, iteration: int) -> str:
     return f"calibration/{category}/set-iteration={iteration}.parquet"
 
 
+def manifest_dir(category: str, iteration: int) -> str:
+    """The folder of an iteration's manifest: one ``manifest.parquet``, or committed parts (``manifest_parts``)."""
+    return f"manifests/{category}/iteration={iteration}"
+
+
 def manifest_key(category: str, iteration: int) -> str:
-    return f"manifests/{category}/iteration={iteration}/manifest.parquet"
+    return f"{manifest_dir(category, iteration)}/manifest.parquet"
 
 
 def report_key(category: str, name: str) -> str:

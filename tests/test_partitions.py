@@ -184,7 +184,7 @@ def run_parts(storage: Storage, client, n_partitions: int, its: list, layout_tod
     """Iteration 0 and ``its`` on the cluster, one task per part, each committed by the coordinator."""
     from lsun_hitl.manifest import CascadeState, write_manifest
     from lsun_hitl.manifest_parts import advance_part, initial_part, manifest_dir, sample_part, sum_counts
-    from lsun_hitl.partitions import bottom_k
+    from lsun_hitl.partitions import merge_bottom_k
 
     part = Partitioning(POOL, n_partitions)
     if layout_today:  # iteration 0 as today's single file: read as one partition, sliced
@@ -201,7 +201,7 @@ def run_parts(storage: Storage, client, n_partitions: int, its: list, layout_tod
         mapped = client.gather(
             [client.submit(sample_part, storage, "shirt", u.iteration, part, p, 700, 1) for p in range(n_partitions)]
         )
-        drawn, _ = bottom_k(np.concatenate([m[0] for m in mapped]), np.concatenate([m[1] for m in mapped]), 700)
+        drawn, _ = merge_bottom_k(mapped, 700)
         assert np.array_equal(np.sort(drawn[:400]), u.calibration) and np.array_equal(np.sort(drawn[400:]), u.train)
         attempt = new_attempt()
         futures = [client.submit(advance_part, storage, "shirt", part, p, u, attempt) for p in range(n_partitions)]
