@@ -47,7 +47,7 @@ from lsun_hitl.partitions import Partitioning
 from lsun_hitl.sampling import draw_sample
 from lsun_hitl.split import apply_human_labels, apply_thresholds
 from lsun_hitl.steps import peak_rss_mb, reset_peak_rss
-from lsun_hitl.storage import Storage, manifest_key, scores_dir
+from lsun_hitl.storage import Storage, manifest_dir, scores_dir
 
 CATEGORY = "bench"
 
@@ -101,11 +101,19 @@ def phase_iteration(root: str) -> dict:
     return {"seconds": end - start, "read_s": t_read, "write_s": end - t_mid, "peak_mb": peak_mb()}
 
 
+def the_part(storage: Storage, iteration: int) -> str:
+    """The one part file of an iteration's manifest written whole (``write_manifest``'s one part)."""
+    from lsun_hitl.partitions import committed_files
+
+    (path,) = committed_files(storage, manifest_dir(CATEGORY, iteration))
+    return path
+
+
 def phase_raw(root: str) -> dict:
     """Raw I/O of the same rows: read the previous manifest, write the rows the iteration wrote."""
     storage = Storage(root)
-    src = storage.path(manifest_key(CATEGORY, 0))
-    rows = pq.read_table(storage.path(manifest_key(CATEGORY, 1)))  # the iteration's output, not timed
+    src = the_part(storage, 0)
+    rows = pq.read_table(the_part(storage, 1))  # the iteration's output, not timed
     start = time.perf_counter()
     pq.read_table(src)
     t_read = time.perf_counter() - start
@@ -285,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     root = tempfile.mkdtemp(prefix="bench-manifest-")
     start = time.perf_counter()
     write_manifest(Storage(root), CATEGORY, 0, CascadeState.initial(synthetic_ids(args.rows)))
-    size = Path(Storage(root).path(manifest_key(CATEGORY, 0))).stat().st_size
+    size = Path(the_part(Storage(root), 0)).stat().st_size
     print(f"synthetic pool manifest: {args.rows:,} rows, {size / 1e6:,.0f} MB ({time.perf_counter() - start:.1f} s)")
 
     def run(phase: str) -> dict:

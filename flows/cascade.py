@@ -103,7 +103,7 @@ def category_cascade(
         if (recheck := publish_recheck(storage, category, params, iteration, run_id)) is not None:
             wait_for_labels(storage, category, recheck, params)
         calibrate_thresholds(storage, category, params, iteration)
-        print(split_pool(storage, category, params, iteration))
+        print(split_pool(storage, category, params, iteration, dask_address))
         report_funnel(storage, category)
         stop = check_stop(storage, category, params, iteration)
     print(f"stopping after iteration {iteration}: {stop}")

@@ -202,6 +202,11 @@ class CascadeParams:
     )
     score_partition: int = setting(4000, "images per scoring task on Dask")
     score_batch: int = setting(256, "images per forward pass when scoring")
+    manifest_partition: int = setting(
+        1_000_000,
+        "pool rows per manifest part: an iteration's split is one task a part (on Dask when there are several),"
+        " so no process holds more than a part",
+    )
     input_cache: bool = setting(
         True,
         "keep every pool image's model input (uint8, at the model's input size) in shards under cache/, so later"
@@ -285,6 +290,7 @@ def validate(category: str, params: CascadeParams) -> None:
         (0 <= params.large_remainder_share <= 1, "large_remainder_share", "a share of the pool in [0, 1], e.g. 0.05"),
         (params.label_timeout_s > 0, "label_timeout_s", "a positive number of seconds"),
         (params.score_partition >= 1 and params.score_batch >= 1, "score_partition/score_batch", "positive"),
+        (params.manifest_partition >= 1, "manifest_partition", "a positive number of rows, e.g. 1000000"),
         (params.calibration_min_new >= 0, "calibration_min_new", "zero or more images"),
         (params.audit_sample >= 0, "audit_sample", "zero or more images per split"),
         (0 <= params.start_share < 1, "start_share", "a share in [0, 1), e.g. 0.5"),

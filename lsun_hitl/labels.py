@@ -379,10 +379,16 @@ def take(storage: Storage, category: str, request_id: str) -> pa.Table:
     """The run's step that takes a request's labels: aggregate them (``collect``) and record that it did.
 
     The record (``labels/<c>/taken/<request>.json``) tells whoever resumes the run later that there is
-    nothing left to resume: labels that arrive before the run reaches its pause are taken without one.
+    nothing left to resume: labels that arrive before the run reaches its pause are taken without one. A
+    request taken before returns what was taken then, so a run restarted after later requests were answered
+    decides its iterations from the same posteriors.
     """
-    table = collect(storage, category, request_id)
     path = storage.path(taken_key(category, request_id))
+    stored = storage.path(aggregated_key(category, request_id))
+    if storage.exists(path) and storage.exists(stored):
+        # taken once already (a restarted run): the same posteriors, not a new fit over answers given since
+        return storage.read_table(stored)
+    table = collect(storage, category, request_id)
     if not storage.exists(path):
         storage.write_json(path, {"request_id": request_id, "images": table.num_rows, "at": time.time()})
     return table

@@ -2,7 +2,9 @@
 
 The state of a category is a set of arrays aligned with the pool manifest's rows (sorted by
 image_id), so joins are positional and no step holds the pool as Python objects. On disk each
-iteration is one Parquet file ``manifests/<category>/iteration=<k>/manifest.parquet`` with columns
+iteration is a committed set of Parquet parts under ``manifests/<category>/iteration=<k>/`` (contiguous ranges
+of pool rows, in pool order: ``_committed.json`` names ``attempt=<id>/part-<p>.parquet``; see
+``lsun_hitl.partitions``), with columns
 
     image_id           string
     state              'positive' | 'negative' | 'unlabeled'
@@ -12,7 +14,9 @@ iteration is one Parquet file ``manifests/<category>/iteration=<k>/manifest.parq
     score              float32: the latest model score, null if never scored
     p_positive         float32: aggregated human answer (probability of positive), null if none
 
-Iteration 0 is the initial state (everything unlabeled). Decided images never flip.
+Iteration 0 is the initial state (everything unlabeled). Decided images never flip. The commit record also
+holds each part's counts (``manifest_counts``), so the loop's stop rule reads no manifest. A root written before
+manifests were partitioned holds one ``manifest.parquet`` per iteration instead; it still opens everywhere.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pyarrow as pa
 
-from .storage import Storage, manifest_key
+from .partitions import Partitioning, commit, commit_record, committed_files, new_attempt, write_part
+from .storage import Storage, manifest_dir, manifest_key
 
 UNLABELED, POSITIVE, NEGATIVE = 0, 1, 2
 STATES = ("unlabeled", "positive", "negative")
@@ -65,6 +70,16 @@ class CascadeState:
             self,
             **{
                 k: getattr(self, k).copy()
+                for k in ("state", "decided_iteration", "decided_by", "human_role", "score", "p_positive")
+            },
+        )
+
+    def slice(self, start: int, stop: int) -> CascadeState:
+        """Rows ``[start, stop)`` (views where numpy allows)."""
+        return CascadeState(
+            image_id=self.image_id.slice(start, stop - start),
+            **{
+                k: getattr(self, k)[start:stop]
                 for k in ("state", "decided_iteration", "decided_by", "human_role", "score", "p_positive")
             },
         )
@@ -124,21 +139,82 @@ class CascadeState:
         )
 
 
-def write_manifest(storage: Storage, category: str, iteration: int, state: CascadeState) -> str:
-    """Write (atomically) the manifest of ``iteration``; return its URL."""
-    key = manifest_key(category, iteration)
-    storage.write_table(storage.path(key), state.to_table(), row_group_size=256 * 1024)
-    return storage.url_of(key)
+def part_counts(state: CascadeState, iteration: int | None = None) -> dict[str, int]:
+    """A manifest part's counts: ``unlabeled``, ``positive``, ``negative``, ``human`` (decided by people so far)
+    and, given the ``iteration`` that wrote it, ``human_positive`` (people's positives of that iteration)."""
+    out = {**state.counts(), "human": state.human_labeled()}
+    if iteration is not None:
+        new = (state.decided_iteration == iteration) & (state.decided_by == BY_HUMAN)
+        out["human_positive"] = int(np.sum(new & (state.state == POSITIVE)))
+    return out
+
+
+def n_manifest_parts(n_rows: int, partition_rows: int) -> int:
+    """How many parts a manifest of ``n_rows`` rows has at ``partition_rows`` rows a part (at least one)."""
+    return max(1, -(-int(n_rows) // max(1, int(partition_rows))))
+
+
+def write_manifest(
+    storage: Storage, category: str, iteration: int, state: CascadeState, n_parts: int = 1, meta: dict | None = None
+) -> str:
+    """Write ``iteration``'s manifest from this process as ``n_parts`` committed parts (atomic as a whole: a
+    reader sees the old commit or this one); return its folder's URL. ``meta`` goes into the commit record
+    beside the parts' counts (the funnel of the step that wrote it).
+
+    The loop's split writes its parts on the cluster instead (``manifest_parts.advance_part``); this is for
+    the steps whose state is small or already whole here (the start, the remainder)."""
+    directory = manifest_dir(category, iteration)
+    partitioning = Partitioning(len(state), n_parts)
+    attempt, table, counts = new_attempt(), state.to_table(), []
+    for p in range(partitioning.n_partitions):
+        start, stop = partitioning.rows(p)
+        write_part(storage, directory, attempt, p, table.slice(start, stop - start))
+        counts.append(part_counts(state.slice(start, stop), iteration))
+    commit(storage, directory, attempt, partitioning.n_partitions, len(state), meta={"counts": counts, **(meta or {})})
+    return storage.url_of(directory)
 
 
 def read_manifest(storage: Storage, category: str, iteration: int) -> CascadeState:
-    return CascadeState.from_table(storage.read_table(storage.path(manifest_key(category, iteration))))
+    """The whole manifest of ``iteration`` (committed parts, or a one-file manifest of an older root)."""
+    files = committed_files(storage, manifest_dir(category, iteration))
+    if files is None:
+        return CascadeState.from_table(storage.read_table(storage.path(manifest_key(category, iteration))))
+    return CascadeState.from_table(pa.concat_tables([storage.read_table(f) for f in files]))
+
+
+def stored_parts(storage: Storage, category: str, iteration: int) -> int:
+    """How many parts ``iteration``'s manifest was committed in (1 for an older root's one file)."""
+    files = committed_files(storage, manifest_dir(category, iteration))
+    return 1 if files is None else len(files)
+
+
+def stored_part_counts(storage: Storage, category: str, iteration: int) -> list[dict[str, int]] | None:
+    """Each part's ``part_counts`` as ``iteration``'s commit recorded them (None for an older root's one file)."""
+    record = commit_record(storage, manifest_dir(category, iteration))
+    return None if record is None else record.get("counts")
+
+
+def committed_funnel(storage: Storage, category: str, iteration: int) -> dict | None:
+    """The funnel ``iteration``'s commit recorded (the split's or the remainder's), or None."""
+    record = commit_record(storage, manifest_dir(category, iteration))
+    return None if record is None else record.get("funnel")
+
+
+def manifest_counts(storage: Storage, category: str, iteration: int) -> dict[str, int]:
+    """``part_counts`` of ``iteration``'s whole manifest: from its commit record (no manifest read), or counted
+    from an older root's one file."""
+    parts = stored_part_counts(storage, category, iteration)
+    if parts:
+        return {k: int(sum(c.get(k, 0) for c in parts)) for k in parts[0]}
+    return part_counts(read_manifest(storage, category, iteration))
 
 
 def manifest_iterations(storage: Storage, category: str) -> list[int]:
-    """The iterations whose manifest has been written, ascending."""
-    paths = storage.glob(storage.path(f"manifests/{category}/iteration=*/manifest.parquet"))
-    return sorted(int(p.split("iteration=")[1].split("/")[0]) for p in paths)
+    """The iterations whose manifest has been written, ascending (either layout)."""
+    paths = storage.glob(storage.path(f"manifests/{category}/iteration=*/_committed.json")) + storage.glob(
+        storage.path(f"manifests/{category}/iteration=*/manifest.parquet")
+    )
+    return sorted({int(p.split("iteration=")[1].split("/")[0]) for p in paths})
 
 
 def check_transition(before: CascadeState, after: CascadeState) -> None:

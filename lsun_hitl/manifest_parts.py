@@ -3,8 +3,8 @@
 Layout (``lsun_hitl.partitions`` for the rules): ``manifests/<category>/iteration=<k>/_committed.json`` names
 ``attempt=<id>/part-<p>.parquet``, one part per partition of the pool's rows, in pool order, with
 ``lsun_hitl.manifest``'s columns. Read as one table with ``pyarrow.dataset`` or DuckDB over the files it names.
-Today's layout, one ``manifest.parquet`` per iteration, still opens: ``read_part`` slices it as if it were
-partitioned (see ``tests/test_partitions.py``).
+An older root's layout, one ``manifest.parquet`` per iteration, still opens: ``read_part`` slices it as if it
+were partitioned, as it slices parts committed with another partition count (see ``tests/test_partitions.py``).
 
 ``advance_part`` is one partition's share of an iteration, run where the part is (a Dask worker): read the
 previous iteration's part, record people's labels and the model's decisions for rows in its range, check that
@@ -22,7 +22,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .calibration import Thresholds
-from .manifest import ROLE_CALIBRATION, ROLE_TRAIN, CascadeState, check_transition, read_manifest
+from .manifest import (
+    ROLE_CALIBRATION,
+    ROLE_TRAIN,
+    UNLABELED,
+    CascadeState,
+    check_transition,
+    part_counts,
+)
 from .partitions import Partitioning, bottom_k, committed_files, sample_keys, write_part
 from .split import apply_human_labels, apply_thresholds
 from .storage import Storage, manifest_dir, manifest_key
@@ -45,6 +52,10 @@ class IterationUpdate:
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     thresholds: Thresholds | None = None  # None: the model decides nothing this iteration (scores are recorded)
     scores_dir: str | None = None  # instead of scored_rows / scores: committed parts (row, score), one a partition
+    # instead of both: the scoring step's parts (image_id, score) in candidate order and their row counts; each
+    # partition reads the slice of them that holds its candidates (``advance_part``'s ``candidate_start``)
+    score_files: tuple[str, ...] = ()
+    score_sizes: tuple[int, ...] = ()
 
 
 # thresholds that decide nothing: what an iteration whose bounds all failed applies
@@ -88,11 +99,44 @@ def _state_table(
 ) -> pa.Table:
     what = f"the manifest of {category} iteration {iteration}"
     start, stop = partitioning.rows(p)
-    files = part_files(storage, manifest_dir(category, iteration), partitioning, what)
-    if files is None:  # today's layout: one file, read as one partition and sliced
+    files = committed_files(storage, manifest_dir(category, iteration))
+    if files is None:  # an older root's layout: one file, read as one partition and sliced
         whole = storage.read_table(storage.path(manifest_key(category, iteration)), columns=columns)
         return _checked(whole, partitioning.n_rows, what).slice(start, stop - start)
-    return _checked(storage.read_table(files[p], columns=columns), stop - start, f"part {p} of {what}")
+    if len(files) == partitioning.n_partitions:
+        return _checked(storage.read_table(files[p], columns=columns), stop - start, f"part {p} of {what}")
+    # committed with another partition count (the setting changed between iterations): the parts that overlap
+    stored = Partitioning(partitioning.n_rows, len(files))
+    pieces = []
+    for q in range(stored.of_rows(np.array([start]))[0], stored.n_partitions):
+        lo, hi = stored.rows(q)
+        if lo >= stop:
+            break
+        table = _checked(storage.read_table(files[q], columns=columns), hi - lo, f"part {q} of {what}")
+        pieces.append(table.slice(max(start, lo) - lo, min(stop, hi) - max(start, lo)))
+    return pa.concat_tables(pieces)
+
+
+def read_score_slice(
+    storage: Storage, files: tuple[str, ...], sizes: tuple[int, ...], start: int, stop: int
+) -> pa.Table:
+    """Rows ``[start, stop)`` of the scoring step's parts read as one table (image_id, score), opening only the
+    parts that hold them."""
+    bounds = np.concatenate([[0], np.cumsum(np.asarray(sizes, np.int64))])
+    pieces = [pa.table({"image_id": pa.array([], pa.string()), "score": pa.array([], pa.float32())})]
+    if stop <= start:
+        return pieces[0]
+    if stop > bounds[-1]:
+        raise ValueError(f"the scores hold {int(bounds[-1]):,} rows, not the {stop:,} the manifest's candidates need")
+    for i in range(max(0, int(np.searchsorted(bounds, start, side="right")) - 1), len(files)):
+        lo, hi = int(bounds[i]), int(bounds[i + 1])
+        if lo >= stop:
+            break
+        if hi <= start:
+            continue
+        table = storage.read_table(files[i], columns=["image_id", "score"])
+        pieces.append(table.slice(max(start, lo) - lo, min(stop, hi) - max(start, lo)))
+    return pa.concat_tables(pieces, promote_options="permissive")
 
 
 def sample_part(
@@ -121,21 +165,37 @@ def advance_part(
     p: int,
     update: IterationUpdate,
     attempt: str,
+    candidate_start: int = 0,
 ) -> dict[str, int]:
     """Write partition ``p`` of ``update.iteration``'s manifest from the previous iteration's; its counts.
 
-    Returns ``{"unlabeled", "positive", "negative", "human", "model_positive", "model_negative"}`` of the part.
+    The part's candidates are its rows unlabeled before, less the iteration's training sample; with
+    ``update.score_files`` their scores are rows ``candidate_start`` onward of those files (``candidate_start``:
+    how many candidates the partitions before ``p`` hold), checked by image id. Returns ``manifest.part_counts``
+    of the new part and ``unlabeled_before``, ``scored``, ``model_positive``, ``model_negative``.
     """
     start, stop = partitioning.rows(p)
     before = read_part(storage, category, update.iteration - 1, partitioning, p)
     after = before.copy()
+    train_local, _ = _local(update.train, update.train, start, stop)
     for rows, values, role in (
         (update.train, update.train_p, ROLE_TRAIN),
         (update.calibration, update.calibration_p, ROLE_CALIBRATION),
     ):
         index, p_positive = _local(rows, values, start, stop)
         apply_human_labels(after, index, p_positive, role, update.iteration)
-    if update.scores_dir is None:
+    if update.score_files:
+        index = np.setdiff1d(np.flatnonzero(before.state == UNLABELED), train_local)
+        table = read_score_slice(
+            storage, update.score_files, update.score_sizes, candidate_start, candidate_start + len(index)
+        )
+        if not table.column("image_id").combine_chunks().equals(pc.take(before.image_id, pa.array(index, pa.int64()))):
+            raise ValueError(
+                f"the scores of {category} iteration {update.iteration} do not match part {p}'s candidates;"
+                " run the score step again"
+            )
+        scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
+    elif update.scores_dir is None:
         index, scores = _local(update.scored_rows, update.scores, start, stop)
     else:
         files = part_files(storage, update.scores_dir, partitioning, f"the scores at {update.scores_dir}")
@@ -150,7 +210,19 @@ def advance_part(
     model_pos, model_neg = apply_thresholds(after, index, scores, update.thresholds or NO_DECISION, update.iteration)
     check_transition(before, after)
     write_part(storage, manifest_dir(category, update.iteration), attempt, p, after.to_table())
-    return {**after.counts(), "human": after.human_labeled(), "model_positive": model_pos, "model_negative": model_neg}
+    return {
+        **part_counts(after, update.iteration),
+        "unlabeled_before": int(np.sum(before.state == UNLABELED)),
+        "scored": int(np.isfinite(np.asarray(scores, np.float32)).sum()),
+        "model_positive": model_pos,
+        "model_negative": model_neg,
+    }
+
+
+def open_part(storage: Storage, category: str, iteration: int, partitioning: Partitioning, p: int) -> int:
+    """How many rows of partition ``p`` are unlabeled after ``iteration`` (reads its ``state`` column only)."""
+    column = _state_table(storage, category, iteration, partitioning, p, columns=["state"])
+    return int(pc.sum(pc.equal(column.column("state").cast(pa.string()), "unlabeled")).as_py() or 0)
 
 
 def initial_part(storage: Storage, category: str, partitioning: Partitioning, p: int, attempt: str) -> dict[str, int]:
@@ -165,15 +237,7 @@ def initial_part(storage: Storage, category: str, partitioning: Partitioning, p:
     ids = read_pool(storage, columns=["image_id"]).column("image_id").slice(start, stop - start).combine_chunks()
     state = CascadeState.initial(ids)
     write_part(storage, manifest_dir(category, 0), attempt, p, state.to_table())
-    return {**state.counts(), "human": 0, "model_positive": 0, "model_negative": 0}
-
-
-def read_whole(storage: Storage, category: str, iteration: int) -> CascadeState:
-    """The whole manifest of ``iteration`` in either layout (for tests and small pools: it holds every row)."""
-    files = committed_files(storage, manifest_dir(category, iteration))
-    if files is None:
-        return read_manifest(storage, category, iteration)
-    return CascadeState.from_table(pa.concat_tables([storage.read_table(f) for f in files]))
+    return part_counts(state, 0)
 
 
 def sum_counts(parts: list[dict[str, int]]) -> dict[str, int]:

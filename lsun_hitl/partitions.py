@@ -145,19 +145,25 @@ def write_part(storage: Storage, directory: str, attempt: str, part: int, table:
     return key
 
 
+def commit_record(storage: Storage, directory: str) -> dict | None:
+    """The commit record at ``directory`` (attempt, parts, rows, previous and the writer's ``meta``), or None."""
+    return _record(storage, directory)
+
+
 def _record(storage: Storage, directory: str) -> dict | None:
     path = storage.path(directory.strip("/"), COMMIT_FILE)
     return storage.read_json(path) if storage.exists(path) else None
 
 
-def commit(storage: Storage, directory: str, attempt: str, n_parts: int, rows: int) -> None:
+def commit(storage: Storage, directory: str, attempt: str, n_parts: int, rows: int, meta: dict | None = None) -> None:
     """Make ``attempt``'s ``n_parts`` parts the table at ``directory``.
 
     Raises ``FileNotFoundError`` naming the missing part if the attempt is incomplete: nothing is committed
     then. The commit is one atomic write of ``_committed.json``, which also names the attempt it replaced; the
     attempt replaced before that (two commits back) is removed, so a reader still scanning the previous commit
     finishes, and an attempt some other writer has not committed yet is never touched (``sweep`` removes
-    leftovers when no writer is active). Committing the same attempt again changes nothing.
+    leftovers when no writer is active). Committing the same attempt again changes nothing. ``meta`` (small,
+    JSON) is kept in the record, read back with ``commit_record``.
     """
     directory = directory.strip("/")
     parts = [part_key(directory, attempt, p) for p in range(n_parts)]
@@ -172,6 +178,7 @@ def commit(storage: Storage, directory: str, attempt: str, n_parts: int, rows: i
         "parts": [k.removeprefix(directory + "/") for k in parts],
         "rows": int(rows),
         "previous": None if before is None else before["attempt"],
+        **(meta or {}),
     }
     storage.write_json(storage.path(directory, COMMIT_FILE), record)
     stale = None if before is None else before.get("previous")

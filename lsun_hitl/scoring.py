@@ -364,6 +364,7 @@ def score_candidates(
         )
     stats = {
         "candidates": candidates.num_rows,
+        "part_rows": [len(p) for p in parts],
         "decoded": sum(c["decoded"] for c in counts),
         "from_cache": sum(c["from_cache"] for c in counts),
         "seconds": time.perf_counter() - started,

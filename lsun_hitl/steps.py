@@ -85,7 +85,7 @@ def record(storage: Storage, category: str, iteration: int, step: str) -> Iterat
     }
     stats = storage.path(scores_dir(category, iteration), "stats.json")
     if step == "score" and storage.exists(stats):
-        figures["workers"] = storage.read_json(stats)
+        figures["workers"] = {k: v for k, v in storage.read_json(stats).items() if k != "part_rows"}
     storage.write_json(path, figures)
 
 

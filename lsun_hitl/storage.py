@@ -15,7 +15,9 @@ Layout under the root (see README, "Storage layout")::
     scores/<category>/iteration=<k>/part-<i>.parquet  model scores of the candidates
     calibration/<category>/iteration=<k>.json    thresholds with confidence intervals
     calibration/<category>/set-iteration=<k>.parquet  the calibration set (labels, scores) behind them
-    manifests/<category>/iteration=<k>/manifest.parquet  every pool image's state after iteration k
+    manifests/<category>/iteration=<k>/_committed.json, attempt=<a>/part-<p>.parquet  every pool image's state
+                                                 after iteration k, in committed parts (``manifest``); an older
+                                                 root's one ``manifest.parquet`` there still opens
     reports/<category>/...                       funnel tables and plots
     datasets/<category>/dataset.parquet          the final labeled dataset; summary.json beside it
     datasets/<category>/audit.json               people's audit of the model's final splits
@@ -341,11 +343,12 @@ def calibration_set_key(category: str, iteration: int) -> str:
 
 
 def manifest_dir(category: str, iteration: int) -> str:
-    """The folder of an iteration's manifest: one ``manifest.parquet``, or committed parts (``manifest_parts``)."""
+    """The folder of an iteration's manifest: committed parts (``partitions``), or an older root's one file."""
     return f"manifests/{category}/iteration={iteration}"
 
 
 def manifest_key(category: str, iteration: int) -> str:
+    """The one-file manifest of a root written before manifests were partitioned (read, never written)."""
     return f"{manifest_dir(category, iteration)}/manifest.parquet"
 
 

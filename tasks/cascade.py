@@ -132,8 +132,10 @@ def calibrate_thresholds(storage: Storage, category: str, params: CascadeParams,
 
 @task(**STEP)
 @recorded("split")
-def split_pool(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Funnel:
-    return cascade.split(storage, category, params, iteration)
+def split_pool(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, dask_address: str | None
+) -> Funnel:
+    return cascade.split(storage, category, params, iteration, dask_address)
 
 
 @task(cache_policy=NO_CACHE)

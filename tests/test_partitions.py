@@ -3,6 +3,8 @@ table is seen whole or not at all, on local disk and on S3 (moto), through pyarr
 
 from __future__ import annotations
 
+import json
+
 import duckdb
 import numpy as np
 import pyarrow as pa
@@ -182,15 +184,17 @@ def updates(n_iterations: int = 3) -> tuple[list, object]:
 
 def run_parts(storage: Storage, client, n_partitions: int, its: list, layout_today: bool = False) -> list[dict]:
     """Iteration 0 and ``its`` on the cluster, one task per part, each committed by the coordinator."""
-    from lsun_hitl.manifest import CascadeState, write_manifest
+    from lsun_hitl.manifest import CascadeState
     from lsun_hitl.manifest_parts import advance_part, initial_part, manifest_dir, sample_part, sum_counts
     from lsun_hitl.partitions import merge_bottom_k
+    from lsun_hitl.storage import manifest_key
 
     part = Partitioning(POOL, n_partitions)
-    if layout_today:  # iteration 0 as today's single file: read as one partition, sliced
+    if layout_today:  # iteration 0 as an older root's single file: read as one partition, sliced
         from lsun_hitl.ingest import read_pool
 
-        write_manifest(storage, "shirt", 0, CascadeState.initial(read_pool(storage).column("image_id")))
+        initial = CascadeState.initial(read_pool(storage).column("image_id"))
+        storage.write_table(storage.path(manifest_key("shirt", 0)), initial.to_table())
     else:
         attempt = new_attempt()
         client.gather([client.submit(initial_part, storage, "shirt", part, p, attempt) for p in range(n_partitions)])
@@ -212,7 +216,7 @@ def run_parts(storage: Storage, client, n_partitions: int, its: list, layout_tod
 
 
 def test_the_manifest_in_1_4_and_64_parts_on_dask_is_the_same_and_today_s_layout_still_opens(tmp_path, dask_cluster):
-    from lsun_hitl.manifest_parts import read_whole
+    from lsun_hitl.manifest import read_manifest as read_whole
 
     its, whole = updates()
     tables, counts = {}, {}
@@ -244,7 +248,9 @@ def test_the_manifest_in_1_4_and_64_parts_on_dask_is_the_same_and_today_s_layout
 
 
 def test_scores_in_parts_decide_the_same_and_a_mismatched_partitioning_is_refused(tmp_path, dask_cluster):
-    from lsun_hitl.manifest_parts import advance_part, manifest_dir, read_whole, sample_part
+    from lsun_hitl.manifest import read_manifest as read_whole
+    from lsun_hitl.manifest_parts import advance_part, manifest_dir, sample_part
+    from lsun_hitl.partitions import merge_bottom_k
 
     its, _ = updates(1)
     (u,) = its
@@ -270,9 +276,13 @@ def test_scores_in_parts_decide_the_same_and_a_mismatched_partitioning_is_refuse
         advance_part(storage, "shirt", part, p, by_parts, attempt)
     commit(storage, manifest_dir("shirt", 1), attempt, 4, POOL)
     assert read_whole(storage, "shirt", 1).to_table().equals(read_whole(reference, "shirt", 1).to_table())
-    # parts of another partition count, or scores partitioned differently: one message, nothing written
-    with pytest.raises(ValueError, match="has 4 parts, not 8"):
-        sample_part(storage, "shirt", 2, Partitioning(POOL, 8), 0, 10, 1)
+    # parts committed with another partition count are read across (the setting changed between iterations)
+    draws = {
+        n: merge_bottom_k([sample_part(storage, "shirt", 2, Partitioning(POOL, n), p, 10, 1) for p in range(n)], 10)
+        for n in (3, 4, 8)
+    }
+    assert all(np.array_equal(draws[n][0], draws[4][0]) for n in (3, 8))
+    # scores partitioned differently: one message, nothing written
     swapped = new_attempt()  # scores whose part 0 holds part 1's rows
     for p, source in enumerate([1, 0, 2, 3]):
         start, stop = part.rows(source)
@@ -288,3 +298,58 @@ def test_scores_in_parts_decide_the_same_and_a_mismatched_partitioning_is_refuse
     commit(storage, "scores/bad", swapped, 4, POOL)
     with pytest.raises(ValueError, match="rows outside"):
         advance_part(storage, "shirt", part, 0, replace(by_parts, scores_dir="scores/bad"), new_attempt())
+
+
+def test_the_flow_s_splits_in_1_and_4_manifest_parts_give_the_same_manifests_and_dataset(
+    tmp_path, dask_cluster, prefect_harness
+):
+    """The real flow (Prefect, Dask, the simulated crowd) with one manifest part; then the same run's splits
+    again in 4 parts on the Dask cluster, every other step's stored output reused: the same manifests, funnels,
+    dataset and summary."""
+    import dataclasses
+    import shutil
+
+    from flows.runner import run_cascade, simulated_crowd
+    from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
+    from lsun_hitl.fashion_mnist import import_fashion_mnist
+    from lsun_hitl.ingest import build_pool
+    from lsun_hitl.manifest import manifest_iterations, read_manifest, stored_parts
+    from lsun_hitl.truth import read_truth
+
+    from .small_cascade import PARAMS
+
+    one = Storage(str(tmp_path / "one"))
+    build_pool(one, import_fashion_mnist(one, limit=3000, seed=2), client=dask_cluster)
+    address = dask_cluster.scheduler.address
+    with simulated_crowd(one, "trouser", SimulatedCrowd(read_truth(one, "trouser"), CrowdParams(seed=5))):
+        first = run_cascade("trouser", one.url, params=PARAMS, dask_address=address)
+    shutil.copytree(tmp_path / "one", tmp_path / "four")
+    four = Storage(str(tmp_path / "four"))
+    iterations = manifest_iterations(four, "trouser")
+    funnels = [one.read_json(one.path(f"reports/trouser/funnel/iteration={k}.json")) for k in iterations[1:]]
+    assert sum(f["model_positive"] + f["model_negative"] for f in funnels) > 0  # the model decided some
+    assert len(iterations) >= 3 and all(stored_parts(one, "trouser", k) == 1 for k in iterations)
+    for k in iterations[1:]:  # what the splits wrote (and what follows them), made again
+        shutil.rmtree(tmp_path / "four" / f"manifests/trouser/iteration={k}")
+        (tmp_path / "four" / f"reports/trouser/funnel/iteration={k}.json").unlink()
+    shutil.rmtree(tmp_path / "four" / "datasets")
+    params = dataclasses.replace(PARAMS, manifest_partition=750)  # 3,000 rows: 4 parts
+    with simulated_crowd(four, "trouser", SimulatedCrowd(read_truth(four, "trouser"), CrowdParams(seed=5))):
+        again = run_cascade("trouser", four.url, params=params, dask_address=address)
+    assert all(stored_parts(four, "trouser", k) == 4 for k in iterations[1:])
+    for k in iterations:
+        assert read_manifest(four, "trouser", k).to_table().equals(read_manifest(one, "trouser", k).to_table()), k
+        funnel = f"reports/trouser/funnel/iteration={k}.json"
+        if k:
+            assert four.read_json(four.path(funnel)) == one.read_json(one.path(funnel)), k
+    dataset = "datasets/trouser/dataset.parquet"
+    assert four.read_table(four.path(dataset)).equals(one.read_table(one.path(dataset)))
+    assert again == first
+    # a run that died between a split's commit and its funnel file gets the funnel back from the commit
+    from lsun_hitl.cascade import start
+
+    lost = tmp_path / "four" / f"reports/trouser/funnel/iteration={iterations[1]}.json"
+    kept = lost.read_bytes()
+    lost.unlink()
+    assert start(four, "trouser", params) == iterations[-1]
+    assert four.read_json(str(lost)) == json.loads(kept)

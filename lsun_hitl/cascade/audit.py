@@ -13,7 +13,7 @@ from ..manifest import BY_HUMAN, BY_MODEL, NEGATIVE, POSITIVE, manifest_iteratio
 from ..storage import Storage, dataset_key
 from .common import AUDIT, recheck_id_for, stored_record
 from .finish import positive_share
-from .people import checked_posteriors, posteriors, publish, recheck_size
+from .people import checked_posteriors, ids_at, posteriors, publish, recheck_size
 from .recheck import disputed
 
 
@@ -94,7 +94,7 @@ def publish_audit_recheck(
     rows = np.concatenate([pos, neg])
     if not params.recheck or len(rows) == 0:
         return None
-    p = posteriors(storage, category, AUDIT, state, rows)
+    p = posteriors(storage, category, AUDIT, ids_at(state, rows))
     rows = rows[disputed(p, np.arange(len(rows)) < len(pos))]
     if len(rows) == 0:
         return None
@@ -115,8 +115,8 @@ def _measure(storage: Storage, category: str, params: CascadeParams) -> Audit:
     """The audit from people's (rechecked) answers on the audit samples."""
     state = read_manifest(storage, category, manifest_iterations(storage, category)[-1])
     pos, neg = audit_rows(storage, category, params)
-    yes_pos = int(np.sum(checked_posteriors(storage, category, AUDIT, state, pos) >= 0.5)) if len(pos) else 0
-    yes_neg = int(np.sum(checked_posteriors(storage, category, AUDIT, state, neg) >= 0.5)) if len(neg) else 0
+    yes_pos = int(np.sum(checked_posteriors(storage, category, AUDIT, ids_at(state, pos)) >= 0.5)) if len(pos) else 0
+    yes_neg = int(np.sum(checked_posteriors(storage, category, AUDIT, ids_at(state, neg)) >= 0.5)) if len(neg) else 0
     rechecked = recheck_size(storage, category, AUDIT)
     conf = params.confidence
     p_lo, p_hi = rate_interval(yes_pos, len(pos), conf) if len(pos) else (None, None)

@@ -17,7 +17,7 @@ from ..sampling import Sample
 from ..scoring import read_pool_images
 from ..storage import Storage, calibration_key, calibration_set_key, report_key
 from .common import request_id_for, stored_record, thresholds_from_dict
-from .people import checked_posteriors, recheck_size
+from .people import checked_posteriors, ids_at, recheck_size
 from .sample import carried_calibration, sample
 from .score import candidates, read_scores
 from .train import model_key_path
@@ -101,7 +101,7 @@ def _calibration_set(
     new_scores: np.ndarray,
 ) -> _CalibrationSet:
     """The iteration's new calibration images (scored by the Dask pass: ``new_scores``) and the carried ones."""
-    new_p = checked_posteriors(storage, category, request_id_for(iteration), state, drawn.calibration)
+    new_p = checked_posteriors(storage, category, request_id_for(iteration), ids_at(state, drawn.calibration))
     carried = carried_calibration(storage, category, params, iteration)
     carried_rows = carried.column("row").to_numpy()
     return _CalibrationSet(

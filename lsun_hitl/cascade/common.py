@@ -6,8 +6,10 @@ from collections.abc import Callable, Iterable
 from typing import Protocol, TypeVar
 
 from ..calibration import Interval, Thresholds
+from ..manifest import committed_funnel
+from ..partitions import COMMIT_FILE
 from ..split import Funnel
-from ..storage import Storage, manifest_key, report_key
+from ..storage import Storage, manifest_dir, manifest_key, report_key
 
 T = TypeVar("T")
 R = TypeVar("R", bound="Record")
@@ -80,15 +82,32 @@ def thresholds_from_dict(d: dict) -> Thresholds:
 def stored_funnel(storage: Storage, category: str, iteration: int, compute: Callable[[], Funnel]) -> Funnel:
     """The funnel of ``iteration`` when it and the iteration's manifest are stored, else ``compute()``.
 
-    ``compute`` writes the manifest; the funnel, written after it, marks the iteration complete.
+    ``compute`` writes the manifest; the funnel, written after it, marks the iteration complete. Its commit
+    records the funnel too, so a run that died between the two writes gets it back (``restore_funnels``).
     """
     return stored_record(
         storage,
         storage.path(report_key(category, f"funnel/iteration={iteration}.json")),
         lambda d: Funnel(**d),
         compute,
-        needs=[storage.path(manifest_key(category, iteration))],
+        needs=[manifest_marker(storage, category, iteration)],
     )
+
+
+def manifest_marker(storage: Storage, category: str, iteration: int) -> str:
+    """The file whose presence says ``iteration``'s manifest is written: its commit record, or the one file of
+    an older root."""
+    one_file = storage.path(manifest_key(category, iteration))
+    return one_file if storage.exists(one_file) else storage.path(manifest_dir(category, iteration), COMMIT_FILE)
+
+
+def restore_funnels(storage: Storage, category: str, iterations: Iterable[int]) -> None:
+    """Write the funnel of each of ``iterations`` whose manifest is committed but whose funnel file is missing
+    (the run died between the two writes) from the one its commit recorded."""
+    for k in iterations:
+        path = storage.path(report_key(category, f"funnel/iteration={k}.json"))
+        if not storage.exists(path) and (recorded := committed_funnel(storage, category, k)) is not None:
+            storage.write_json(path, recorded)
 
 
 def funnels(storage: Storage, category: str) -> list[Funnel]:

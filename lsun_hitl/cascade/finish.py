@@ -21,8 +21,9 @@ from ..manifest import (
     manifest_iterations,
     read_manifest,
 )
+from ..partitions import sweep
 from ..split import Funnel
-from ..storage import Storage, dataset_key, report_key
+from ..storage import Storage, dataset_key, manifest_dir, report_key
 from .common import funnels
 
 
@@ -114,8 +115,12 @@ def target_warnings(
 def finish(storage: Storage, category: str, stop: str | None = None, params: CascadeParams | None = None) -> Summary:
     """Write the dataset manifest (every pool image, final label, provenance) and the summary.
 
-    With ``params``, the summary warns where the estimated precision or false omission misses its target."""
-    last = manifest_iterations(storage, category)[-1]
+    With ``params``, the summary warns where the estimated precision or false omission misses its target. The
+    run is over, so no writer is active: manifest parts no commit names are removed (``partitions.sweep``)."""
+    done = manifest_iterations(storage, category)
+    last = done[-1]
+    for k in done:  # parts of split attempts that died before their commit (a retried step) go
+        sweep(storage, manifest_dir(category, k))
     state = read_manifest(storage, category, last)
     pool = read_pool(storage, columns=["image_id", "uri"])
     storage.write_table(storage.path(dataset_key(category)), _dataset_table(state, pool))

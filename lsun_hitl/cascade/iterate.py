@@ -2,80 +2,92 @@
 
 from __future__ import annotations
 
-import numpy as np
+import contextlib
+from collections.abc import Iterator
+from typing import Any
 
-from ..calibration import Thresholds, zero_error_size
+import numpy as np
+from distributed import Client
+
+from ..calibration import zero_error_size
+from ..cluster import dask_client, run_on_dask
 from ..config import CascadeParams
-from ..manifest import (
-    POSITIVE,
-    ROLE_CALIBRATION,
-    ROLE_TRAIN,
-    UNLABELED,
-    CascadeState,
-    check_transition,
-    read_manifest,
-    write_manifest,
-)
-from ..split import Funnel, apply_human_labels, apply_thresholds, remainder_to_people, stop_reason
-from ..storage import Storage
+from ..manifest import manifest_counts, n_manifest_parts, stored_part_counts
+from ..manifest_parts import IterationUpdate, advance_part, open_part
+from ..partitions import Partitioning, commit, new_attempt
+from ..split import Funnel, remainder_to_people, stop_reason
+from ..storage import Storage, manifest_dir
 from .calibrate import calibrate
 from .common import request_id_for, stored_funnel
 from .people import checked_posteriors, posteriors
-from .sample import carried_calibration, new_calibration_size, sample, train_sample_size
-from .score import candidates, read_scores
+from .sample import carried_calibration, new_calibration_size, sample, sample_ids, train_sample_size
+from .score import score_parts
 
 
-def split(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Funnel:
+def split(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, dask_address: str | None = None
+) -> Funnel:
     """Write the iteration's manifest: people's labels, then the model's decisions beyond the thresholds."""
-    return stored_funnel(storage, category, iteration, lambda: _split(storage, category, params, iteration))
+    return stored_funnel(
+        storage, category, iteration, lambda: _split(storage, category, params, iteration, dask_address)
+    )
 
 
-def _split(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Funnel:
-    """Decide the iteration's images, write its manifest; return its funnel (the caller stores it)."""
-    before = read_manifest(storage, category, iteration - 1)
+def _split(storage: Storage, category: str, params: CascadeParams, iteration: int, dask_address: str | None) -> Funnel:
+    """Decide the iteration's images part by part (a map over the manifest's partitions, on Dask when there
+    are several), commit its manifest; return its funnel (the caller stores it).
+
+    This process holds only the sample, people's answers to it, the thresholds and the parts' counts.
+    """
     drawn = sample(storage, category, params, iteration)
-    rows = candidates(before, drawn)
-    scores = read_scores(storage, category, iteration, len(rows))
     thresholds = calibrate(storage, category, params, iteration)
     rid = request_id_for(iteration)
-    after = before.copy()
-    apply_human_labels(
-        after, drawn.train, posteriors(storage, category, rid, before, drawn.train), ROLE_TRAIN, iteration
-    )
-    apply_human_labels(
-        after,
-        drawn.calibration,
-        checked_posteriors(storage, category, rid, before, drawn.calibration),
-        ROLE_CALIBRATION,
-        iteration,
-    )
-    model_pos, model_neg = apply_thresholds(after, rows, scores, thresholds, iteration)
-    check_transition(before, after)
-    human_rows = np.concatenate([drawn.train, drawn.calibration])
-    funnel = _funnel(iteration, before, after, human_rows, scores, model_pos, model_neg, thresholds)
-    write_manifest(storage, category, iteration, after)
-    return funnel
-
-
-def _funnel(
-    iteration: int,
-    before: CascadeState,
-    after: CascadeState,
-    human_rows: np.ndarray,
-    scores: np.ndarray,
-    model_positive: int,
-    model_negative: int,
-    thresholds: Thresholds,
-) -> Funnel:
-    return Funnel(
+    files, sizes = score_parts(storage, category, iteration)
+    update = IterationUpdate(
         iteration=iteration,
-        unlabeled_before=int(np.sum(before.state == UNLABELED)),
-        human_labeled=len(human_rows),
-        human_positive=int(np.sum(after.state[human_rows] == POSITIVE)),
-        scored=int(np.isfinite(scores).sum()),
-        model_positive=model_positive,
-        model_negative=model_negative,
-        unlabeled_after=int(np.sum(after.state == UNLABELED)),
+        train=drawn.train,
+        train_p=posteriors(storage, category, rid, sample_ids(storage, category, params, iteration, "train")),
+        calibration=drawn.calibration,
+        calibration_p=checked_posteriors(
+            storage, category, rid, sample_ids(storage, category, params, iteration, "calibration")
+        ),
+        thresholds=thresholds,
+        score_files=files,
+        score_sizes=sizes,
+    )
+    n_rows = sum(manifest_counts(storage, category, iteration - 1)[k] for k in ("unlabeled", "positive", "negative"))
+    partitioning = Partitioning(n_rows, n_manifest_parts(n_rows, params.manifest_partition))
+    with _executor(dask_address, params, partitioning) as client:
+        # each part's candidates start after those of the parts before it: unlabeled rows less training rows
+        trained = np.bincount(partitioning.of_rows(drawn.train), minlength=partitioning.n_partitions)
+        per_part = _unlabeled_per_part(client, storage, category, iteration - 1, partitioning) - trained
+        if int(per_part.sum()) != sum(sizes):
+            raise RuntimeError(
+                f"iteration {iteration}: {sum(sizes)} scores for {int(per_part.sum())} candidates; run the score"
+                " step again"
+            )
+        first = np.concatenate([[0], np.cumsum(per_part)])[:-1]
+        attempt = new_attempt()
+        counts = run_on_dask(
+            client,
+            _advance,
+            [(p, int(first[p])) for p in range(partitioning.n_partitions)],
+            storage=storage,
+            category=category,
+            partitioning=partitioning,
+            update=update,
+            attempt=attempt,
+        )
+    total = {k: int(sum(c[k] for c in counts)) for k in counts[0]}
+    funnel = Funnel(
+        iteration=iteration,
+        unlabeled_before=total["unlabeled_before"],
+        human_labeled=len(drawn.train) + len(drawn.calibration),
+        human_positive=total["human_positive"],
+        scored=total["scored"],
+        model_positive=total["model_positive"],
+        model_negative=total["model_negative"],
+        unlabeled_after=total["unlabeled"],
         threshold_positive=thresholds.positive,
         threshold_negative=thresholds.negative,
         precision=thresholds.precision.estimate if thresholds.precision else None,
@@ -83,18 +95,62 @@ def _funnel(
         false_omission=thresholds.false_omission.estimate if thresholds.false_omission else None,
         false_omission_high=thresholds.false_omission.high if thresholds.false_omission else None,
     )
+    keep = ("unlabeled", "positive", "negative", "human", "human_positive")
+    meta = {"counts": [{k: c[k] for k in keep} for c in counts], "funnel": funnel.to_dict()}
+    commit(storage, manifest_dir(category, iteration), attempt, partitioning.n_partitions, n_rows, meta=meta)
+    return funnel
+
+
+def _unlabeled_per_part(
+    client: Client | None, storage: Storage, category: str, iteration: int, partitioning: Partitioning
+) -> np.ndarray:
+    """Unlabeled rows of each part after ``iteration``: from its commit's counts when it was committed in the
+    same parts, else counted on the cluster (an older root's one file, or another partition count)."""
+    stored = stored_part_counts(storage, category, iteration)
+    if stored is not None and len(stored) == partitioning.n_partitions:
+        return np.array([c["unlabeled"] for c in stored], np.int64)
+    counted = run_on_dask(
+        client,
+        _open,
+        list(range(partitioning.n_partitions)),
+        storage=storage,
+        category=category,
+        iteration=iteration,
+        partitioning=partitioning,
+    )
+    return np.asarray(counted, np.int64)
+
+
+def _open(p: int, **kwargs: Any) -> int:
+    return open_part(p=p, **kwargs)
+
+
+def _advance(item: tuple[int, int], **kwargs: Any) -> dict[str, int]:
+    """``advance_part`` of ``(partition, its first candidate)``: the split's map."""
+    p, candidate_start = item
+    return advance_part(p=p, candidate_start=candidate_start, **kwargs)
+
+
+@contextlib.contextmanager
+def _executor(dask_address: str | None, params: CascadeParams, partitioning: Partitioning) -> Iterator[Client | None]:
+    """The Dask cluster at ``dask_address``, else a LocalCluster when there are several parts, else this
+    process (a one-part manifest is not worth a cluster's start)."""
+    if not dask_address and partitioning.n_partitions == 1:
+        yield None
+        return
+    with dask_client(dask_address, n_workers=params.dask_workers) as client:
+        yield client
 
 
 def should_stop(storage: Storage, category: str, params: CascadeParams, iteration: int) -> str | None:
     """Why the cascade stops after ``iteration`` (``split.stop_reason``), or None when it goes on."""
-    state = read_manifest(storage, category, iteration)
-    unlabeled = int(np.sum(state.state == UNLABELED))
-    spent = state.human_labeled()
+    counts = manifest_counts(storage, category, iteration)
+    unlabeled, spent = counts["unlabeled"], counts["human"]
     # "people finishing is cheaper than another round" holds only where people will finish
     people_finish = params.remainder == "people" and remainder_to_people(unlabeled, spent, params.human_budget)
     return stop_reason(
         unlabeled=unlabeled,
-        pool=len(state),
+        pool=counts["unlabeled"] + counts["positive"] + counts["negative"],
         iteration=iteration,
         human_labeled=spent,
         max_iterations=params.max_iterations,

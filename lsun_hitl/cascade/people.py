@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 from .. import labels as labels_lib
 from ..ingest import read_pool
 from ..manifest import CascadeState
-from ..storage import Storage, aggregated_key, request_key
+from ..storage import Storage, aggregated_key, request_key, taken_key
 from .common import recheck_id_for
 
 
@@ -24,7 +24,10 @@ def publish(
 
 
 def labels_complete(storage: Storage, category: str, request_id: str) -> bool:
-    """True when every image of the request has at least one yes/no answer stored."""
+    """True when every image of the request has at least one yes/no answer stored (or the run took its labels
+    already: their aggregate is not fitted again)."""
+    if storage.exists(storage.path(taken_key(category, request_id))):
+        return True
     try:
         labels_lib.collect(storage, category, request_id)
         return True
@@ -39,11 +42,15 @@ def _aggregated(storage: Storage, category: str, request_id: str) -> dict[str, f
     return dict(zip(table.column("image_id").to_pylist(), table.column("p_positive").to_pylist(), strict=True))
 
 
-def posteriors(storage: Storage, category: str, request_id: str, state: CascadeState, rows: np.ndarray) -> np.ndarray:
-    """People's aggregated posterior that each image at pool ``rows`` is positive, from ``request_id``."""
+def ids_at(state: CascadeState, rows: np.ndarray) -> pa.Array:
+    """The image ids of pool ``rows``."""
+    return pc.take(state.image_id, pa.array(rows, pa.int64()))
+
+
+def posteriors(storage: Storage, category: str, request_id: str, image_ids: pa.Array) -> np.ndarray:
+    """People's aggregated posterior that each of ``image_ids`` is positive, from ``request_id``."""
     agg = _aggregated(storage, category, request_id)
-    ids = pc.take(state.image_id, pa.array(rows, pa.int64())).to_pylist()
-    return np.array([agg[i] for i in ids], np.float32)
+    return np.array([agg[i] for i in image_ids.to_pylist()], np.float32)
 
 
 def recheck_size(storage: Storage, category: str, request_id: str) -> int:
@@ -52,13 +59,10 @@ def recheck_size(storage: Storage, category: str, request_id: str) -> int:
     return int(storage.read_json(path)["n_images"]) if storage.exists(path) else 0
 
 
-def checked_posteriors(
-    storage: Storage, category: str, request_id: str, state: CascadeState, rows: np.ndarray
-) -> np.ndarray:
+def checked_posteriors(storage: Storage, category: str, request_id: str, image_ids: pa.Array) -> np.ndarray:
     """``posteriors``, with those of rechecked images (every answer to them, both requests) in place."""
-    p = posteriors(storage, category, request_id, state, rows)
-    if len(rows) and recheck_size(storage, category, request_id):
+    p = posteriors(storage, category, request_id, image_ids)
+    if len(image_ids) and recheck_size(storage, category, request_id):
         agg = _aggregated(storage, category, recheck_id_for(request_id))
-        ids = pc.take(state.image_id, pa.array(rows, pa.int64())).to_pylist()
-        p = np.array([agg.get(i, v) for i, v in zip(ids, p.tolist(), strict=True)], np.float32)
+        p = np.array([agg.get(i, v) for i, v in zip(image_ids.to_pylist(), p.tolist(), strict=True)], np.float32)
     return p

@@ -9,7 +9,7 @@ from ..config import CascadeParams
 from ..manifest import read_manifest
 from ..storage import Storage
 from .common import recheck_id_for, request_id_for
-from .people import posteriors, publish
+from .people import ids_at, posteriors, publish
 from .sample import sample
 from .score import candidates, read_scores
 
@@ -50,7 +50,7 @@ def recheck_rows(storage: Storage, category: str, params: CascadeParams, iterati
     state = read_manifest(storage, category, iteration - 1)
     rows = candidates(state, drawn)
     s = read_scores(storage, category, iteration, len(rows))[np.searchsorted(rows, drawn.calibration)]
-    p = posteriors(storage, category, request_id_for(iteration), state, drawn.calibration)
+    p = posteriors(storage, category, request_id_for(iteration), ids_at(state, drawn.calibration))
     return drawn.calibration[np.isfinite(s) & disputed(p, s >= 0.5)]
 
 

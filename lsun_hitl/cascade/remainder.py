@@ -9,11 +9,11 @@ import numpy as np
 
 from .. import labels as labels_lib
 from ..config import CascadeParams
-from ..manifest import ROLE_REMAINDER, UNLABELED, check_transition, read_manifest, write_manifest
+from ..manifest import ROLE_REMAINDER, UNLABELED, check_transition, read_manifest, stored_parts, write_manifest
 from ..split import Funnel, apply_human_labels, remainder_to_people
 from ..storage import Storage, decision_key
 from .common import REMAINDER, stored_funnel
-from .people import posteriors, publish
+from .people import ids_at, posteriors, publish
 
 
 def publish_remainder(
@@ -93,7 +93,7 @@ def _label_remainder(storage: Storage, category: str, iteration: int) -> Funnel:
     before = read_manifest(storage, category, iteration)
     rows = before.unlabeled_index()
     after = before.copy()
-    p = posteriors(storage, category, REMAINDER, before, rows)
+    p = posteriors(storage, category, REMAINDER, ids_at(before, rows))
     apply_human_labels(after, rows, p, ROLE_REMAINDER, final_it)
     check_transition(before, after)
     funnel = Funnel(
@@ -112,5 +112,7 @@ def _label_remainder(storage: Storage, category: str, iteration: int) -> Funnel:
         false_omission=None,
         false_omission_high=None,
     )
-    write_manifest(storage, category, final_it, after)
+    write_manifest(
+        storage, category, final_it, after, stored_parts(storage, category, iteration), {"funnel": funnel.to_dict()}
+    )
     return funnel

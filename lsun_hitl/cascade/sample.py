@@ -18,16 +18,27 @@ from .people import publish
 
 def sample(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Sample:
     """The images people label at ``iteration`` (drawn once; the stored draw is reused after)."""
-    table = stored_or(
+    table = sample_table(storage, category, params, iteration)
+    idx = table.column("row").to_numpy()
+    role = table.column("role").to_numpy(zero_copy_only=False)
+    return Sample(train=idx[role == "train"], calibration=idx[role == "calibration"])
+
+
+def sample_table(storage: Storage, category: str, params: CascadeParams, iteration: int) -> pa.Table:
+    """``iteration``'s sample as stored: row, image_id, role (train, then calibration), drawn if not stored."""
+    return stored_or(
         storage,
         storage.path(sample_key(category, iteration)),
         storage.read_table,
         lambda: _draw(storage, category, params, iteration),
         storage.write_table,
     )
-    idx = table.column("row").to_numpy()
-    role = table.column("role").to_numpy(zero_copy_only=False)
-    return Sample(train=idx[role == "train"], calibration=idx[role == "calibration"])
+
+
+def sample_ids(storage: Storage, category: str, params: CascadeParams, iteration: int, role: str) -> pa.Array:
+    """The image ids of ``iteration``'s ``role`` ("train" or "calibration") images, in ``sample``'s order."""
+    table = sample_table(storage, category, params, iteration)
+    return table.filter(pc.equal(table.column("role"), role)).column("image_id").combine_chunks()
 
 
 def _draw(storage: Storage, category: str, params: CascadeParams, iteration: int) -> pa.Table:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ..cluster import dask_client
 from ..config import CascadeParams
@@ -59,10 +60,33 @@ def score(
     return int(pc.sum(pc.is_valid(scores.column("score"))).as_py() or 0)
 
 
+def score_parts(storage: Storage, category: str, iteration: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The scoring step's part files of ``iteration`` in candidate order, and each one's row count: those its
+    ``stats.json`` lists, or (a root scored before it listed them) every part there by its number, counted
+    from the footers."""
+    directory = scores_dir(category, iteration)
+    stats = storage.path(directory, "stats.json")
+    sizes = storage.read_json(stats).get("part_rows") if storage.exists(stats) else None
+    if sizes is not None:
+        return tuple(storage.path(directory, f"part-{i:05d}.parquet") for i in range(len(sizes))), tuple(sizes)
+    paths = sorted(
+        storage.glob(storage.path(directory, "part-*.parquet")),
+        key=lambda p: int(p.rsplit("part-", 1)[1].split(".")[0]),
+    )
+
+    def rows(path: str) -> int:
+        with storage.fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+
+    return tuple(paths), tuple(rows(p) for p in paths)
+
+
 def read_scores(storage: Storage, category: str, iteration: int, n: int) -> np.ndarray:
     """The stored scores of the ``n`` candidates of ``iteration``, in candidate order (NaN: unreadable image)."""
-    paths = storage.glob(storage.path(scores_dir(category, iteration), "part-*.parquet"))
-    table = pa.concat_tables([storage.read_table(p, columns=["score"]) for p in paths])
+    paths, _ = score_parts(storage, category, iteration)
+    table = pa.concat_tables(
+        [storage.read_table(p, columns=["score"]) for p in paths] or [pa.table({"score": pa.array([], pa.float32())})]
+    )
     if table.num_rows != n:
         raise RuntimeError(
             f"iteration {iteration}: {table.num_rows} scores for {n} candidates; run the score step again"

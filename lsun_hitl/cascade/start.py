@@ -8,12 +8,13 @@ from .. import model as model_lib
 from ..cluster import dask_client
 from ..config import CascadeParams, ModelParams, validate
 from ..ingest import read_pool
-from ..manifest import CascadeState, manifest_iterations, write_manifest
+from ..manifest import CascadeState, manifest_iterations, n_manifest_parts, write_manifest
 from ..plan import Plan, plan
 from ..plan import check as check_plan
 from ..pretrain import POOL_WEIGHTS, pretrain_on_pool, pretrained_weights
 from ..progress import Progress
 from ..storage import Storage, pretrained_key
+from .common import restore_funnels
 
 log = logging.getLogger(__package__)
 
@@ -64,8 +65,10 @@ def start(storage: Storage, category: str, params: CascadeParams) -> int:
         first = plan(category, pool.num_rows, params)
         check_plan(first, params, params.allow_small_pool)
         log.info("%s", first)
-        write_manifest(storage, category, 0, CascadeState.initial(pool.column("image_id").combine_chunks()))
+        state = CascadeState.initial(pool.column("image_id").combine_chunks())
+        write_manifest(storage, category, 0, state, n_manifest_parts(len(state), params.manifest_partition))
         return 0
+    restore_funnels(storage, category, [k for k in done if k > 0])
     return done[-1]
 
 

@@ -15,7 +15,7 @@ from ..progress import Progress
 from ..scoring import read_pool_images
 from ..storage import Storage, model_key
 from .common import request_id_for
-from .people import posteriors
+from .people import ids_at, posteriors
 from .sample import sample
 
 
@@ -38,7 +38,10 @@ def train(
     earlier = np.flatnonzero(human)
     rows = np.concatenate([earlier, drawn.train])
     targets = np.concatenate(
-        [state.p_positive[earlier], posteriors(storage, category, request_id_for(iteration), state, drawn.train)]
+        [
+            state.p_positive[earlier],
+            posteriors(storage, category, request_id_for(iteration), ids_at(state, drawn.train)),
+        ]
     )
     model_params = params.model_for(iteration)
     images, ok = read_pool_images(storage, rows, model_params.image_size, input_cache(storage, params, iteration))
