@@ -28,7 +28,9 @@ from .manifest import (
     UNLABELED,
     CascadeState,
     check_transition,
+    manifest_counts,
     part_counts,
+    stored_parts,
 )
 from .partitions import Partitioning, bottom_k, committed_files, sample_keys, write_part
 from .split import apply_human_labels, apply_thresholds
@@ -223,6 +225,34 @@ def open_part(storage: Storage, category: str, iteration: int, partitioning: Par
     """How many rows of partition ``p`` are unlabeled after ``iteration`` (reads its ``state`` column only)."""
     column = _state_table(storage, category, iteration, partitioning, p, columns=["state"])
     return int(pc.sum(pc.equal(column.column("state").cast(pa.string()), "unlabeled")).as_py() or 0)
+
+
+def _is(table: pa.Table, column: str, value: str) -> np.ndarray:
+    """Where a dictionary column of a manifest part equals ``value`` (null: no)."""
+    return pc.fill_null(pc.equal(table.column(column).cast(pa.string()), value), False).to_numpy(zero_copy_only=False)
+
+
+def human_labels(
+    storage: Storage, category: str, iteration: int, *, without_calibration: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every image people decided by ``iteration`` (all but the calibration images ``without_calibration``):
+    their global rows, ascending, and people's posteriors. Reads three columns, one stored part at a time, so
+    this process holds a part's columns and the labels, not the pool's state."""
+    counts = manifest_counts(storage, category, iteration)
+    n_rows = counts["unlabeled"] + counts["positive"] + counts["negative"]
+    partitioning = Partitioning(n_rows, stored_parts(storage, category, iteration))
+    rows, p_positive = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+    for p in range(partitioning.n_partitions):
+        table = _state_table(
+            storage, category, iteration, partitioning, p, columns=["decided_by", "human_role", "p_positive"]
+        )
+        keep = _is(table, "decided_by", "human")
+        if without_calibration:
+            keep &= ~_is(table, "human_role", "calibration")
+        index = np.flatnonzero(keep)
+        rows.append(index.astype(np.int64) + partitioning.rows(p)[0])
+        p_positive.append(table.column("p_positive").to_numpy(zero_copy_only=False)[index].astype(np.float32))
+    return np.concatenate(rows), np.concatenate(p_positive)
 
 
 def initial_part(storage: Storage, category: str, partitioning: Partitioning, p: int, attempt: str) -> dict[str, int]:

@@ -9,7 +9,15 @@ import numpy as np
 
 from .. import labels as labels_lib
 from ..config import CascadeParams
-from ..manifest import ROLE_REMAINDER, UNLABELED, check_transition, read_manifest, stored_parts, write_manifest
+from ..manifest import (
+    ROLE_REMAINDER,
+    UNLABELED,
+    check_transition,
+    manifest_counts,
+    read_manifest,
+    stored_parts,
+    write_manifest,
+)
 from ..split import Funnel, apply_human_labels, remainder_to_people
 from ..storage import Storage, decision_key
 from .common import REMAINDER, stored_funnel
@@ -37,11 +45,11 @@ def remainder_decision(storage: Storage, category: str, params: CascadeParams, i
     A larger one takes the decision an operator stored (``decide_remainder``), else ``params.large_remainder``:
     "ask" means the run should wait for that decision before anyone is asked to label so many images.
     """
-    state = read_manifest(storage, category, iteration)
-    left = int(np.sum(state.state == UNLABELED))
-    if params.remainder != "people" or not remainder_to_people(left, state.human_labeled(), params.human_budget):
+    counts = manifest_counts(storage, category, iteration)
+    left, pool = counts["unlabeled"], counts["unlabeled"] + counts["positive"] + counts["negative"]
+    if params.remainder != "people" or not remainder_to_people(left, counts["human"], params.human_budget):
         return "unresolved"  # by choice, or it does not fit in what the budget leaves: nobody is asked
-    if left <= params.large_remainder_share * len(state):
+    if left <= params.large_remainder_share * pool:
         return "people"
     path = storage.path(decision_key(category, REMAINDER))
     stored = storage.read_json(path).get("decision") if storage.exists(path) else None
@@ -50,16 +58,15 @@ def remainder_decision(storage: Storage, category: str, params: CascadeParams, i
 
 def ask_remainder(storage: Storage, category: str, iteration: int, flow_run_id: str | None, why: str) -> dict:
     """Record that the run waits for a decision on the remainder after ``iteration``; return the question."""
-    state = read_manifest(storage, category, iteration)
-    left = int(np.sum(state.state == UNLABELED))
+    counts = manifest_counts(storage, category, iteration)
     path = storage.path(decision_key(category, REMAINDER))
     question = storage.read_json(path) if storage.exists(path) else {}
     question |= {
         "category": category,
         "iteration": iteration,
-        "n_images": left,
-        "pool": len(state),
-        "human_labeled": state.human_labeled(),
+        "n_images": counts["unlabeled"],
+        "pool": counts["unlabeled"] + counts["positive"] + counts["negative"],
+        "human_labeled": counts["human"],
         "stopped": why,
         "flow_run_id": flow_run_id,
         "decision": question.get("decision"),

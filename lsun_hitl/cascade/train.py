@@ -9,14 +9,14 @@ from .. import model as model_lib
 from ..config import CascadeParams
 from ..ingest import read_pool
 from ..inputs import InputCache
-from ..manifest import BY_HUMAN, ROLE_CALIBRATION, read_manifest
+from ..manifest_parts import human_labels
 from ..pretrain import pretrained_weights
 from ..progress import Progress
 from ..scoring import read_pool_images
 from ..storage import Storage, model_key
 from .common import request_id_for
-from .people import ids_at, posteriors
-from .sample import sample
+from .people import posteriors
+from .sample import sample, sample_ids
 
 
 def model_key_path(storage: Storage, category: str, iteration: int) -> str:
@@ -30,19 +30,12 @@ def train(
     path = model_key_path(storage, category, iteration)
     if storage.exists(path):  # the stored model is the output; nothing to read back
         return path
-    state = read_manifest(storage, category, iteration - 1)
+    # calibration images stay held out for good when they are carried to later iterations
+    earlier, earlier_p = human_labels(storage, category, iteration - 1, without_calibration=params.carry_calibration)
     drawn = sample(storage, category, params, iteration)
-    human = state.decided_by == BY_HUMAN
-    if params.carry_calibration:  # calibration images stay held out for good
-        human &= state.human_role != ROLE_CALIBRATION
-    earlier = np.flatnonzero(human)
     rows = np.concatenate([earlier, drawn.train])
-    targets = np.concatenate(
-        [
-            state.p_positive[earlier],
-            posteriors(storage, category, request_id_for(iteration), ids_at(state, drawn.train)),
-        ]
-    )
+    train_ids = sample_ids(storage, category, params, iteration, "train")
+    targets = np.concatenate([earlier_p, posteriors(storage, category, request_id_for(iteration), train_ids)])
     model_params = params.model_for(iteration)
     images, ok = read_pool_images(storage, rows, model_params.image_size, input_cache(storage, params, iteration))
     net = model_lib.train(
