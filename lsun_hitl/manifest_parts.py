@@ -221,6 +221,38 @@ def advance_part(
     }
 
 
+def score_lookup_part(
+    storage: Storage,
+    category: str,
+    iteration: int,
+    partitioning: Partitioning,
+    p: int,
+    candidate_start: int,
+    train: np.ndarray,
+    wanted: np.ndarray,
+    score_files: tuple[str, ...],
+    score_sizes: tuple[int, ...],
+    bins: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Partition ``p``'s share of a score lookup for ``iteration``: the rows of ``wanted`` in the part (global),
+    their scores, and the histogram over ``bins`` of every finite score of the part's candidates (its rows
+    unlabeled before ``iteration`` less ``train``, whose scores start at ``candidate_start``).
+
+    Raises ``ValueError`` if a wanted row of the part is not a candidate (it was decided, or trained on)."""
+    start, stop = partitioning.rows(p)
+    column = _state_table(storage, category, iteration - 1, partitioning, p, columns=["state"])
+    train_local, _ = _local(train, train, start, stop)
+    index = np.setdiff1d(np.flatnonzero(_is(column, "state", "unlabeled")), train_local)
+    table = read_score_slice(storage, score_files, score_sizes, candidate_start, candidate_start + len(index))
+    scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
+    want, _ = _local(wanted, wanted, start, stop)
+    at = np.minimum(np.searchsorted(index, want), max(0, len(index) - 1))
+    if len(want) and (len(index) == 0 or not np.array_equal(index[at], want)):
+        raise ValueError(f"{category} iteration {iteration}: a row asked for in part {p} is not a candidate")
+    histogram = np.histogram(scores[np.isfinite(scores)], bins)[0]
+    return want + start, scores[at] if len(want) else np.zeros(0, np.float32), histogram
+
+
 def open_part(storage: Storage, category: str, iteration: int, partitioning: Partitioning, p: int) -> int:
     """How many rows of partition ``p`` are unlabeled after ``iteration`` (reads its ``state`` column only)."""
     column = _state_table(storage, category, iteration, partitioning, p, columns=["state"])

@@ -22,13 +22,23 @@ def _png(fig: plt.Figure) -> bytes:
     return buf.getvalue()
 
 
+SCORE_BINS = np.linspace(0, 1, 51)  # the histogram's bins: scores are probabilities
+
+
 def score_histogram(
-    category: str, iteration: int, scores: np.ndarray, cal_scores: np.ndarray, cal_p: np.ndarray, thresholds: Thresholds
+    category: str,
+    iteration: int,
+    candidate_counts: np.ndarray,
+    cal_scores: np.ndarray,
+    cal_p: np.ndarray,
+    thresholds: Thresholds,
 ) -> bytes:
-    """PNG: scores of all candidates, and of the calibration sample split by the human answer."""
+    """PNG: how many candidates scored in each of ``SCORE_BINS`` (``candidate_counts``, counted part by part
+    where the candidates are), and the calibration sample's scores split by the human answer."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
-    bins = np.linspace(0, 1, 51)
-    top.hist(scores[np.isfinite(scores)], bins=bins, color="#888", log=True)
+    bins = SCORE_BINS
+    top.stairs(np.asarray(candidate_counts), bins, fill=True, color="#888")
+    top.set_yscale("log")
     top.set_ylabel("candidates (log)")
     top.set_title(f"{category}: model scores, iteration {iteration}")
     pos = cal_p >= 0.5

@@ -300,12 +300,12 @@ def test_scores_in_parts_decide_the_same_and_a_mismatched_partitioning_is_refuse
         advance_part(storage, "shirt", part, 0, replace(by_parts, scores_dir="scores/bad"), new_attempt())
 
 
-def test_the_flow_s_splits_in_1_and_4_manifest_parts_give_the_same_manifests_and_dataset(
+def test_the_flow_s_steps_in_1_and_4_manifest_parts_give_the_same_thresholds_manifests_and_dataset(
     tmp_path, dask_cluster, prefect_harness
 ):
-    """The real flow (Prefect, Dask, the simulated crowd) with one manifest part; then the same run's splits
-    again in 4 parts on the Dask cluster, every other step's stored output reused: the same manifests, funnels,
-    dataset and summary."""
+    """The real flow (Prefect, Dask, the simulated crowd) with one manifest part; then the same run's
+    calibrations and splits again in 4 parts on the Dask cluster, every other step's stored output reused: the
+    same thresholds, calibration sets, manifests, funnels, dataset and summary."""
     import dataclasses
     import shutil
 
@@ -329,9 +329,15 @@ def test_the_flow_s_splits_in_1_and_4_manifest_parts_give_the_same_manifests_and
     funnels = [one.read_json(one.path(f"reports/trouser/funnel/iteration={k}.json")) for k in iterations[1:]]
     assert sum(f["model_positive"] + f["model_negative"] for f in funnels) > 0  # the model decided some
     assert len(iterations) >= 3 and all(stored_parts(one, "trouser", k) == 1 for k in iterations)
-    for k in iterations[1:]:  # what the splits wrote (and what follows them), made again
+    model_iterations = [
+        k for k in iterations[1:] if (tmp_path / f"one/calibration/trouser/iteration={k}.json").exists()
+    ]
+    for k in iterations[1:]:  # what the calibrations and splits wrote (and what follows them), made again
         shutil.rmtree(tmp_path / "four" / f"manifests/trouser/iteration={k}")
         (tmp_path / "four" / f"reports/trouser/funnel/iteration={k}.json").unlink()
+    for k in model_iterations:
+        (tmp_path / "four" / f"calibration/trouser/iteration={k}.json").unlink()
+        (tmp_path / "four" / f"calibration/trouser/set-iteration={k}.parquet").unlink()
     shutil.rmtree(tmp_path / "four" / "datasets")
     params = dataclasses.replace(PARAMS, manifest_partition=750)  # 3,000 rows: 4 parts
     with simulated_crowd(four, "trouser", SimulatedCrowd(read_truth(four, "trouser"), CrowdParams(seed=5))):
@@ -342,6 +348,12 @@ def test_the_flow_s_splits_in_1_and_4_manifest_parts_give_the_same_manifests_and
         funnel = f"reports/trouser/funnel/iteration={k}.json"
         if k:
             assert four.read_json(four.path(funnel)) == one.read_json(one.path(funnel)), k
+    assert len(model_iterations) >= 2
+    for k in model_iterations:
+        thresholds = f"calibration/trouser/iteration={k}.json"
+        assert four.read_json(four.path(thresholds)) == one.read_json(one.path(thresholds)), k
+        chosen_on = f"calibration/trouser/set-iteration={k}.parquet"
+        assert four.read_table(four.path(chosen_on)).equals(one.read_table(one.path(chosen_on))), k
     dataset = "datasets/trouser/dataset.parquet"
     assert four.read_table(four.path(dataset)).equals(one.read_table(one.path(dataset)))
     assert again == first

@@ -6,20 +6,18 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .. import model as model_lib
 from .. import report
 from ..calibration import Thresholds, choose_thresholds
 from ..config import CascadeParams
-from ..manifest import CascadeState, read_manifest
 from ..sampling import Sample
 from ..scoring import read_pool_images
 from ..storage import Storage, calibration_key, calibration_set_key, report_key
+from .candidates import candidate_scores
 from .common import request_id_for, stored_record, thresholds_from_dict
-from .people import checked_posteriors, ids_at, recheck_size
-from .sample import carried_calibration, sample
-from .score import candidates, read_scores
+from .people import checked_posteriors, recheck_size
+from .sample import carried_calibration, sample, sample_ids
 from .train import model_key_path
 
 
@@ -28,16 +26,17 @@ class _CalibrationSet:
     """The images that calibrate an iteration's model: its new calibration sample, then the carried ones."""
 
     rows: np.ndarray
+    image_id: pa.Array
     p_positive: np.ndarray  # people's posteriors (rechecked ones in place)
     scores: np.ndarray  # by this iteration's model
     from_iteration: np.ndarray  # the iteration that drew each image
     n_carried: int
 
-    def table(self, image_id: pa.Array) -> pa.Table:
+    def table(self) -> pa.Table:
         return pa.table(
             {
                 "row": pa.array(self.rows, pa.int64()),
-                "image_id": pc.take(image_id, pa.array(self.rows, pa.int64())),
+                "image_id": self.image_id,
                 "p_positive": pa.array(self.p_positive, pa.float32()),
                 "from_iteration": pa.array(self.from_iteration, pa.int32()),
                 "score": pa.array(self.scores, pa.float32()),
@@ -57,17 +56,13 @@ def calibrate(storage: Storage, category: str, params: CascadeParams, iteration:
 
 def _calibrate(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Thresholds:
     """Choose the thresholds; write the calibration set and the score histogram (the caller writes the JSON)."""
-    state = read_manifest(storage, category, iteration - 1)
     drawn = sample(storage, category, params, iteration)
-    rows = candidates(state, drawn)
-    all_scores = read_scores(storage, category, iteration, len(rows))
-    cal = _calibration_set(
-        storage, category, params, iteration, state, drawn, all_scores[np.searchsorted(rows, drawn.calibration)]
-    )
-    storage.write_table(storage.path(calibration_set_key(category, iteration)), cal.table(state.image_id))
+    new_scores, histogram = candidate_scores(storage, category, params, iteration, drawn.train, drawn.calibration)
+    cal = _calibration_set(storage, category, params, iteration, drawn, new_scores)
+    storage.write_table(storage.path(calibration_set_key(category, iteration)), cal.table())
     thresholds = thresholds_for(params, iteration, cal.scores, cal.p_positive, cal.n_carried)
     thresholds = replace(thresholds, n_rechecked=recheck_size(storage, category, request_id_for(iteration)))
-    png = report.score_histogram(category, iteration, all_scores, cal.scores, cal.p_positive, thresholds)
+    png = report.score_histogram(category, iteration, histogram, cal.scores, cal.p_positive, thresholds)
     storage.write_bytes(storage.path(report_key(category, f"scores-iteration={iteration}.png")), png)
     return thresholds
 
@@ -96,16 +91,17 @@ def _calibration_set(
     category: str,
     params: CascadeParams,
     iteration: int,
-    state: CascadeState,
     drawn: Sample,
     new_scores: np.ndarray,
 ) -> _CalibrationSet:
     """The iteration's new calibration images (scored by the Dask pass: ``new_scores``) and the carried ones."""
-    new_p = checked_posteriors(storage, category, request_id_for(iteration), ids_at(state, drawn.calibration))
+    new_ids = sample_ids(storage, category, params, iteration, "calibration")
+    new_p = checked_posteriors(storage, category, request_id_for(iteration), new_ids)
     carried = carried_calibration(storage, category, params, iteration)
     carried_rows = carried.column("row").to_numpy()
     return _CalibrationSet(
         rows=np.concatenate([drawn.calibration, carried_rows]),
+        image_id=pa.concat_arrays([new_ids, carried.column("image_id").combine_chunks().cast(pa.string())]),
         p_positive=np.concatenate([new_p, carried.column("p_positive").to_numpy(zero_copy_only=False)]).astype(
             np.float32
         ),

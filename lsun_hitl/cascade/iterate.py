@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
-from distributed import Client
-
 from ..calibration import zero_error_size
-from ..cluster import dask_client, run_on_dask
+from ..cluster import run_on_dask
 from ..config import CascadeParams
-from ..manifest import manifest_counts, n_manifest_parts, stored_part_counts
-from ..manifest_parts import IterationUpdate, advance_part, open_part
-from ..partitions import Partitioning, commit, new_attempt
+from ..manifest import manifest_counts
+from ..manifest_parts import IterationUpdate, advance_part
+from ..partitions import commit, new_attempt
 from ..split import Funnel, remainder_to_people, stop_reason
 from ..storage import Storage, manifest_dir
 from .calibrate import calibrate
+from .candidates import executor, locate, partitioning_before
 from .common import request_id_for, stored_funnel
 from .people import checked_posteriors, posteriors
 from .sample import carried_calibration, new_calibration_size, sample, sample_ids, train_sample_size
-from .score import score_parts
 
 
 def split(
@@ -42,36 +37,26 @@ def _split(storage: Storage, category: str, params: CascadeParams, iteration: in
     drawn = sample(storage, category, params, iteration)
     thresholds = calibrate(storage, category, params, iteration)
     rid = request_id_for(iteration)
-    files, sizes = score_parts(storage, category, iteration)
-    update = IterationUpdate(
-        iteration=iteration,
-        train=drawn.train,
-        train_p=posteriors(storage, category, rid, sample_ids(storage, category, params, iteration, "train")),
-        calibration=drawn.calibration,
-        calibration_p=checked_posteriors(
-            storage, category, rid, sample_ids(storage, category, params, iteration, "calibration")
-        ),
-        thresholds=thresholds,
-        score_files=files,
-        score_sizes=sizes,
-    )
-    n_rows = sum(manifest_counts(storage, category, iteration - 1)[k] for k in ("unlabeled", "positive", "negative"))
-    partitioning = Partitioning(n_rows, n_manifest_parts(n_rows, params.manifest_partition))
-    with _executor(dask_address, params, partitioning) as client:
-        # each part's candidates start after those of the parts before it: unlabeled rows less training rows
-        trained = np.bincount(partitioning.of_rows(drawn.train), minlength=partitioning.n_partitions)
-        per_part = _unlabeled_per_part(client, storage, category, iteration - 1, partitioning) - trained
-        if int(per_part.sum()) != sum(sizes):
-            raise RuntimeError(
-                f"iteration {iteration}: {sum(sizes)} scores for {int(per_part.sum())} candidates; run the score"
-                " step again"
-            )
-        first = np.concatenate([[0], np.cumsum(per_part)])[:-1]
+    partitioning = partitioning_before(storage, category, params, iteration)
+    with executor(dask_address, params, partitioning) as client:
+        where = locate(client, storage, category, iteration, partitioning, drawn.train)
+        update = IterationUpdate(
+            iteration=iteration,
+            train=drawn.train,
+            train_p=posteriors(storage, category, rid, sample_ids(storage, category, params, iteration, "train")),
+            calibration=drawn.calibration,
+            calibration_p=checked_posteriors(
+                storage, category, rid, sample_ids(storage, category, params, iteration, "calibration")
+            ),
+            thresholds=thresholds,
+            score_files=where.score_files,
+            score_sizes=where.score_sizes,
+        )
         attempt = new_attempt()
         counts = run_on_dask(
             client,
             _advance,
-            [(p, int(first[p])) for p in range(partitioning.n_partitions)],
+            [(p, int(where.first[p])) for p in range(partitioning.n_partitions)],
             storage=storage,
             category=category,
             partitioning=partitioning,
@@ -97,49 +82,16 @@ def _split(storage: Storage, category: str, params: CascadeParams, iteration: in
     )
     keep = ("unlabeled", "positive", "negative", "human", "human_positive")
     meta = {"counts": [{k: c[k] for k in keep} for c in counts], "funnel": funnel.to_dict()}
-    commit(storage, manifest_dir(category, iteration), attempt, partitioning.n_partitions, n_rows, meta=meta)
-    return funnel
-
-
-def _unlabeled_per_part(
-    client: Client | None, storage: Storage, category: str, iteration: int, partitioning: Partitioning
-) -> np.ndarray:
-    """Unlabeled rows of each part after ``iteration``: from its commit's counts when it was committed in the
-    same parts, else counted on the cluster (an older root's one file, or another partition count)."""
-    stored = stored_part_counts(storage, category, iteration)
-    if stored is not None and len(stored) == partitioning.n_partitions:
-        return np.array([c["unlabeled"] for c in stored], np.int64)
-    counted = run_on_dask(
-        client,
-        _open,
-        list(range(partitioning.n_partitions)),
-        storage=storage,
-        category=category,
-        iteration=iteration,
-        partitioning=partitioning,
+    commit(
+        storage, manifest_dir(category, iteration), attempt, partitioning.n_partitions, partitioning.n_rows, meta=meta
     )
-    return np.asarray(counted, np.int64)
-
-
-def _open(p: int, **kwargs: Any) -> int:
-    return open_part(p=p, **kwargs)
+    return funnel
 
 
 def _advance(item: tuple[int, int], **kwargs: Any) -> dict[str, int]:
     """``advance_part`` of ``(partition, its first candidate)``: the split's map."""
     p, candidate_start = item
     return advance_part(p=p, candidate_start=candidate_start, **kwargs)
-
-
-@contextlib.contextmanager
-def _executor(dask_address: str | None, params: CascadeParams, partitioning: Partitioning) -> Iterator[Client | None]:
-    """The Dask cluster at ``dask_address``, else a LocalCluster when there are several parts, else this
-    process (a one-part manifest is not worth a cluster's start)."""
-    if not dask_address and partitioning.n_partitions == 1:
-        yield None
-        return
-    with dask_client(dask_address, n_workers=params.dask_workers) as client:
-        yield client
 
 
 def should_stop(storage: Storage, category: str, params: CascadeParams, iteration: int) -> str | None:

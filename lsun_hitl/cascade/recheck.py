@@ -6,12 +6,11 @@ import numpy as np
 
 from .. import labels as labels_lib
 from ..config import CascadeParams
-from ..manifest import read_manifest
 from ..storage import Storage
+from .candidates import candidate_scores
 from .common import recheck_id_for, request_id_for
-from .people import ids_at, posteriors, publish
-from .sample import sample
-from .score import candidates, read_scores
+from .people import posteriors, publish
+from .sample import sample, sample_ids
 
 
 def disputed(p_positive: np.ndarray, model_positive: np.ndarray, *, unsure: float = 0.15) -> np.ndarray:
@@ -47,10 +46,10 @@ def recheck_rows(storage: Storage, category: str, params: CascadeParams, iterati
     drawn = sample(storage, category, params, iteration)
     if not params.recheck or len(drawn.calibration) == 0:
         return np.zeros(0, np.int64)
-    state = read_manifest(storage, category, iteration - 1)
-    rows = candidates(state, drawn)
-    s = read_scores(storage, category, iteration, len(rows))[np.searchsorted(rows, drawn.calibration)]
-    p = posteriors(storage, category, request_id_for(iteration), ids_at(state, drawn.calibration))
+    s, _ = candidate_scores(storage, category, params, iteration, drawn.train, drawn.calibration)
+    p = posteriors(
+        storage, category, request_id_for(iteration), sample_ids(storage, category, params, iteration, "calibration")
+    )
     return drawn.calibration[np.isfinite(s) & disputed(p, s >= 0.5)]
 
 
