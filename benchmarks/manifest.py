@@ -4,11 +4,14 @@
     python benchmarks/manifest.py --rows 1000000
     python benchmarks/manifest.py --rows 100000000 --partitions 64   # in parts, on a 2-worker LocalCluster
 
-With ``--partitions`` the manifest is ``lsun_hitl.manifest_parts``'s: the sample's map (each part's bottom-k)
-and reduce, then each part advanced where it is (labels, thresholds over that part's scores, never-flip check,
-write) and the iteration committed; the baseline is ``pyarrow`` reading each previous part and writing the
-rows its advance wrote, one task per part on the same workers. The flow process (this one's child) holds the
-sample and the counts only; its peak memory and each worker's are printed.
+With ``--partitions`` the manifest is in parts and the iteration is the flow's split (``cascade/iterate.py``):
+each part's first candidate from the previous commit's counts, then each part advanced where it is (labels,
+thresholds over its slice of the scoring step's parts, found by candidate index and checked by image id,
+never-flip check, write) and the iteration committed; before it, the sample's map (each part's bottom-k) and
+reduce. The scores are written between the sample and the split (not timed), one file a part, as a scoring
+step would. The baseline is ``pyarrow`` reading each previous part and its scores and writing the rows its
+advance wrote, one task per part on the same workers. The flow process (this one's child) holds the sample
+and the counts only; its peak memory and each worker's are printed.
 
 The iteration (what the cascade does between people and the model, minus training and scoring):
 read the previous manifest, draw the sample, record people's labels for it, apply the thresholds to
@@ -53,7 +56,7 @@ CATEGORY = "bench"
 
 
 HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
-SCORES = scores_dir(CATEGORY, 1)  # the partitioned run's scores: committed parts (row, score)
+SCORES = scores_dir(CATEGORY, 1)  # the partitioned run's scores: the scoring step's parts, in candidate order
 
 
 def ids_from_nibbles(nibbles: np.ndarray) -> pa.Array:
@@ -130,17 +133,30 @@ def hex_ids(start: int, stop: int) -> pa.Array:
     return ids_from_nibbles(np.concatenate([np.zeros_like(low), low], axis=1))
 
 
-def make_part(root: str, part: Partitioning, p: int, attempt: str, scores_attempt: str) -> None:
-    """Partition ``p`` of iteration 0 and of the scores an iteration would have (setup, not timed)."""
+def make_part(root: str, part: Partitioning, p: int, attempt: str) -> dict[str, int]:
+    """Partition ``p`` of iteration 0 (setup, not timed); its counts, as the commit records them."""
+    from lsun_hitl.manifest import part_counts
     from lsun_hitl.manifest_parts import manifest_dir
     from lsun_hitl.partitions import write_part
 
     storage = Storage(root)
     start, stop = part.rows(p)
-    write_part(storage, manifest_dir(CATEGORY, 0), attempt, p, CascadeState.initial(hex_ids(start, stop)).to_table())
-    scores = np.random.default_rng(p).random(stop - start, dtype=np.float32)
-    rows = pa.array(np.arange(start, stop, dtype=np.int64))
-    write_part(storage, SCORES, scores_attempt, p, pa.table({"row": rows, "score": scores}))
+    state = CascadeState.initial(hex_ids(start, stop))
+    write_part(storage, manifest_dir(CATEGORY, 0), attempt, p, state.to_table())
+    return part_counts(state)
+
+
+def score_file(root: str, part: Partitioning, p: int, train: np.ndarray) -> int:
+    """What the scoring step writes for part ``p``'s candidates (its rows less ``train``): image_id, score, in
+    pool order, one file (not timed); the rows written."""
+    start, stop = part.rows(p)
+    index = np.setdiff1d(np.arange(start, stop), train)
+    ids = hex_ids(start, stop).take(pa.array(index - start))
+    scores = np.random.default_rng(p).random(len(index), dtype=np.float32)
+    Storage(root).write_table(
+        Storage(root).path(SCORES, f"part-{p:05d}.parquet"), pa.table({"image_id": ids, "score": scores})
+    )
+    return len(index)
 
 
 def raw_part(root: str, part: Partitioning, p: int) -> tuple[str, float]:
@@ -158,33 +174,50 @@ def raw_part(root: str, part: Partitioning, p: int) -> tuple[str, float]:
     rows = pq.read_table(committed_files(storage, manifest_dir(CATEGORY, 1))[p])
     t = time.perf_counter()
     pq.read_table(committed_files(storage, manifest_dir(CATEGORY, 0))[p])
-    pq.read_table(committed_files(storage, SCORES)[p])
+    pq.read_table(storage.path(SCORES, f"part-{p:05d}.parquet"))
     pq.write_table(rows, str(Path(root) / f"raw-{p:05d}.parquet"), compression="zstd", row_group_size=256 * 1024)
     return get_worker().address, time.perf_counter() - t
+
+
+def _advance(item: tuple[int, int], **kwargs: object) -> dict[str, int]:
+    """The flow's split task: ``advance_part`` of (part, its first candidate)."""
+    from lsun_hitl.manifest_parts import advance_part
+
+    p, candidate_start = item
+    return advance_part(p=p, candidate_start=candidate_start, **kwargs)  # type: ignore[arg-type]
 
 
 def phase_partitioned(root: str, rows: int, n_partitions: int, repeat: int) -> dict:
     """One partitioned iteration and its raw baseline on a fresh 2-worker LocalCluster; seconds and peaks."""
     from distributed import Client, LocalCluster
 
-    from lsun_hitl.manifest_parts import IterationUpdate, advance_part, manifest_dir, sample_part, sum_counts
+    from lsun_hitl.cascade.candidates import locate
+    from lsun_hitl.cluster import run_on_dask
+    from lsun_hitl.manifest_parts import IterationUpdate, manifest_dir, sample_part, sum_counts
     from lsun_hitl.partitions import commit, merge_bottom_k, new_attempt
 
     part = Partitioning(rows, n_partitions)
+    n_cal, n_train = 1500, 2500
     with (
         LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
         Client(cluster) as client,
     ):
         storage = Storage(root)
-        setup, scores_attempt = new_attempt(), new_attempt()
-        client.gather([client.submit(make_part, root, part, p, setup, scores_attempt) for p in range(n_partitions)])
-        commit(storage, manifest_dir(CATEGORY, 0), setup, n_partitions, rows)
-        commit(storage, SCORES, scores_attempt, n_partitions, rows)
+        setup = new_attempt()
+        counts0 = client.gather([client.submit(make_part, root, part, p, setup) for p in range(n_partitions)])
+        commit(storage, manifest_dir(CATEGORY, 0), setup, n_partitions, rows, meta={"counts": counts0})
+        # the sample, then the scores of its candidates as the scoring step writes them (setup, not timed)
+        mapped = [
+            client.submit(sample_part, storage, CATEGORY, 1, part, p, n_cal + n_train, 0) for p in range(n_partitions)
+        ]
+        drawn, _ = merge_bottom_k(client.gather(mapped), n_cal + n_train)
+        train = np.sort(drawn[n_cal:])
+        sizes = client.gather([client.submit(score_file, root, part, p, train) for p in range(n_partitions)])
+        storage.write_json(storage.path(SCORES, "stats.json"), {"candidates": int(sum(sizes)), "part_rows": sizes})
         client.run(reset_peak_rss)  # worker peaks from here on: the iteration's, not the synthetic pool's setup
         best: dict[str, float] = {}
         for _ in range(repeat):  # best of repeat: the cores may be shared
             start = time.perf_counter()
-            n_cal, n_train = 1500, 2500
             mapped = client.gather(
                 [
                     client.submit(sample_part, storage, CATEGORY, 1, part, p, n_cal + n_train, 0)
@@ -194,20 +227,30 @@ def phase_partitioned(root: str, rows: int, n_partitions: int, repeat: int) -> d
             drawn, _ = merge_bottom_k(mapped, n_cal + n_train)
             t_sample = time.perf_counter() - start
             rng = np.random.default_rng(1)
+            where = locate(client, storage, CATEGORY, 1, part, train)
             update = IterationUpdate(
                 iteration=1,
-                train=np.sort(drawn[n_cal:]),
+                train=train,
                 train_p=rng.random(n_train).astype(np.float32),
                 calibration=np.sort(drawn[:n_cal]),
                 calibration_p=rng.random(n_cal).astype(np.float32),
                 thresholds=Thresholds(0.9, 0.1, None, None, 1500, 0, 0, 0.95),
-                scores_dir=SCORES,
+                score_files=where.score_files,
+                score_sizes=where.score_sizes,
             )
             attempt = new_attempt()
-            futures = [
-                client.submit(advance_part, storage, CATEGORY, part, p, update, attempt) for p in range(n_partitions)
-            ]
-            counts = sum_counts(client.gather(futures))
+            counts = sum_counts(
+                run_on_dask(
+                    client,
+                    _advance,
+                    [(p, int(where.first[p])) for p in range(n_partitions)],
+                    storage=storage,
+                    category=CATEGORY,
+                    partitioning=part,
+                    update=update,
+                    attempt=attempt,
+                )
+            )
             commit(storage, manifest_dir(CATEGORY, 1), attempt, n_partitions, rows)
             seconds = time.perf_counter() - start
             per_worker: dict[str, float] = {}
