@@ -52,6 +52,8 @@ class Partitioning:
 
     def rows(self, p: int) -> tuple[int, int]:
         """``(start, stop)``: the global rows of partition ``p``."""
+        if not 0 <= p < self.n_partitions:
+            raise IndexError(f"partition {p} of {self.n_partitions}")
         s = self.starts
         return int(s[p]), int(s[p + 1])
 

@@ -64,6 +64,9 @@ def _split(storage: Storage, category: str, params: CascadeParams, iteration: in
             attempt=attempt,
         )
     total = {k: int(sum(c[k] for c in counts)) for k in counts[0]}
+    held = total["unlabeled"] + total["positive"] + total["negative"]
+    if held != partitioning.n_rows:  # never commit a set of parts that does not hold the pool
+        raise RuntimeError(f"iteration {iteration}: the parts hold {held:,} rows, not the pool's {partitioning.n_rows}")
     funnel = Funnel(
         iteration=iteration,
         unlabeled_before=total["unlabeled_before"],
