@@ -100,9 +100,9 @@ def category_cascade(
         wait_for_labels(storage, category, publish_labels(storage, category, params, iteration, run_id), params)
         train_model(storage, category, params, iteration)
         score_pool(storage, category, params, iteration, dask_address)
-        if (recheck := publish_recheck(storage, category, params, iteration, run_id)) is not None:
+        if (recheck := publish_recheck(storage, category, params, iteration, run_id, dask_address)) is not None:
             wait_for_labels(storage, category, recheck, params)
-        calibrate_thresholds(storage, category, params, iteration)
+        calibrate_thresholds(storage, category, params, iteration, dask_address)
         print(split_pool(storage, category, params, iteration, dask_address))
         report_funnel(storage, category)
         stop = check_stop(storage, category, params, iteration)

@@ -164,7 +164,8 @@ def _candidates(unlabeled: np.ndarray, train_local: np.ndarray) -> np.ndarray:
 def _aligned(score_ids: pa.ChunkedArray, part_ids: pa.Array, index: np.ndarray, checks: int = 1024) -> bool:
     """Whether the scores' image ids are the part's candidates' (``index``): compared at up to ``checks`` evenly
     spaced positions and both ends (a misaligned slice differs nearly everywhere; taking every id cost 13% of a
-    part's split)."""
+    part's split). A misplaced score file shorter than a part's 1/1,024 could slip between the positions; the
+    scoring step's files are thousands of rows, and each part checks its own slice."""
     if len(score_ids) != len(index):
         return False
     at = np.unique(np.linspace(0, len(index) - 1, min(checks, len(index))).astype(np.int64)) if len(index) else index
@@ -259,10 +260,12 @@ def score_lookup_part(
 
     Raises ``ValueError`` if a wanted row of the part is not a candidate (it was decided, or trained on)."""
     start, stop = partitioning.rows(p)
-    column = _state_table(storage, category, iteration - 1, partitioning, p, columns=["state"])
+    column = _state_table(storage, category, iteration - 1, partitioning, p, columns=["image_id", "state"])
     train_local, _ = _local(train, train, start, stop)
     index = _candidates(_is(column, "state", "unlabeled"), train_local)
     table = read_score_slice(storage, score_files, score_sizes, candidate_start, candidate_start + len(index))
+    if not _aligned(table.column("image_id"), column.column("image_id").combine_chunks(), index):
+        raise ValueError(f"the scores of {category} iteration {iteration} do not match part {p}'s candidates")
     scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
     want, _ = _local(wanted, wanted, start, stop)
     at = np.minimum(np.searchsorted(index, want), max(0, len(index) - 1))

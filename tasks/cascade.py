@@ -95,9 +95,14 @@ def publish_remainder(
 @task(**PUBLISH)
 @recorded("recheck")
 def publish_recheck(
-    storage: Storage, category: str, params: CascadeParams, iteration: int, flow_run_id: str | None
+    storage: Storage,
+    category: str,
+    params: CascadeParams,
+    iteration: int,
+    flow_run_id: str | None,
+    dask_address: str | None,
 ) -> LabelRequest | None:
-    return cascade.publish_recheck(storage, category, params, iteration, flow_run_id)
+    return cascade.publish_recheck(storage, category, params, iteration, flow_run_id, dask_address)
 
 
 @task(cache_policy=NO_CACHE)
@@ -126,8 +131,10 @@ def score_pool(storage: Storage, category: str, params: CascadeParams, iteration
 
 @task(**STEP)
 @recorded("calibrate")
-def calibrate_thresholds(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Thresholds:
-    return cascade.calibrate(storage, category, params, iteration)
+def calibrate_thresholds(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, dask_address: str | None
+) -> Thresholds:
+    return cascade.calibrate(storage, category, params, iteration, dask_address)
 
 
 @task(**STEP)

@@ -44,20 +44,26 @@ class _CalibrationSet:
         )
 
 
-def calibrate(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Thresholds:
+def calibrate(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, dask_address: str | None = None
+) -> Thresholds:
     """Thresholds from the calibration sample's human labels (never trained on) and its scores."""
     return stored_record(
         storage,
         storage.path(calibration_key(category, iteration)),
         thresholds_from_dict,
-        lambda: _calibrate(storage, category, params, iteration),
+        lambda: _calibrate(storage, category, params, iteration, dask_address),
     )
 
 
-def _calibrate(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Thresholds:
+def _calibrate(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, dask_address: str | None
+) -> Thresholds:
     """Choose the thresholds; write the calibration set and the score histogram (the caller writes the JSON)."""
     drawn = sample(storage, category, params, iteration)
-    new_scores, histogram = candidate_scores(storage, category, params, iteration, drawn.train, drawn.calibration)
+    new_scores, histogram = candidate_scores(
+        storage, category, params, iteration, drawn.train, drawn.calibration, dask_address
+    )
     cal = _calibration_set(storage, category, params, iteration, drawn, new_scores)
     storage.write_table(storage.path(calibration_set_key(category, iteration)), cal.table())
     thresholds = thresholds_for(params, iteration, cal.scores, cal.p_positive, cal.n_carried)
@@ -101,7 +107,9 @@ def _calibration_set(
     carried_rows = carried.column("row").to_numpy()
     return _CalibrationSet(
         rows=np.concatenate([drawn.calibration, carried_rows]),
-        image_id=pa.concat_arrays([new_ids, carried.column("image_id").combine_chunks().cast(pa.string())]),
+        image_id=pa.concat_arrays(
+            [new_ids.cast(pa.string()), carried.column("image_id").combine_chunks().cast(pa.string())]
+        ),
         p_positive=np.concatenate([new_p, carried.column("p_positive").to_numpy(zero_copy_only=False)]).astype(
             np.float32
         ),

@@ -35,7 +35,7 @@ def _split(storage: Storage, category: str, params: CascadeParams, iteration: in
     This process holds only the sample, people's answers to it, the thresholds and the parts' counts.
     """
     drawn = sample(storage, category, params, iteration)
-    thresholds = calibrate(storage, category, params, iteration)
+    thresholds = calibrate(storage, category, params, iteration, dask_address)
     rid = request_id_for(iteration)
     partitioning = partitioning_before(storage, category, params, iteration)
     with executor(dask_address, params, partitioning) as client:

@@ -41,12 +41,14 @@ def disputed(p_positive: np.ndarray, model_positive: np.ndarray, *, unsure: floa
     return ((p >= 0.5) != np.asarray(model_positive, bool)) | ((p > unsure) & (p < 1 - unsure))
 
 
-def recheck_rows(storage: Storage, category: str, params: CascadeParams, iteration: int) -> np.ndarray:
+def recheck_rows(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, dask_address: str | None = None
+) -> np.ndarray:
     """Calibration images of ``iteration`` whose label the freshly scored model disputes (``disputed``)."""
     drawn = sample(storage, category, params, iteration)
     if not params.recheck or len(drawn.calibration) == 0:
         return np.zeros(0, np.int64)
-    s, _ = candidate_scores(storage, category, params, iteration, drawn.train, drawn.calibration)
+    s, _ = candidate_scores(storage, category, params, iteration, drawn.train, drawn.calibration, dask_address)
     p = posteriors(
         storage, category, request_id_for(iteration), sample_ids(storage, category, params, iteration, "calibration")
     )
@@ -54,10 +56,15 @@ def recheck_rows(storage: Storage, category: str, params: CascadeParams, iterati
 
 
 def publish_recheck(
-    storage: Storage, category: str, params: CascadeParams, iteration: int, flow_run_id: str | None = None
+    storage: Storage,
+    category: str,
+    params: CascadeParams,
+    iteration: int,
+    flow_run_id: str | None = None,
+    dask_address: str | None = None,
 ) -> labels_lib.LabelRequest | None:
     """Ask people again about the disputed calibration images; None when there are none (or recheck is off)."""
-    rows = recheck_rows(storage, category, params, iteration)
+    rows = recheck_rows(storage, category, params, iteration, dask_address)
     if len(rows) == 0:
         return None
     return publish(storage, category, recheck_id_for(request_id_for(iteration)), iteration, rows, flow_run_id)
