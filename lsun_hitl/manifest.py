@@ -149,6 +149,11 @@ def part_counts(state: CascadeState, iteration: int | None = None) -> dict[str, 
     return out
 
 
+def rows_held(counts: dict[str, int]) -> int:
+    """The rows a manifest (or part) with these ``part_counts`` holds: every image is in exactly one state."""
+    return counts["unlabeled"] + counts["positive"] + counts["negative"]
+
+
 def n_manifest_parts(n_rows: int, partition_rows: int) -> int:
     """How many parts a manifest of ``n_rows`` rows has at ``partition_rows`` rows a part (at least one)."""
     return max(1, -(-int(n_rows) // max(1, int(partition_rows))))

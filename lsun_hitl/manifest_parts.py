@@ -30,6 +30,7 @@ from .manifest import (
     check_transition,
     manifest_counts,
     part_counts,
+    rows_held,
     stored_parts,
 )
 from .partitions import Partitioning, bottom_k, committed_files, sample_keys, write_part
@@ -148,8 +149,7 @@ def sample_part(
     keys after ``iteration - 1``, and their keys; ``partitions.merge_bottom_k`` of the parts' is the sample."""
     start, _ = partitioning.rows(p)
     column = _state_table(storage, category, iteration - 1, partitioning, p, columns=["state"])  # one column
-    open_ = pc.equal(column.column("state").cast(pa.string()), "unlabeled").to_numpy(zero_copy_only=False)
-    rows = np.flatnonzero(open_).astype(np.int64) + start
+    rows = np.flatnonzero(_is(column, "state", "unlabeled")).astype(np.int64) + start
     return bottom_k(rows, sample_keys(rows, seed=seed, iteration=iteration, category=category), k)
 
 
@@ -159,6 +159,25 @@ def _candidates(unlabeled: np.ndarray, train_local: np.ndarray) -> np.ndarray:
     mask = np.array(unlabeled, bool)
     mask[train_local] = False
     return np.flatnonzero(mask)
+
+
+def _candidate_scores(
+    storage: Storage,
+    what: str,
+    part_ids: pa.Array,
+    unlabeled: np.ndarray,
+    train_local: np.ndarray,
+    files: tuple[str, ...],
+    sizes: tuple[int, ...],
+    candidate_start: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A part's candidates (part-local rows, ascending) and their scores, the slice of the scoring step's
+    ``files`` from ``candidate_start``; raises ``ValueError`` naming ``what`` if the scores' ids are not theirs."""
+    index = _candidates(unlabeled, train_local)
+    table = read_score_slice(storage, files, sizes, candidate_start, candidate_start + len(index))
+    if not _aligned(table.column("image_id"), part_ids, index):
+        raise ValueError(f"the scores of {what} do not match its candidates; run the score step again")
+    return index, table.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
 
 
 def _aligned(score_ids: pa.ChunkedArray, part_ids: pa.Array, index: np.ndarray, checks: int = 1024) -> bool:
@@ -207,16 +226,16 @@ def advance_part(
         index, p_positive = _local(rows, values, start, stop)
         apply_human_labels(after, index, p_positive, role, update.iteration)
     if update.score_files:
-        index = _candidates(before.state == UNLABELED, train_local)
-        table = read_score_slice(
-            storage, update.score_files, update.score_sizes, candidate_start, candidate_start + len(index)
+        index, scores = _candidate_scores(
+            storage,
+            f"{category} iteration {update.iteration}, part {p}",
+            before.image_id,
+            before.state == UNLABELED,
+            train_local,
+            update.score_files,
+            update.score_sizes,
+            candidate_start,
         )
-        if not _aligned(table.column("image_id"), before.image_id, index):
-            raise ValueError(
-                f"the scores of {category} iteration {update.iteration} do not match part {p}'s candidates;"
-                " run the score step again"
-            )
-        scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
     elif update.scores_dir is None:
         index, scores = _local(update.scored_rows, update.scores, start, stop)
     else:
@@ -262,11 +281,16 @@ def score_lookup_part(
     start, stop = partitioning.rows(p)
     column = _state_table(storage, category, iteration - 1, partitioning, p, columns=["image_id", "state"])
     train_local, _ = _local(train, train, start, stop)
-    index = _candidates(_is(column, "state", "unlabeled"), train_local)
-    table = read_score_slice(storage, score_files, score_sizes, candidate_start, candidate_start + len(index))
-    if not _aligned(table.column("image_id"), column.column("image_id").combine_chunks(), index):
-        raise ValueError(f"the scores of {category} iteration {iteration} do not match part {p}'s candidates")
-    scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
+    index, scores = _candidate_scores(
+        storage,
+        f"{category} iteration {iteration}, part {p}",
+        column.column("image_id").combine_chunks(),
+        _is(column, "state", "unlabeled"),
+        train_local,
+        score_files,
+        score_sizes,
+        candidate_start,
+    )
     want, _ = _local(wanted, wanted, start, stop)
     at = np.minimum(np.searchsorted(index, want), max(0, len(index) - 1))
     if len(want) and (len(index) == 0 or not np.array_equal(index[at], want)):
@@ -277,8 +301,9 @@ def score_lookup_part(
 
 def open_part(storage: Storage, category: str, iteration: int, partitioning: Partitioning, p: int) -> int:
     """How many rows of partition ``p`` are unlabeled after ``iteration`` (reads its ``state`` column only)."""
-    column = _state_table(storage, category, iteration, partitioning, p, columns=["state"])
-    return int(pc.sum(pc.equal(column.column("state").cast(pa.string()), "unlabeled")).as_py() or 0)
+    return int(
+        _is(_state_table(storage, category, iteration, partitioning, p, columns=["state"]), "state", "unlabeled").sum()
+    )
 
 
 def _is(table: pa.Table, column: str, value: str) -> np.ndarray:
@@ -292,8 +317,7 @@ def human_labels(
     """Every image people decided by ``iteration`` (all but the calibration images ``without_calibration``):
     their global rows, ascending, and people's posteriors. Reads three columns, one stored part at a time, so
     this process holds a part's columns and the labels, not the pool's state."""
-    counts = manifest_counts(storage, category, iteration)
-    n_rows = counts["unlabeled"] + counts["positive"] + counts["negative"]
+    n_rows = rows_held(manifest_counts(storage, category, iteration))
     partitioning = Partitioning(n_rows, stored_parts(storage, category, iteration))
     rows, p_positive = [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
     for p in range(partitioning.n_partitions):

@@ -19,7 +19,7 @@ from distributed import Client
 
 from ..cluster import dask_client, run_on_dask
 from ..config import CascadeParams
-from ..manifest import manifest_counts, n_manifest_parts, stored_part_counts
+from ..manifest import manifest_counts, n_manifest_parts, rows_held, stored_part_counts
 from ..manifest_parts import open_part, score_lookup_part
 from ..partitions import Partitioning
 from ..report import SCORE_BINS
@@ -53,8 +53,7 @@ def executor(dask_address: str | None, params: CascadeParams, partitioning: Part
 
 def partitioning_before(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Partitioning:
     """The parts ``iteration`` works in: the pool's rows at ``params.manifest_partition`` rows a part."""
-    counts = manifest_counts(storage, category, iteration - 1)
-    n_rows = counts["unlabeled"] + counts["positive"] + counts["negative"]
+    n_rows = rows_held(manifest_counts(storage, category, iteration - 1))
     return Partitioning(n_rows, n_manifest_parts(n_rows, params.manifest_partition))
 
 

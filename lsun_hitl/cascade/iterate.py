@@ -7,7 +7,7 @@ from typing import Any
 from ..calibration import zero_error_size
 from ..cluster import run_on_dask
 from ..config import CascadeParams
-from ..manifest import manifest_counts
+from ..manifest import manifest_counts, rows_held
 from ..manifest_parts import IterationUpdate, advance_part
 from ..partitions import commit, new_attempt
 from ..split import Funnel, remainder_to_people, stop_reason
@@ -64,7 +64,7 @@ def _split(storage: Storage, category: str, params: CascadeParams, iteration: in
             attempt=attempt,
         )
     total = {k: int(sum(c[k] for c in counts)) for k in counts[0]}
-    held = total["unlabeled"] + total["positive"] + total["negative"]
+    held = rows_held(total)
     if held != partitioning.n_rows:  # never commit a set of parts that does not hold the pool
         raise RuntimeError(f"iteration {iteration}: the parts hold {held:,} rows, not the pool's {partitioning.n_rows}")
     funnel = Funnel(
@@ -105,7 +105,7 @@ def should_stop(storage: Storage, category: str, params: CascadeParams, iteratio
     people_finish = params.remainder == "people" and remainder_to_people(unlabeled, spent, params.human_budget)
     return stop_reason(
         unlabeled=unlabeled,
-        pool=counts["unlabeled"] + counts["positive"] + counts["negative"],
+        pool=rows_held(counts),
         iteration=iteration,
         human_labeled=spent,
         max_iterations=params.max_iterations,

@@ -15,6 +15,7 @@ from ..manifest import (
     check_transition,
     manifest_counts,
     read_manifest,
+    rows_held,
     stored_parts,
     write_manifest,
 )
@@ -46,7 +47,7 @@ def remainder_decision(storage: Storage, category: str, params: CascadeParams, i
     "ask" means the run should wait for that decision before anyone is asked to label so many images.
     """
     counts = manifest_counts(storage, category, iteration)
-    left, pool = counts["unlabeled"], counts["unlabeled"] + counts["positive"] + counts["negative"]
+    left, pool = counts["unlabeled"], rows_held(counts)
     if params.remainder != "people" or not remainder_to_people(left, counts["human"], params.human_budget):
         return "unresolved"  # by choice, or it does not fit in what the budget leaves: nobody is asked
     if left <= params.large_remainder_share * pool:
@@ -65,7 +66,7 @@ def ask_remainder(storage: Storage, category: str, iteration: int, flow_run_id: 
         "category": category,
         "iteration": iteration,
         "n_images": counts["unlabeled"],
-        "pool": counts["unlabeled"] + counts["positive"] + counts["negative"],
+        "pool": rows_held(counts),
         "human_labeled": counts["human"],
         "stopped": why,
         "flow_run_id": flow_run_id,
