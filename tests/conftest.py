@@ -16,6 +16,11 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 # beside the suite) a subprocess's server missed it once. Inherited by the subprocesses the tests start.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
+# Prefect sets up its logging once, on first import, binding its console handler to the sys.stderr of that
+# moment: imported inside a test that captures output (capsys), the handler would keep writing to a stream
+# closed when that test ends, and every later flow's log line fails. Imported here, it binds the session's.
+import prefect.main  # noqa: E402, F401
+
 from lsun_hitl.fashion_mnist import load_arrays  # noqa: E402
 
 
