@@ -96,7 +96,7 @@ def category_cascade(
     stop = check_stop(storage, category, params, iteration) if iteration else None
     while stop is None:
         iteration += 1
-        draw_sample(storage, category, params, iteration)
+        draw_sample(storage, category, params, iteration, dask_address)
         wait_for_labels(storage, category, publish_labels(storage, category, params, iteration, run_id), params)
         train_model(storage, category, params, iteration)
         score_pool(storage, category, params, iteration, dask_address)
@@ -113,7 +113,7 @@ def category_cascade(
             wait_for_labels(storage, category, remainder, params)
             label_remainder(storage, category, iteration)
             report_funnel(storage, category)
-    summary = finish_dataset(storage, category, stop, params)
+    summary = finish_dataset(storage, category, stop, params, dask_address)
     print(summary)
     if params.audit_sample and (audit := publish_audit(storage, category, params, run_id)) is not None:
         wait_for_labels(storage, category, audit, params)

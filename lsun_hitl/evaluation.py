@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .storage import Storage, dataset_key
+from .dataset_parts import read_dataset
+from .storage import Storage
 from .truth import read_truth
 
 
@@ -43,13 +44,10 @@ def evaluate(storage: Storage, category: str) -> Evaluation:
 
     Raises ValueError naming the category when it has no finished dataset under ``storage``.
     """
-    path = storage.path(dataset_key(category))
-    if not storage.exists(path):
-        raise ValueError(
-            f"category {category!r} has no finished dataset under {storage.url} ({dataset_key(category)}); "
-            "run its cascade to the end first (lsun-hitl run or demo)"
-        )
-    table = storage.read_table(path, columns=["uri", "label", "decided_by"])
+    try:
+        table = read_dataset(storage, category, columns=["uri", "label", "decided_by"])
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from exc
     truth_map = read_truth(storage, category)
     truth = np.array([truth_map[u] for u in table.column("uri").to_pylist()], bool)
     label = np.array(table.column("label").to_pylist())

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from distributed import Client
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
@@ -42,6 +43,8 @@ POOL_SCHEMA = pa.schema(
         ("format", pa.string()),
     ]
 )
+# the pool manifest's row groups: a partition's slice (``read_pool_rows``) reads the groups that hold it
+POOL_ROW_GROUP = 64 * 1024
 REJECT_SCHEMA = pa.schema([("uri", pa.string()), ("reason", pa.string())])
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp", ".jfif")
 
@@ -265,16 +268,38 @@ def build_pool(
     del images
     all_rejects = pa.concat_tables([rejects, dups]).sort_by("uri")
     storage.write_table(storage.path(REJECTS), all_rejects)
-    storage.write_table(storage.path(POOL), pool)
+    storage.write_table(storage.path(POOL), pool, row_group_size=POOL_ROW_GROUP)
     return IngestReport(files=files, images=pool.num_rows, duplicates=dups.num_rows, rejected=rejects.num_rows)
 
 
 def read_pool(storage: Storage, columns: list[str] | None = None) -> pa.Table:
     """The pool manifest; a clear error if it has not been built yet."""
+    return storage.read_table(_pool_path(storage), columns=columns)
+
+
+def read_pool_rows(storage: Storage, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+    """Rows ``[start, stop)`` of the pool manifest, reading only the row groups that hold them (a partition's
+    slice of a 100M-image pool costs its rows, not the pool)."""
+    return storage.read_rows(_pool_path(storage), start, stop, columns=columns)
+
+
+def take_pool(storage: Storage, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+    """The pool manifest's rows at ``rows`` (in that order), reading one row group at a time: memory is a row
+    group and the result, not the pool."""
+    return storage.take_rows(_pool_path(storage), rows, columns=columns)
+
+
+def pool_size(storage: Storage) -> int:
+    """How many images the pool holds (its footer only)."""
+    with storage.fs.open(_pool_path(storage), "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def _pool_path(storage: Storage) -> str:
     path = storage.path(POOL)
     if not storage.exists(path):
         raise FileNotFoundError(
             f"no pool manifest at {storage.url_of(POOL)}; build it first with "
             "`lsun-hitl ingest --root ROOT --images PREFIX` (or `lsun-hitl import-fashion-mnist`)"
         )
-    return storage.read_table(path, columns=columns)
+    return path

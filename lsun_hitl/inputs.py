@@ -26,17 +26,35 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from .storage import Storage
+from .storage import POOL, Storage
 
 CACHE_DIR = "cache/inputs"
 SHARD_BYTES = 64 << 20
+POOL_BATCH = 64 * 1024  # pool rows hashed at a time
 INDEX_SCHEMA = pa.schema([("image_id", pa.string()), ("ok", pa.bool_()), ("error", pa.string())])
 
 
 def pool_fingerprint(image_ids: pa.Array | pa.ChunkedArray) -> str:
     """16 hex digits of BLAKE2b over the pool's image ids in pool order (their lengths and their bytes)."""
     lengths, data = hashlib.blake2b(digest_size=8), hashlib.blake2b(digest_size=8)
+    _hash_ids(image_ids, lengths, data)
+    return hashlib.blake2b(lengths.digest() + data.digest(), digest_size=8).hexdigest()
+
+
+def stored_pool_fingerprint(storage: Storage) -> str:
+    """``pool_fingerprint`` of the pool manifest under ``storage``, read one row group at a time (the same
+    digest, in a process that never holds the pool's ids: 100M of them are gigabytes)."""
+    lengths, data = hashlib.blake2b(digest_size=8), hashlib.blake2b(digest_size=8)
+    with storage.fs.open(storage.path(POOL), "rb") as f:
+        for batch in pq.ParquetFile(f).iter_batches(columns=["image_id"], batch_size=POOL_BATCH):
+            _hash_ids(batch.column(0), lengths, data)
+    return hashlib.blake2b(lengths.digest() + data.digest(), digest_size=8).hexdigest()
+
+
+def _hash_ids(image_ids: pa.Array | pa.ChunkedArray, lengths: hashlib.blake2b, data: hashlib.blake2b) -> None:
+    """Feed the lengths and the bytes of ``image_ids`` to the two running hashes (any chunking, same digest)."""
     for chunk in image_ids.chunks if isinstance(image_ids, pa.ChunkedArray) else [image_ids]:
         if len(chunk) == 0:
             continue
@@ -44,7 +62,6 @@ def pool_fingerprint(image_ids: pa.Array | pa.ChunkedArray) -> str:
         offsets = np.frombuffer(chunk.buffers()[1], width)[chunk.offset : chunk.offset + len(chunk) + 1]
         lengths.update(np.diff(offsets).astype(np.int64).tobytes())
         data.update(memoryview(chunk.buffers()[2])[int(offsets[0]) : int(offsets[-1])])
-    return hashlib.blake2b(lengths.digest() + data.digest(), digest_size=8).hexdigest()
 
 
 def shard_rows_for(image_size: int) -> int:
@@ -66,6 +83,12 @@ class InputCache:
     def of_pool(cls, storage: Storage, image_ids: pa.Array | pa.ChunkedArray, image_size: int) -> InputCache:
         """The cache of the pool whose ids are ``image_ids`` (in pool order), at ``image_size``."""
         return cls(storage, pool_fingerprint(image_ids), image_size, shard_rows_for(image_size))
+
+    @classmethod
+    def of_stored_pool(cls, storage: Storage, image_size: int) -> InputCache:
+        """The cache of the pool manifest stored under ``storage``, at ``image_size`` (``of_pool`` of its ids,
+        read a row group at a time)."""
+        return cls(storage, stored_pool_fingerprint(storage), image_size, shard_rows_for(image_size))
 
     @property
     def key(self) -> str:

@@ -22,8 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .calibration import Thresholds
+from .ingest import read_pool_rows
 from .manifest import (
     ROLE_CALIBRATION,
+    ROLE_REMAINDER,
     ROLE_TRAIN,
     UNLABELED,
     CascadeState,
@@ -33,7 +35,16 @@ from .manifest import (
     rows_held,
     stored_parts,
 )
-from .partitions import Partitioning, bottom_k, committed_files, sample_keys, write_part
+from .partitions import (
+    Partitioning,
+    bottom_k,
+    commit,
+    commit_record,
+    committed_files,
+    new_attempt,
+    sample_keys,
+    write_part,
+)
 from .split import apply_human_labels, apply_thresholds
 from .storage import Storage, manifest_dir, manifest_key
 
@@ -59,6 +70,9 @@ class IterationUpdate:
     # partition reads the slice of them that holds its candidates (``advance_part``'s ``candidate_start``)
     score_files: tuple[str, ...] = ()
     score_sizes: tuple[int, ...] = ()
+    # the images still open when the loop stopped, labeled by people (the remainder's iteration)
+    remainder: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    remainder_p: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
 
 # thresholds that decide nothing: what an iteration whose bounds all failed applies
@@ -100,24 +114,47 @@ def _state_table(
     p: int,
     columns: list[str] | None = None,
 ) -> pa.Table:
-    what = f"the manifest of {category} iteration {iteration}"
     start, stop = partitioning.rows(p)
-    files = committed_files(storage, manifest_dir(category, iteration))
-    if files is None:  # an older root's layout: one file, read as one partition and sliced
+    return read_state_rows(storage, category, iteration, partitioning.n_rows, start, stop, columns)
+
+
+def read_state_rows(
+    storage: Storage,
+    category: str,
+    iteration: int,
+    n_rows: int,
+    start: int,
+    stop: int,
+    columns: list[str] | None = None,
+) -> pa.Table:
+    """Rows ``[start, stop)`` of ``iteration``'s manifest of a pool of ``n_rows`` images, whatever partitioning
+    it was committed in: the parts that overlap them (a part wanted whole is read whole and its row count
+    checked; the ends of a range read only the row groups they need), or an older root's one file."""
+    what = f"the manifest of {category} iteration {iteration}"
+    directory = manifest_dir(category, iteration)
+    record = commit_record(storage, directory)
+    if record is None:  # an older root's layout: one file, written by one process, read whole and sliced
         whole = storage.read_table(storage.path(manifest_key(category, iteration)), columns=columns)
-        return _checked(whole, partitioning.n_rows, what).slice(start, stop - start)
-    if len(files) == partitioning.n_partitions:
-        return _checked(storage.read_table(files[p], columns=columns), stop - start, f"part {p} of {what}")
-    # committed with another partition count (the setting changed between iterations): the parts that overlap
-    stored = Partitioning(partitioning.n_rows, len(files))
+        return _checked(whole, n_rows, what).slice(start, stop - start)
+    if int(record["rows"]) != n_rows:
+        raise ValueError(
+            f"{what} holds {int(record['rows']):,} rows, not {n_rows:,}: it belongs to another pool or partitioning"
+        )
+    files = [storage.path(directory, name) for name in record["parts"]]
+    stored = Partitioning(n_rows, len(files))
     pieces = []
-    for q in range(stored.of_rows(np.array([start]))[0], stored.n_partitions):
+    for q in range(int(stored.of_rows(np.array([start]))[0]) if start < n_rows else stored.n_partitions, len(files)):
         lo, hi = stored.rows(q)
         if lo >= stop:
             break
-        table = _checked(storage.read_table(files[q], columns=columns), hi - lo, f"part {q} of {what}")
-        pieces.append(table.slice(max(start, lo) - lo, min(stop, hi) - max(start, lo)))
-    return pa.concat_tables(pieces)
+        a, b = max(start, lo), min(stop, hi)
+        if (a, b) == (lo, hi):
+            pieces.append(_checked(storage.read_table(files[q], columns=columns), hi - lo, f"part {q} of {what}"))
+        else:
+            pieces.append(storage.read_rows(files[q], a - lo, b - lo, columns=columns))
+    if not pieces:
+        return storage.read_rows(files[0], 0, 0, columns=columns)
+    return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
 
 
 def read_score_slice(
@@ -149,7 +186,7 @@ def sample_part(
     keys after ``iteration - 1``, and their keys; ``partitions.merge_bottom_k`` of the parts' is the sample."""
     start, _ = partitioning.rows(p)
     column = _state_table(storage, category, iteration - 1, partitioning, p, columns=["state"])  # one column
-    rows = np.flatnonzero(_is(column, "state", "unlabeled")).astype(np.int64) + start
+    rows = np.flatnonzero(column_is(column, "state", "unlabeled")).astype(np.int64) + start
     return bottom_k(rows, sample_keys(rows, seed=seed, iteration=iteration, category=category), k)
 
 
@@ -159,6 +196,19 @@ def _candidates(unlabeled: np.ndarray, train_local: np.ndarray) -> np.ndarray:
     mask = np.array(unlabeled, bool)
     mask[train_local] = False
     return np.flatnonzero(mask)
+
+
+def range_candidates(
+    storage: Storage, category: str, iteration: int, n_rows: int, start: int, stop: int, train: np.ndarray
+) -> tuple[np.ndarray, pa.Array]:
+    """The candidates of ``iteration`` among pool rows ``[start, stop)``: global rows, ascending, and their
+    image ids. Candidates are the rows unlabeled after ``iteration - 1`` less the iteration's ``train`` rows;
+    only the ``image_id`` and ``state`` columns of the rows in range are read."""
+    table = read_state_rows(storage, category, iteration - 1, n_rows, start, stop, columns=["image_id", "state"])
+    train_local, _ = _local(train, train, start, stop)
+    index = _candidates(column_is(table, "state", "unlabeled"), train_local)
+    ids = pc.take(table.column("image_id"), pa.array(index, pa.int64())).combine_chunks()
+    return index.astype(np.int64) + start, ids
 
 
 def _candidate_scores(
@@ -222,6 +272,7 @@ def advance_part(
     for rows, values, role in (
         (update.train, update.train_p, ROLE_TRAIN),
         (update.calibration, update.calibration_p, ROLE_CALIBRATION),
+        (update.remainder, update.remainder_p, ROLE_REMAINDER),
     ):
         index, p_positive = _local(rows, values, start, stop)
         apply_human_labels(after, index, p_positive, role, update.iteration)
@@ -285,7 +336,7 @@ def score_lookup_part(
         storage,
         f"{category} iteration {iteration}, part {p}",
         column.column("image_id").combine_chunks(),
-        _is(column, "state", "unlabeled"),
+        column_is(column, "state", "unlabeled"),
         train_local,
         score_files,
         score_sizes,
@@ -299,15 +350,29 @@ def score_lookup_part(
     return want + start, scores[at] if len(want) else np.zeros(0, np.float32), histogram
 
 
+def open_rows(
+    storage: Storage, category: str, iteration: int, partitioning: Partitioning, p: int
+) -> tuple[np.ndarray, pa.Array]:
+    """The rows of partition ``p`` unlabeled after ``iteration``: global rows, ascending, and their image ids."""
+    start, _ = partitioning.rows(p)
+    table = _state_table(storage, category, iteration, partitioning, p, columns=["image_id", "state"])
+    index = np.flatnonzero(column_is(table, "state", "unlabeled"))
+    return index.astype(np.int64) + start, pc.take(
+        table.column("image_id"), pa.array(index, pa.int64())
+    ).combine_chunks()
+
+
 def open_part(storage: Storage, category: str, iteration: int, partitioning: Partitioning, p: int) -> int:
     """How many rows of partition ``p`` are unlabeled after ``iteration`` (reads its ``state`` column only)."""
     return int(
-        _is(_state_table(storage, category, iteration, partitioning, p, columns=["state"]), "state", "unlabeled").sum()
+        column_is(
+            _state_table(storage, category, iteration, partitioning, p, columns=["state"]), "state", "unlabeled"
+        ).sum()
     )
 
 
-def _is(table: pa.Table, column: str, value: str) -> np.ndarray:
-    """Where a dictionary column of a manifest part equals ``value`` (null: no)."""
+def column_is(table: pa.Table, column: str, value: str) -> np.ndarray:
+    """Where a (dictionary) string column of a manifest or dataset part equals ``value`` (null: no)."""
     return pc.fill_null(pc.equal(table.column(column).cast(pa.string()), value), False).to_numpy(zero_copy_only=False)
 
 
@@ -324,9 +389,9 @@ def human_labels(
         table = _state_table(
             storage, category, iteration, partitioning, p, columns=["decided_by", "human_role", "p_positive"]
         )
-        keep = _is(table, "decided_by", "human")
+        keep = column_is(table, "decided_by", "human")
         if without_calibration:
-            keep &= ~_is(table, "human_role", "calibration")
+            keep &= ~column_is(table, "human_role", "calibration")
         index = np.flatnonzero(keep)
         rows.append(index.astype(np.int64) + partitioning.rows(p)[0])
         p_positive.append(table.column("p_positive").to_numpy(zero_copy_only=False)[index].astype(np.float32))
@@ -336,16 +401,21 @@ def human_labels(
 def initial_part(storage: Storage, category: str, partitioning: Partitioning, p: int, attempt: str) -> dict[str, int]:
     """Write partition ``p`` of iteration 0 (every image unlabeled) from the pool's image ids; its counts.
 
-    Reads the pool's ``image_id`` column and slices it: one column, but the whole of it on every part (a
-    partitioned pool is what removes that).
-    """
-    from .ingest import read_pool
-
+    Reads the ``image_id`` column of the pool's row groups that hold the partition's rows."""
     start, stop = partitioning.rows(p)
-    ids = read_pool(storage, columns=["image_id"]).column("image_id").slice(start, stop - start).combine_chunks()
+    ids = read_pool_rows(storage, start, stop, columns=["image_id"]).column("image_id").combine_chunks()
     state = CascadeState.initial(ids)
     write_part(storage, manifest_dir(category, 0), attempt, p, state.to_table())
     return part_counts(state, 0)
+
+
+def write_initial(storage: Storage, category: str, partitioning: Partitioning) -> None:
+    """Write and commit iteration 0's manifest, one part after another (this process holds one part)."""
+    attempt = new_attempt()
+    counts = [initial_part(storage, category, partitioning, p, attempt) for p in range(partitioning.n_partitions)]
+    commit(
+        storage, manifest_dir(category, 0), attempt, partitioning.n_partitions, partitioning.n_rows, {"counts": counts}
+    )
 
 
 def sum_counts(parts: list[dict[str, int]]) -> dict[str, int]:

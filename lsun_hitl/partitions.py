@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from .storage import Storage
 
@@ -160,12 +161,13 @@ def _record(storage: Storage, directory: str) -> dict | None:
 def commit(storage: Storage, directory: str, attempt: str, n_parts: int, rows: int, meta: dict | None = None) -> None:
     """Make ``attempt``'s ``n_parts`` parts the table at ``directory``.
 
-    Raises ``FileNotFoundError`` naming the missing part if the attempt is incomplete: nothing is committed
-    then. The commit is one atomic write of ``_committed.json``, which also names the attempt it replaced; the
-    attempt replaced before that (two commits back) is removed, so a reader still scanning the previous commit
-    finishes, and an attempt some other writer has not committed yet is never touched (``sweep`` removes
-    leftovers when no writer is active). Committing the same attempt again changes nothing. ``meta`` (small,
-    JSON) is kept in the record, read back with ``commit_record``.
+    Raises ``FileNotFoundError`` naming the missing part if the attempt is incomplete, and ``ValueError`` if
+    the parts' footers do not hold ``rows`` rows together: nothing is committed then. The commit is one atomic
+    write of ``_committed.json``, which also names the attempt it replaced; the attempt replaced before that
+    (two commits back) is removed, so a reader still scanning the previous commit finishes, and an attempt some
+    other writer has not committed yet is never touched (``sweep`` removes leftovers when no writer is active).
+    Committing the same attempt again changes nothing. ``meta`` (small, JSON) is kept in the record, read back
+    with ``commit_record``.
     """
     directory = directory.strip("/")
     parts = [part_key(directory, attempt, p) for p in range(n_parts)]
@@ -175,6 +177,9 @@ def commit(storage: Storage, directory: str, attempt: str, n_parts: int, rows: i
     before = _record(storage, directory)
     if before is not None and before["attempt"] == attempt:
         return
+    held = sum(_footer_rows(storage, storage.path(k)) for k in parts)
+    if held != rows:
+        raise ValueError(f"cannot commit {directory}: the parts of attempt {attempt} hold {held:,} rows, not {rows:,}")
     record = {
         "attempt": attempt,
         "parts": [k.removeprefix(directory + "/") for k in parts],
@@ -186,6 +191,12 @@ def commit(storage: Storage, directory: str, attempt: str, n_parts: int, rows: i
     stale = None if before is None else before.get("previous")
     if stale and stale != attempt:
         _remove_attempt(storage, directory, stale)
+
+
+def _footer_rows(storage: Storage, path: str) -> int:
+    """The row count a Parquet file's footer records (the footer alone is read)."""
+    with storage.fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
 
 def _remove_attempt(storage: Storage, directory: str, attempt: str) -> None:

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import model as model_lib
 from .config import ModelParams
-from .ingest import read_pool
+from .ingest import pool_size
 from .progress import Progress
 from .scoring import read_pool_images
 from .storage import Storage, pretrained_key
@@ -146,7 +146,7 @@ def pretrain_on_pool(
     path = storage.path(pretrained_key(params.arch, params.image_size))
     if storage.exists(path):
         return path
-    n = read_pool(storage, columns=["image_id"]).num_rows
+    n = pool_size(storage)
     if n < 2:
         raise ValueError(f"the pool at {storage.url} has {n} images; ingest images before pretraining")
     rng = np.random.default_rng([seed, 7])

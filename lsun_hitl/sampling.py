@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,7 +31,8 @@ def draw_sample(
     budget_left: int | None = None,
     category: str = "",
 ) -> Sample:
-    """Draw disjoint uniform random train and calibration samples from ``unlabeled``.
+    """Draw disjoint uniform random train and calibration samples from ``unlabeled``: the flow's draw
+    (``draw_sample_partitioned`` of one part) with the caps of ``sample_sizes``.
 
     Parameters
     ----------
@@ -45,15 +45,17 @@ def draw_sample(
         The draw is a pure function of (seed, iteration, category, unlabeled): each category of a pool gets
         its own draw, so runs of different categories are independent samples (of the calibration bounds too).
     """
-    n = len(unlabeled)
     n_tr, n_cal = sample_sizes(
-        n, n_train=n_train, n_calibration=n_calibration, max_fraction=max_fraction, budget_left=budget_left
+        len(unlabeled), n_train=n_train, n_calibration=n_calibration, max_fraction=max_fraction, budget_left=budget_left
     )
-    rng = np.random.default_rng([seed, iteration, _category_stream(category)])
-    chosen = rng.choice(n, n_cal + n_tr, replace=False, shuffle=True)  # O(sample), not O(pool)
-    cal = np.sort(unlabeled[chosen[:n_cal]])
-    train = np.sort(unlabeled[chosen[n_cal:]])
-    return Sample(train=train, calibration=cal)
+    return draw_sample_partitioned(
+        [np.asarray(unlabeled, np.int64)],
+        n_train=n_tr,
+        n_calibration=n_cal,
+        seed=seed,
+        iteration=iteration,
+        category=category,
+    )
 
 
 def sample_sizes(
@@ -91,8 +93,3 @@ def draw_sample_partitioned(
 
     rows, _ = draw_bottom_k(parts, n_calibration + n_train, seed=seed, iteration=iteration, category=category)
     return Sample(train=np.sort(rows[n_calibration:]), calibration=np.sort(rows[:n_calibration]))
-
-
-def _category_stream(category: str) -> int:
-    """A stable number per category name (CRC-32), to give each category its own random stream."""
-    return zlib.crc32(category.encode())

@@ -22,6 +22,7 @@ thresholds for its process (``_tune_malloc``); memory then goes back to the OS i
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -38,11 +39,11 @@ from distributed import Client
 from fsspec.core import url_to_fs
 
 from .cluster import run_on_dask
-from .ingest import read_pool
+from .ingest import read_pool_rows, take_pool
 from .inputs import INDEX_SCHEMA, InputCache
 from .progress import Progress
 from .steps import peak_rss_mb
-from .storage import Storage, scores_dir
+from .storage import POOL, Storage, scores_dir
 
 SCORE_SCHEMA = pa.schema([("image_id", pa.string()), ("score", pa.float32()), ("error", pa.string())])
 _MODEL_CACHE: dict[str, Any] = {}
@@ -100,8 +101,7 @@ def read_pool_images(
         images, ok, cached = np.zeros((len(rows), size, size, 3), np.uint8), np.zeros(len(rows), bool), None
     todo = np.arange(len(rows)) if cached is None else np.flatnonzero(~cached)
     if len(todo):
-        table = read_pool(storage, columns=["uri"])
-        uris = table.column("uri").take(pa.array(rows[todo], pa.int64())).to_pylist()
+        uris = take_pool(storage, rows[todo], columns=["uri"]).column("uri").to_pylist()
         for start in range(0, len(uris), 512):
             imgs, good, _ = read_batch(uris[start : start + 512], storage.options, size)
             at = todo[start : start + len(good)]
@@ -164,32 +164,76 @@ def score_partition(
     batch_size: int = 256,
     threads: int = 1,
     cache: InputCache | None = None,
-) -> dict[str, int]:
-    """Score row group ``part`` of the candidates file (runs on a Dask worker).
+) -> dict[str, Any]:
+    """Score row group ``part`` of the candidates file into ``part-<part>.parquet`` (runs on a Dask worker).
 
     Without ``cache`` the row group holds the candidates to score and each image is read and decoded.
     With it the row group holds one shard of the pool (every row of it when the shard is not cached yet,
     else only its candidates, flagged by the ``candidate`` column): a cached shard is read instead of its
-    images; a missing one is decoded whole, stored, then scored. Returns the counts ``scored``, ``decoded`` and
-    ``from_cache`` (scored from a shard stored earlier),
-    and the ``worker`` (host:pid) with its ``peak_rss_mb`` (its high-water mark since it started).
+    images; a missing one is decoded whole, stored, then scored. Returns the counts ``scored``, ``valid`` (a
+    score, not an unreadable image), ``decoded`` and ``from_cache`` (scored from a shard stored earlier), and
+    the ``worker`` (host:pid) with its ``peak_rss_mb`` (its high-water mark since it started). A part already
+    stored is not scored again.
     """
-    import torch
-
     out_path = f"{out_dir}/part-{part:05d}.parquet"
     if storage.exists(out_path):
-        rows_stored = pq.ParquetFile(storage.fs.open(out_path, "rb")).metadata.num_rows
-        return {
-            "scored": rows_stored,
-            "decoded": 0,
-            "from_cache": 0,
-            "worker": _worker_name(),
-            "peak_rss_mb": peak_rss_mb(),
-        }
+        return _stored_part(storage, out_path)
+    rows = storage.read_row_group(candidates_path, part)
+    return _score_part(rows, storage, model_path, out_path, batch_size, threads, cache)
+
+
+def score_group(
+    item: tuple[int, str, int, int],
+    *,
+    storage: Storage,
+    model_path: str,
+    out_dir: str,
+    batch_size: int = 256,
+    threads: int = 1,
+    cache: InputCache | None = None,
+) -> dict[str, Any]:
+    """``(part, plan file, row group, candidates in it)``: score that row group of a range's plan into
+    ``part-<part>.parquet``, as ``score_partition`` does (runs on a Dask worker).
+
+    A part already stored with as many rows is kept (a resumed step does only the missing work); one with
+    another count was written by another plan and is scored again."""
+    part, plan_path, group, expected = item
+    out_path = f"{out_dir}/part-{part:05d}.parquet"
+    if storage.exists(out_path):
+        stored = _stored_part(storage, out_path)
+        if stored["scored"] == expected:
+            return stored
+    rows = storage.read_row_group(plan_path, group)
+    return _score_part(rows, storage, model_path, out_path, batch_size, threads, cache)
+
+
+def _stored_part(storage: Storage, out_path: str) -> dict[str, Any]:
+    """``score_partition``'s counts of a part stored earlier (nothing decoded or scored now)."""
+    scores = storage.read_table(out_path, columns=["score"]).column("score")
+    return {
+        "scored": len(scores),
+        "valid": len(scores) - scores.null_count,
+        "decoded": 0,
+        "from_cache": 0,
+        "worker": _worker_name(),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def _score_part(
+    rows: pa.Table,
+    storage: Storage,
+    model_path: str,
+    out_path: str,
+    batch_size: int,
+    threads: int,
+    cache: InputCache | None,
+) -> dict[str, Any]:
+    """Score one task's ``rows`` (see ``score_partition``) and write them to ``out_path``; the task's counts."""
+    import torch
+
     torch.set_num_threads(threads)
     _tune_malloc()
-    with storage.fs.open(candidates_path, "rb") as f:
-        rows = pq.ParquetFile(f).read_row_group(part)
     model = _model(storage, model_path)
     if cache is None:
         ids, scores, errors = _score_decoded(rows, storage, model, batch_size)
@@ -202,6 +246,7 @@ def score_partition(
     storage.write_table(out_path, table)
     return {
         "scored": table.num_rows,
+        "valid": int(np.isfinite(scores).sum()),
         "decoded": decoded,
         "from_cache": table.num_rows if cache is not None and not decoded else 0,
         "worker": _worker_name(),
@@ -275,34 +320,38 @@ def _worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def cache_plan(pool: pa.Table, rows: np.ndarray, cache: InputCache) -> tuple[pa.Table, list[int]]:
+def cache_plan(
+    pool: pa.Table, rows: np.ndarray, cache: InputCache, offset: int = 0
+) -> tuple[pa.Table, list[int], list[int]]:
     """The candidates file of a cached pass: one group per pool shard holding a candidate.
 
-    A shard already in ``cache`` contributes its candidate rows only; any other shard contributes every
-    row (each must be decoded once to fill the shard), with ``candidate`` marking the ones to score.
-    Returns ``(table with row, image_id, uri, candidate; the group sizes)``.
+    ``pool`` holds the pool's rows ``offset`` onward (the whole pool by default) and ``rows`` the candidates'
+    global rows, ascending. A shard already in ``cache`` contributes its candidate rows only; any other shard
+    contributes every row (each must be decoded once to fill the shard), with ``candidate`` marking the ones
+    to score. Returns ``(table with row, image_id, uri, candidate; the group sizes; candidates per group)``.
     """
     n = cache.shard_rows
     shards = np.unique(rows // n)
     done = cache.complete()
-    take, flags, sizes = [], [], []
+    take, flags, sizes, wanted = [], [], [], []
     for shard in shards.tolist():
         lo, hi = np.searchsorted(rows, [shard * n, (shard + 1) * n])
         if shard in done:
             group = rows[lo:hi]
             flag = np.ones(len(group), bool)
         else:
-            group = np.arange(shard * n, min(pool.num_rows, (shard + 1) * n))
+            group = np.arange(shard * n, min(offset + pool.num_rows, (shard + 1) * n))
             flag = np.zeros(len(group), bool)
             flag[group.searchsorted(rows[lo:hi])] = True
         take.append(group)
         flags.append(flag)
         sizes.append(len(group))
+        wanted.append(int(hi - lo))
     index = np.concatenate(take) if take else np.zeros(0, np.int64)
-    table = pool.select(["image_id", "uri"]).take(pa.array(index, pa.int64()))
+    table = pool.select(["image_id", "uri"]).take(pa.array(index - offset, pa.int64()))
     table = table.add_column(0, "row", pa.array(index, pa.int64()))
     table = table.append_column("candidate", pa.array(np.concatenate(flags) if flags else np.zeros(0, bool)))
-    return table, sizes
+    return table, sizes, wanted
 
 
 def score_candidates(
@@ -335,11 +384,18 @@ def score_candidates(
     else:
         if pool is None or "row" not in candidates.column_names:
             raise ValueError("scoring from the input cache needs the pool and the candidates' pool rows")
-        plan, sizes = cache_plan(pool, candidates.column("row").to_numpy(), cache)
+        plan, sizes, _ = cache_plan(pool, candidates.column("row").to_numpy(), cache)
     n_parts = len(sizes) if sizes is not None else max(1, -(-candidates.num_rows // partition_size))
     identity = (candidates.num_rows, n_parts, cache is not None)
     if not storage.exists(cand_path) or _plan_of(storage, cand_path) != identity:
-        _write_plan(storage, cand_path, plan, sizes or [partition_size] * n_parts, identity)
+        n, parts, cached = identity
+        _write_plan(
+            storage,
+            cand_path,
+            plan,
+            sizes or [partition_size] * n_parts,
+            {"candidates": str(n), "parts": str(parts), "cached": str(cached)},
+        )
     threads = 1 if client is not None else min(4, len(os.sched_getaffinity(0)))  # never more than the cores we have
     started = time.perf_counter()
     counts = run_on_dask(
@@ -378,10 +434,9 @@ def score_candidates(
     return scores
 
 
-def _write_plan(storage: Storage, path: str, plan: pa.Table, sizes: list[int], identity: tuple[int, int, bool]) -> None:
-    """The candidates file: one row group per task (``sizes``), with (candidates, parts, cached) that identify it."""
-    n, parts, cached = identity
-    schema = plan.schema.with_metadata({"candidates": str(n), "parts": str(parts), "cached": str(cached)})
+def _write_plan(storage: Storage, path: str, plan: pa.Table, sizes: list[int], metadata: dict[str, str]) -> None:
+    """A scoring plan: one row group per task (``sizes`` rows each), with ``metadata`` that identifies it."""
+    schema = plan.schema.with_metadata(metadata)
 
     def write(f: Any) -> None:
         with pq.ParquetWriter(f, schema, compression="zstd") as writer:
@@ -401,3 +456,131 @@ def _plan_of(storage: Storage, path: str) -> tuple[int, int, bool] | None:
     if b"candidates" not in meta:
         return None
     return int(meta[b"candidates"]), int(meta[b"parts"]), meta[b"cached"] == b"True"
+
+
+# -- the flow's scoring step: planned range by range on the cluster ----------------------------------------
+
+
+def score_ranges(starts: np.ndarray, shard_rows: int | None = None) -> list[tuple[int, int]]:
+    """The pool's row ranges the scoring step plans one task each: the manifest's partitions (``starts``: each
+    one's first row and the pool's size at the end), their bounds moved to the nearest shard boundary with the
+    input cache so that no shard is split between two ranges. Empty ranges are dropped."""
+    starts = np.asarray(starts, np.int64)
+    n = int(starts[-1])
+    if shard_rows:
+        starts = np.minimum(np.round(starts / shard_rows).astype(np.int64) * shard_rows, n)
+        starts[-1] = n
+    return [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:], strict=True) if b > a]
+
+
+def plan_range(
+    item: tuple[int, int, int],
+    *,
+    storage: Storage,
+    category: str,
+    iteration: int,
+    n_rows: int,
+    train: np.ndarray,
+    plan_dir: str,
+    partition_size: int,
+    cache: InputCache | None,
+) -> list[int]:
+    """``(range number, first row, stop row)``: write the scoring plan of the pool's rows in that range, one
+    row group per scoring task, and return how many candidates each task scores (runs on a Dask worker).
+
+    The candidates (``manifest_parts.range_candidates``) with their uris from the pool's rows in range; without
+    ``cache`` in tasks of ``partition_size``, with it one task per pool shard (``cache_plan``). A plan stored
+    for the same range and settings is reused, so a resumed step scores what its parts were planned for."""
+    from .manifest_parts import range_candidates
+
+    r, lo, hi = item
+    path = f"{plan_dir}/range-{r:05d}.parquet"
+    identity = {"range": [lo, hi], "cached": cache is not None, "partition_size": partition_size}
+    if storage.exists(path):
+        with storage.fs.open(path, "rb") as f:
+            meta = json.loads((pq.ParquetFile(f).schema_arrow.metadata or {}).get(b"plan", b"{}"))
+        if {k: meta.get(k) for k in identity} == identity:
+            return list(meta["counts"])
+    rows, ids = range_candidates(storage, category, iteration, n_rows, lo, hi, train)
+    pool = read_pool_rows(storage, lo, hi, columns=["image_id", "uri"])
+    if not pool.column("image_id").take(pa.array(rows - lo, pa.int64())).combine_chunks().equals(ids):
+        raise RuntimeError(
+            f"the pool at {storage.url_of(POOL)} is not the one {category}'s manifest was built on (was it "
+            "ingested again?); start the category over on this pool"
+        )
+    if cache is None:
+        plan = pool.select(["image_id", "uri"]).take(pa.array(rows - lo, pa.int64()))
+        sizes = [min(partition_size, len(rows) - i) for i in range(0, len(rows), partition_size)]
+        counts = sizes
+    else:
+        plan, sizes, counts = cache_plan(pool, rows, cache, offset=lo)
+    _write_plan(storage, path, plan, sizes, {"plan": json.dumps({**identity, "counts": counts})})
+    return counts
+
+
+def score_pool(
+    storage: Storage,
+    category: str,
+    iteration: int,
+    model_path: str,
+    *,
+    starts: np.ndarray,
+    train: np.ndarray,
+    client: Client | None,
+    partition_size: int = 4000,
+    batch_size: int = 256,
+    progress: Progress | None = None,
+    cache: InputCache | None = None,
+) -> dict[str, Any]:
+    """Score every candidate of ``iteration`` (the pool's rows unlabeled after ``iteration - 1`` less ``train``)
+    on ``client``; return the step's figures, also written to ``stats.json`` beside the parts.
+
+    Two maps and no whole-pool state here: each range of the manifest's partitions (``starts``,
+    ``score_ranges``) plans its own candidates into scoring tasks, then every task scores its group into
+    ``part-<i>.parquet``, numbered in candidate order (``part_rows`` lists their sizes: the split and the
+    score lookups read them by position). ``scored`` counts the images given a score (not unreadable ones).
+    """
+    out_dir = storage.path(scores_dir(category, iteration))
+    plan_dir = f"{out_dir}/plan"
+    ranges = score_ranges(starts, cache.shard_rows if cache is not None else None)
+    started = time.perf_counter()
+    counts = run_on_dask(
+        client,
+        plan_range,
+        [(r, lo, hi) for r, (lo, hi) in enumerate(ranges)],
+        storage=storage,
+        category=category,
+        iteration=iteration,
+        n_rows=int(starts[-1]),
+        train=np.asarray(train, np.int64),
+        plan_dir=plan_dir,
+        partition_size=partition_size,
+        cache=cache,
+    )
+    items = [(r, g, c) for r, cs in enumerate(counts) for g, c in enumerate(cs)]
+    results = run_on_dask(
+        client,
+        score_group,
+        [(i, f"{plan_dir}/range-{r:05d}.parquet", g, c) for i, (r, g, c) in enumerate(items)],
+        progress=progress,
+        storage=storage,
+        model_path=model_path,
+        out_dir=out_dir,
+        batch_size=batch_size,
+        threads=1 if client is not None else min(4, len(os.sched_getaffinity(0))),
+        cache=cache,
+    )
+    stats = {
+        "candidates": sum(c for _, _, c in items),
+        "scored": sum(r["valid"] for r in results),
+        "part_rows": [r["scored"] for r in results],
+        "decoded": sum(r["decoded"] for r in results),
+        "from_cache": sum(r["from_cache"] for r in results),
+        "seconds": time.perf_counter() - started,
+        "cache": storage.url_of(cache.key) if cache is not None else None,
+        "worker_peak_rss_mb": _peaks(results),
+    }
+    if stats["part_rows"] != [c for _, _, c in items]:
+        raise RuntimeError(f"the parts under {storage.url_of(scores_dir(category, iteration))} do not hold their plan")
+    storage.write_json(f"{out_dir}/stats.json", stats)
+    return stats

@@ -19,7 +19,10 @@ Layout under the root (see README, "Storage layout")::
                                                  after iteration k, in committed parts (``manifest``); an older
                                                  root's one ``manifest.parquet`` there still opens
     reports/<category>/...                       funnel tables and plots
-    datasets/<category>/dataset.parquet          the final labeled dataset; summary.json beside it
+    datasets/<category>/dataset/_committed.json, attempt=<a>/part-<p>.parquet  the final labeled dataset, in
+                                                 committed parts (``dataset_parts``); an older root's one
+                                                 ``datasets/<category>/dataset.parquet`` still reads
+    datasets/<category>/summary.json             the dataset's summary
     datasets/<category>/audit.json               people's audit of the model's final splits
 
 Every write is atomic: a reader sees the old object or the new one, never a torn one. Local files are
@@ -42,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
@@ -196,6 +200,48 @@ class Storage:
 
         return self._retry("read", path, read)
 
+    def read_rows(self, path: str, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+        """Rows ``[start, stop)`` of the Parquet file at ``path``: only its footer and the row groups holding
+        them are read, so a slice of a large table (the pool at 100M images) costs its row groups, not the file.
+        Raises ``ValueError`` if the file has fewer rows than ``stop``."""
+
+        def read() -> pa.Table:
+            with self.fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                bounds = _group_bounds(pf)
+                if stop > bounds[-1]:
+                    raise ValueError(f"{path} has {int(bounds[-1]):,} rows; rows up to {stop:,} were asked for")
+                groups = np.flatnonzero((bounds[:-1] < stop) & (bounds[1:] > start)).tolist()
+                if stop <= start or not groups:
+                    return pf.schema_arrow.empty_table().select(columns or pf.schema_arrow.names)
+                table = pf.read_row_groups(groups, columns=columns)
+                return table.slice(start - int(bounds[groups[0]]), stop - start)
+
+        return self._retry("read", path, read)
+
+    def take_rows(self, path: str, rows: Any, columns: list[str] | None = None) -> pa.Table:
+        """The rows at positions ``rows`` (any order, repeats allowed) of the Parquet file at ``path``, in that
+        order. Only the row groups holding them are read, one at a time, so memory is one row group and the
+        result, whatever the file's size. Raises ``ValueError`` for a row past the file's end."""
+        rows = np.asarray(rows, np.int64)
+
+        def read() -> pa.Table:
+            with self.fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                bounds = _group_bounds(pf)
+                if len(rows) and (rows.min() < 0 or rows.max() >= bounds[-1]):
+                    raise ValueError(f"{path} has {int(bounds[-1]):,} rows; row {int(rows.max()):,} was asked for")
+                group_of = np.searchsorted(bounds, rows, side="right") - 1
+                order = np.argsort(group_of, kind="stable")
+                pieces = [pf.schema_arrow.empty_table().select(columns or pf.schema_arrow.names)]
+                for g in np.unique(group_of).tolist():
+                    mine = order[group_of[order] == g]
+                    pieces.append(pf.read_row_group(g, columns=columns).take(pa.array(rows[mine] - bounds[g])))
+                table = pa.concat_tables(pieces)  # in group order: put back in the order asked
+                return table.take(pa.array(np.argsort(order, kind="stable"), pa.int64()))
+
+        return self._retry("read", path, read)
+
     def glob(self, pattern: str) -> list[str]:
         return self._retry("list", pattern, lambda: sorted(self.fs.glob(pattern)))
 
@@ -260,6 +306,13 @@ class Storage:
             return False
         self.write_bytes(path, data)
         return True
+
+
+def _group_bounds(pf: pq.ParquetFile) -> np.ndarray:
+    """The first row of each row group of ``pf``, and its row count at the end."""
+    meta = pf.metadata
+    sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    return np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
 
 
 # ---- the layout, in one place -------------------------------------------------------------------
@@ -358,3 +411,9 @@ def report_key(category: str, name: str) -> str:
 
 def dataset_key(category: str, name: str = "dataset.parquet") -> str:
     return f"datasets/{category}/{name}"
+
+
+def dataset_dir(category: str) -> str:
+    """The folder of a category's final dataset: committed parts (``dataset_parts``). Roots finished before
+    datasets were partitioned hold ``dataset_key(category)``, one file, instead."""
+    return f"datasets/{category}/dataset"

@@ -72,8 +72,10 @@ def pretrain_backbone(storage: Storage, params: CascadeParams) -> list[str]:
 
 @task(**STEP)
 @recorded("sample")
-def draw_sample(storage: Storage, category: str, params: CascadeParams, iteration: int) -> dict[str, int]:
-    drawn = cascade.sample(storage, category, params, iteration)
+def draw_sample(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, dask_address: str | None = None
+) -> dict[str, int]:
+    drawn = cascade.sample(storage, category, params, iteration, dask_address)
     return {"train": len(drawn.train), "calibration": len(drawn.calibration)}
 
 
@@ -178,8 +180,10 @@ def report_funnel(storage: Storage, category: str) -> str:
 
 
 @task(**STEP, cache_policy=NO_CACHE)
-def finish_dataset(storage: Storage, category: str, stop: str | None, params: CascadeParams) -> cascade.Summary:
-    summary = cascade.finish(storage, category, stop, params)
+def finish_dataset(
+    storage: Storage, category: str, stop: str | None, params: CascadeParams, dask_address: str | None = None
+) -> cascade.Summary:
+    summary = cascade.finish(storage, category, stop, params, dask_address)
     for warning in summary.warnings:
         get_run_logger().warning("%s: %s", category, warning)
     create_markdown_artifact(

@@ -9,12 +9,13 @@ import numpy as np
 from flows.runner import run_cascade, simulated_crowd
 from lsun_hitl.cascade import Summary
 from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
+from lsun_hitl.dataset_parts import read_dataset
 from lsun_hitl.evaluation import evaluate
 from lsun_hitl.fashion_mnist import import_fashion_mnist
 from lsun_hitl.ingest import build_pool
 from lsun_hitl.labels import list_requests
 from lsun_hitl.manifest import UNLABELED, manifest_iterations, read_manifest
-from lsun_hitl.storage import Storage, dataset_key, sample_key
+from lsun_hitl.storage import Storage, sample_key
 from lsun_hitl.truth import read_truth
 
 from .small_cascade import PARAMS
@@ -49,7 +50,7 @@ def test_a_budgeted_run_stops_within_it_and_leaves_the_rest_unresolved(tmp_path,
     left = int(np.sum(last.state == UNLABELED))
     assert summary.unresolved == left > 0
     assert summary.positive + summary.negative + summary.unresolved == summary.pool == 2000
-    labels = storage.read_table(storage.path(dataset_key(CATEGORY)), columns=["label"]).column("label")
+    labels = read_dataset(storage, CATEGORY, columns=["label"]).column("label")
     assert labels.to_pylist().count("unresolved") == left
     ev = evaluate(storage, CATEGORY)
     assert ev.unresolved == left and 0 < ev.recall < 1  # positives among the unresolved are not found

@@ -9,6 +9,7 @@ from flows.runner import resume, run_cascade, simulated_crowd
 from lsun_hitl.cascade import Audit, Summary
 from lsun_hitl.config import CascadeParams, ModelParams
 from lsun_hitl.crowd import CrowdParams, SimulatedCrowd, deliver
+from lsun_hitl.dataset_parts import read_dataset
 from lsun_hitl.evaluation import evaluate
 from lsun_hitl.fashion_mnist import import_fashion_mnist
 from lsun_hitl.ingest import build_pool, read_pool
@@ -92,7 +93,7 @@ def test_cascade_flow_pauses_resumes_and_writes_consistent_manifests(pool_on_s3,
         previous = state
 
     # The final dataset: every image once, all decided (the remainder went to people).
-    dataset = storage.read_table(storage.path(dataset_key(CATEGORY)))
+    dataset = read_dataset(storage, CATEGORY)
     assert dataset.num_rows == len(pool_ids) == summary.pool
     assert summary.positive + summary.negative + summary.unresolved == summary.pool
     assert summary.unresolved == 0 and summary.decided_by_model > 0

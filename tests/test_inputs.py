@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from lsun_hitl import model as model_lib
+from lsun_hitl.cascade.score import score_parts
 from lsun_hitl.config import ModelParams
-from lsun_hitl.inputs import InputCache, pool_fingerprint, shard_rows_for
-from lsun_hitl.scoring import read_pool_images, score_candidates
+from lsun_hitl.inputs import InputCache, pool_fingerprint, shard_rows_for, stored_pool_fingerprint
+from lsun_hitl.manifest import NEGATIVE, UNLABELED, CascadeState, write_manifest
+from lsun_hitl.partitions import Partitioning
+from lsun_hitl.scoring import read_pool_images, score_candidates, score_pool, score_ranges
 from lsun_hitl.storage import POOL, Storage, scores_dir
 
 from .conftest import png_bytes
@@ -92,3 +97,66 @@ def test_fingerprint_and_shard_size():
     assert pool_fingerprint(ids) == pool_fingerprint(pa.chunked_array([["ab"], ["c"]])), "chunking does not"
     assert pool_fingerprint(ids) != pool_fingerprint(pa.array(["c", "ab"]))
     assert shard_rows_for(32) == 16384 and shard_rows_for(64) == 4096 and shard_rows_for(224) == 512
+
+
+def test_the_scoring_step_planned_per_range_gives_the_same_scores_for_any_partitioning(pool, dask_cluster):
+    """The flow's scoring step (``score_pool``): each range of the manifest's parts plans its own candidates, so
+    1 and 4 parts, with and without the cache, score the same candidates in the same order to the same values;
+    no shard is decoded by two ranges; a part lost after the step is the only one scored again."""
+    storage, table, model_path = pool
+    state = CascadeState.initial(table.column("image_id").combine_chunks())
+    state.state[1::7] = NEGATIVE  # decided before: not candidates (row 700, not an image, stays one)
+    train = np.arange(3, 1300, 11)
+    train = train[state.state[train] == UNLABELED]
+    expected = np.setdiff1d(np.flatnonzero(state.state == UNLABELED), train)
+    assert stored_pool_fingerprint(storage) == pool_fingerprint(table.column("image_id"))
+    runs = {}
+    for category, parts, shard_rows, client in (
+        ("one", 1, None, None),
+        ("four", 4, None, dask_cluster),
+        ("one-cached", 1, 512, dask_cluster),
+        ("four-cached", 4, 256, dask_cluster),
+    ):
+        write_manifest(storage, category, 0, state, n_parts=parts)
+        cache = None if shard_rows is None else InputCache(storage, category + "-shards", SIZE, shard_rows)
+        stats = score_pool(
+            storage,
+            category,
+            1,
+            model_path,
+            starts=Partitioning(1300, parts).starts,
+            train=train,
+            client=client,
+            partition_size=97,
+            cache=cache,
+        )
+        files, sizes = score_parts(storage, category, 1)
+        got = pa.concat_tables([storage.read_table(f) for f in files])
+        assert got.column("image_id").to_pylist() == table.column("image_id").take(pa.array(expected)).to_pylist()
+        assert list(sizes) == stats["part_rows"] and stats["candidates"] == len(expected)
+        assert stats["scored"] == len(expected) - 1, "every candidate scored but the file that is not an image"
+        if cache is not None:
+            assert stats["decoded"] == 1300, "each shard decoded once, by one range"
+        runs[category] = (got.column("score").to_numpy(zero_copy_only=False), stats)
+    ref = runs["one"][0]
+    for scores, _ in runs.values():
+        assert np.array_equal(np.isnan(scores), np.isnan(ref))
+        np.testing.assert_allclose(scores[~np.isnan(scores)], ref[~np.isnan(ref)], rtol=0, atol=1e-6)
+    # ranges: the 4 parts' bounds (325, 650, 975) moved to the nearest 256-row shard boundary
+    assert score_ranges(Partitioning(1300, 4).starts, 256) == [(0, 256), (256, 768), (768, 1024), (1024, 1300)]
+    # a lost part is scored again, alone; the others are kept
+    files, _ = score_parts(storage, "four", 1)
+    kept = {f: os.stat(f).st_ino for f in files}
+    os.unlink(files[2])
+    again = score_pool(
+        storage,
+        "four",
+        1,
+        model_path,
+        starts=Partitioning(1300, 4).starts,
+        train=train,
+        client=dask_cluster,
+        partition_size=97,
+    )
+    assert again["decoded"] == again["part_rows"][2] and again["part_rows"] == runs["four"][1]["part_rows"]
+    assert {f: os.stat(f).st_ino for f in files if f != files[2]} == {f: i for f, i in kept.items() if f != files[2]}

@@ -103,6 +103,12 @@ def check_committed_table_is_seen_whole(storage: Storage) -> list[str]:
         commit(storage, directory, crashed, 4, rows=1_000)
     seen = read_dataset(storage, directory).to_table()
     assert seen.num_rows == 1_000 and set(seen.column("tag").to_pylist()) == {"old"}
+    # every part there, but one of them short (its footer says so): refused, the first commit still seen
+    short = write_all(storage, directory, "short", 4)
+    write_part(storage, directory, short, 3, table(750, 990, "short"))
+    with pytest.raises(ValueError, match="hold 990 rows, not 1,000"):
+        commit(storage, directory, short, 4, rows=1_000)
+    assert set(read_dataset(storage, directory).to_table().column("tag").to_pylist()) == {"old"}
     # a complete retry commits, and only its parts remain
     retry = write_all(storage, directory, "new", 4)
     commit(storage, directory, retry, 4, rows=1_000)
@@ -114,8 +120,8 @@ def check_committed_table_is_seen_whole(storage: Storage) -> list[str]:
     def attempts() -> set[str]:
         return {p.rstrip("/").rsplit("attempt=", 1)[1] for p in storage.glob(storage.path(directory, "attempt=*"))}
 
-    assert attempts() == {first, crashed, retry}
-    assert sorted(sweep(storage, directory)) == sorted([first, crashed]) and attempts() == {retry}
+    assert attempts() == {first, crashed, short, retry}
+    assert sorted(sweep(storage, directory)) == sorted([first, crashed, short]) and attempts() == {retry}
     third = write_all(storage, directory, "third", 4)
     commit(storage, directory, third, 4, rows=1_000)
     fourth = write_all(storage, directory, "fourth", 4)
@@ -340,7 +346,7 @@ def test_the_flow_s_steps_in_1_and_4_manifest_parts_give_the_same_thresholds_man
     one = Storage(str(tmp_path / "one"))
     build_pool(one, import_fashion_mnist(one, limit=3000, seed=2), client=dask_cluster)
     address = dask_cluster.scheduler.address
-    with simulated_crowd(one, "trouser", SimulatedCrowd(read_truth(one, "trouser"), CrowdParams(seed=5))):
+    with simulated_crowd(one, "trouser", SimulatedCrowd(read_truth(one, "trouser"), CrowdParams(seed=6))):
         first = run_cascade("trouser", one.url, params=PARAMS, dask_address=address)
     shutil.copytree(tmp_path / "one", tmp_path / "four")
     four = Storage(str(tmp_path / "four"))
@@ -359,7 +365,7 @@ def test_the_flow_s_steps_in_1_and_4_manifest_parts_give_the_same_thresholds_man
         (tmp_path / "four" / f"calibration/trouser/set-iteration={k}.parquet").unlink()
     shutil.rmtree(tmp_path / "four" / "datasets")
     params = dataclasses.replace(PARAMS, manifest_partition=750)  # 3,000 rows: 4 parts
-    with simulated_crowd(four, "trouser", SimulatedCrowd(read_truth(four, "trouser"), CrowdParams(seed=5))):
+    with simulated_crowd(four, "trouser", SimulatedCrowd(read_truth(four, "trouser"), CrowdParams(seed=6))):
         again = run_cascade("trouser", four.url, params=params, dask_address=address)
     assert all(stored_parts(four, "trouser", k) == 4 for k in iterations[1:])
     for k in iterations:
@@ -381,8 +387,11 @@ def test_the_flow_s_steps_in_1_and_4_manifest_parts_give_the_same_thresholds_man
         assert got.drop_columns(["p_positive"]).equals(want.drop_columns(["p_positive"])), k
         sides = [t.column("p_positive").to_numpy(zero_copy_only=False) >= 0.5 for t in (got, want)]
         assert np.array_equal(*sides), k
-    dataset = "datasets/trouser/dataset.parquet"
-    assert four.read_table(four.path(dataset)).equals(one.read_table(one.path(dataset)))
+    from lsun_hitl.dataset_parts import dataset_files
+    from lsun_hitl.dataset_parts import read_dataset as read_final
+
+    assert len(dataset_files(four, "trouser")) == 4 and len(dataset_files(one, "trouser")) == 1
+    assert read_final(four, "trouser").equals(read_final(one, "trouser"))
     assert again == first
     # a run that died between a split's commit and its funnel file gets the funnel back from the commit
     from lsun_hitl.cascade import start
@@ -392,3 +401,33 @@ def test_the_flow_s_steps_in_1_and_4_manifest_parts_give_the_same_thresholds_man
     lost.unlink()
     assert start(four, "trouser", params) == iterations[-1]
     assert four.read_json(str(lost)) == json.loads(kept)
+
+
+def test_the_flow_s_sample_step_is_the_same_for_1_and_4_manifest_parts_on_dask(tmp_path, dask_cluster):
+    """``cascade.sample`` (the flow's draw): the same rows, ids and roles whether the previous manifest is one
+    part read here or four mapped on the cluster, with sizes from the commit's counts and ids from the pool."""
+    from lsun_hitl import cascade
+    from lsun_hitl.config import CascadeParams
+    from lsun_hitl.ingest import POOL_ROW_GROUP
+    from lsun_hitl.manifest import NEGATIVE, UNLABELED, CascadeState, write_manifest
+    from lsun_hitl.storage import POOL, sample_key
+
+    n = 3 * POOL_ROW_GROUP + 123  # the pool in several row groups: ids are read group by group
+    ids = pa.array([f"{i:032x}" for i in range(n)])
+    state = CascadeState.initial(ids)
+    state.state[np.random.default_rng(0).random(n) < 0.4] = NEGATIVE
+    params = CascadeParams(train_sample=700, first_calibration_sample=900)
+    tables = []
+    for name, parts, address in (("one", 1, None), ("four", 4, dask_cluster.scheduler.address)):
+        storage = Storage(str(tmp_path / name))
+        storage.write_table(storage.path(POOL), pa.table({"image_id": ids}), row_group_size=POOL_ROW_GROUP)
+        write_manifest(storage, "shirt", 0, state, n_parts=parts)
+        drawn = cascade.sample(storage, "shirt", params, 1, address)
+        assert len(drawn.train) == 700 and len(drawn.calibration) == 900
+        tables.append(storage.read_table(storage.path(sample_key("shirt", 1))))
+    one, four = tables
+    assert one.equals(four)
+    assert one.column("role").to_pylist() == ["train"] * 700 + ["calibration"] * 900
+    rows = one.column("row").to_numpy()
+    assert (state.state[rows] == UNLABELED).all() and len(np.unique(rows)) == 1_600
+    assert one.column("image_id").to_pylist() == ids.take(pa.array(rows)).to_pylist()

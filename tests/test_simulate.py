@@ -10,9 +10,10 @@ import numpy as np
 
 from benchmarks.digits_tree import write_tree
 from cli import main as cli
+from lsun_hitl.dataset_parts import read_dataset
 from lsun_hitl.ingest import build_pool, read_pool
 from lsun_hitl.simulate import run_root
-from lsun_hitl.storage import Storage, dataset_key
+from lsun_hitl.storage import Storage
 from lsun_hitl.truth import read_truth
 
 SMALL = [
@@ -65,7 +66,7 @@ def test_simulate_digits_reports_effort_and_quality_against_the_truth_and_replay
         )
         # the reported quality is the dataset's against the truth
         run = Storage(str(work / f"seed={row['seed']}"))
-        dataset = run.read_table(run.path(dataset_key("3")), columns=["uri", "label"])
+        dataset = read_dataset(run, "3", columns=["uri", "label"])
         label = np.array(dataset.column("label").to_pylist())
         is3 = np.array([truth[u] for u in dataset.column("uri").to_pylist()])
         assert c["eval_precision"] == float(np.mean(is3[label == "positive"]))

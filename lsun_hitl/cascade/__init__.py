@@ -19,7 +19,8 @@ was restarted goes on from the last completed step, and nothing is sent to peopl
     split        -> manifests/<c>/iteration=k        (positive / negative / unlabeled), and its funnel
     remainder    -> labels/<c>/requests/remainder, manifests/<c>/iteration=k+1 (people label what is left;
                                                       a large one waits for labels/<c>/decisions/remainder.json)
-    finish       -> datasets/<c>/dataset.parquet, summary.json
+    finish       -> datasets/<c>/dataset/, summary.json (the dataset in committed parts, a map over the last
+                                                      manifest's parts)
     audit        -> datasets/<c>/audit.json          (people check a random sample of each model split;
                                                       answers the model disputes are rechecked too)
 

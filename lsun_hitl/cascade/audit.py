@@ -5,16 +5,25 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from .. import labels as labels_lib
 from ..calibration import rate_interval
+from ..cluster import run_on_dask
 from ..config import CascadeParams
-from ..manifest import BY_HUMAN, BY_MODEL, NEGATIVE, POSITIVE, manifest_iterations, read_manifest
+from ..dataset_parts import dataset_totals
+from ..ingest import take_pool
+from ..manifest import manifest_counts, manifest_iterations, rows_held, stored_parts
+from ..manifest_parts import column_is, read_state_rows
+from ..partitions import Partitioning, bottom_k, merge_bottom_k, sample_keys
 from ..storage import Storage, dataset_key
 from .common import AUDIT, recheck_id_for, stored_record
 from .finish import positive_share
-from .people import checked_posteriors, ids_at, posteriors, publish, recheck_size
+from .people import checked_posteriors, posteriors, publish, recheck_size
 from .recheck import disputed
+
+# the audit's draw is its own stream of ``partitions.sample_keys``: an "iteration" no run reaches
+AUDIT_STREAM = 104729
 
 
 @dataclass(frozen=True)
@@ -61,16 +70,53 @@ class Audit:
 
 
 def audit_rows(storage: Storage, category: str, params: CascadeParams) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded random samples (``params.audit_sample`` each) of the model's final positives and negatives."""
-    state = read_manifest(storage, category, manifest_iterations(storage, category)[-1])
-    rng = np.random.default_rng([params.seed, 104729])
-    by_model = state.decided_by == BY_MODEL
+    """Seeded random samples (``params.audit_sample`` each) of the model's final positives and negatives: their
+    pool rows, ascending.
 
-    def pick(mask: np.ndarray) -> np.ndarray:
-        rows = np.flatnonzero(mask)
-        return np.sort(rng.choice(rows, min(params.audit_sample, len(rows)), replace=False))
+    Each is the bottom-k of ``partitions.sample_keys`` over the rows in its set (stream ``AUDIT_STREAM`` of
+    ``params.seed`` and the category), so the sample is the same whatever the manifest's partitioning: a map
+    over the last manifest's parts, one at a time in this process (each reads two one-byte columns of its part:
+    memory is a part's, not the pool's), and a merge of their ``k`` smallest keys.
+    """
+    last = manifest_iterations(storage, category)[-1]
+    n_rows = rows_held(manifest_counts(storage, category, last))
+    partitioning = Partitioning(n_rows, stored_parts(storage, category, last))
+    parts = run_on_dask(
+        None,
+        audit_part,
+        list(range(partitioning.n_partitions)),
+        storage=storage,
+        category=category,
+        iteration=last,
+        partitioning=partitioning,
+        k=params.audit_sample,
+        seed=params.seed,
+    )
+    positives, _ = merge_bottom_k([pos for pos, _ in parts], params.audit_sample)
+    negatives, _ = merge_bottom_k([neg for _, neg in parts], params.audit_sample)
+    return np.sort(positives), np.sort(negatives)
 
-    return pick(by_model & (state.state == POSITIVE)), pick(by_model & (state.state == NEGATIVE))
+
+def audit_part(
+    p: int, *, storage: Storage, category: str, iteration: int, partitioning: Partitioning, k: int, seed: int
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The map of ``audit_rows``: partition ``p``'s ``k`` model positives and ``k`` model negatives (global rows)
+    with the smallest keys, each as ``partitions.bottom_k`` gives them ``(rows, keys)``."""
+    start, stop = partitioning.rows(p)
+    table = read_state_rows(
+        storage, category, iteration, partitioning.n_rows, start, stop, columns=["state", "decided_by"]
+    )
+    model = column_is(table, "decided_by", "model")
+    out = []
+    for side in ("positive", "negative"):
+        rows = np.flatnonzero(model & column_is(table, "state", side)).astype(np.int64) + start
+        out.append(bottom_k(rows, sample_keys(rows, seed=seed, iteration=AUDIT_STREAM, category=category), k))
+    return out[0], out[1]
+
+
+def audit_ids(storage: Storage, rows: np.ndarray) -> pa.Array:
+    """The image ids of pool ``rows`` (the pool's row groups that hold them, not the pool)."""
+    return take_pool(storage, np.asarray(rows, np.int64), ["image_id"]).column("image_id").combine_chunks()
 
 
 def publish_audit(
@@ -88,13 +134,14 @@ def publish_audit_recheck(
     storage: Storage, category: str, params: CascadeParams, flow_run_id: str | None = None
 ) -> labels_lib.LabelRequest | None:
     """Ask people again about audit images whose answer the model's split disputes; None if there are none."""
+    if not params.recheck:
+        return None
     last = manifest_iterations(storage, category)[-1]
-    state = read_manifest(storage, category, last)
     pos, neg = audit_rows(storage, category, params)
     rows = np.concatenate([pos, neg])
-    if not params.recheck or len(rows) == 0:
+    if len(rows) == 0:
         return None
-    p = posteriors(storage, category, AUDIT, ids_at(state, rows))
+    p = posteriors(storage, category, AUDIT, audit_ids(storage, rows))
     rows = rows[disputed(p, np.arange(len(rows)) < len(pos))]
     if len(rows) == 0:
         return None
@@ -113,19 +160,23 @@ def audit(storage: Storage, category: str, params: CascadeParams) -> Audit:
 
 def _measure(storage: Storage, category: str, params: CascadeParams) -> Audit:
     """The audit from people's (rechecked) answers on the audit samples."""
-    state = read_manifest(storage, category, manifest_iterations(storage, category)[-1])
     pos, neg = audit_rows(storage, category, params)
-    yes_pos = int(np.sum(checked_posteriors(storage, category, AUDIT, ids_at(state, pos)) >= 0.5)) if len(pos) else 0
-    yes_neg = int(np.sum(checked_posteriors(storage, category, AUDIT, ids_at(state, neg)) >= 0.5)) if len(neg) else 0
+    yes_pos = (
+        int(np.sum(checked_posteriors(storage, category, AUDIT, audit_ids(storage, pos)) >= 0.5)) if len(pos) else 0
+    )
+    yes_neg = (
+        int(np.sum(checked_posteriors(storage, category, AUDIT, audit_ids(storage, neg)) >= 0.5)) if len(neg) else 0
+    )
     rechecked = recheck_size(storage, category, AUDIT)
     conf = params.confidence
     p_lo, p_hi = rate_interval(yes_pos, len(pos), conf) if len(pos) else (None, None)
     f_lo, f_hi = rate_interval(yes_neg, len(neg), conf) if len(neg) else (None, None)
-    human_pos = (state.state == POSITIVE) & (state.decided_by == BY_HUMAN)
-    model_pos = int(np.sum((state.state == POSITIVE) & (state.decided_by == BY_MODEL)))
+    totals = dataset_totals(storage, category)  # the dataset's counts and sums, as finish committed them
     precision = yes_pos / len(pos) if len(pos) else None
     p = 0.0 if precision is None else precision
-    dataset_precision, _ = positive_share(state.p_positive[human_pos], [(model_pos, p, p)])
+    dataset_precision, _ = positive_share(
+        int(totals["human_positive"]), totals["p_sum_human_positive"], [(int(totals["model_positive"]), p, p)]
+    )
     return Audit(
         category=category,
         confidence=conf,

@@ -1,29 +1,19 @@
-"""Finishing: the dataset manifest (every pool image, its final label and provenance) and its summary."""
+"""Finishing: the dataset (every pool image, its final label and provenance, in committed parts) and its summary."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
-import pyarrow as pa
-
 from .. import labels as labels_lib
 from .. import report
+from ..cluster import run_on_dask
 from ..config import CascadeParams
-from ..ingest import read_pool
-from ..manifest import (
-    BY_HUMAN,
-    BY_MODEL,
-    NEGATIVE,
-    POSITIVE,
-    UNLABELED,
-    CascadeState,
-    manifest_iterations,
-    read_manifest,
-)
-from ..partitions import sweep
+from ..dataset_parts import finish_part, reduce_totals
+from ..manifest import manifest_counts, manifest_iterations, rows_held, stored_parts
+from ..partitions import Partitioning, commit, commit_record, new_attempt, sweep
 from ..split import Funnel
-from ..storage import Storage, dataset_key, manifest_dir, report_key
+from ..storage import Storage, dataset_dir, dataset_key, manifest_dir, report_key
+from .candidates import executor
 from .common import funnels
 
 
@@ -77,17 +67,18 @@ class Summary:
 
 
 def positive_share(
-    p_human: np.ndarray, model_parts: list[tuple[int, float, float]]
+    human: int, human_p_sum: float, model_parts: list[tuple[int, float, float]]
 ) -> tuple[float | None, float | None]:
     """Estimated share of true positives in a set, and its bound; (None, None) for an empty set.
 
-    People's images count by their aggregated posterior ``p_human``; each iteration's model-decided part
-    ``(count, estimate, bound)`` by its calibration estimate and bound, weighted by its count.
+    People's ``human`` images count by their aggregated posteriors (``human_p_sum``: their sum, no answer
+    counting 0); each iteration's model-decided part ``(count, estimate, bound)`` by its calibration estimate
+    and bound, weighted by its count.
     """
-    n = len(p_human) + sum(count for count, _, _ in model_parts)
+    n = human + sum(count for count, _, _ in model_parts)
     if not n:
         return None, None
-    est = bound = float(np.nansum(p_human))
+    est = bound = float(human_p_sum)
     for count, rate, rate_bound in model_parts:
         est, bound = est + count * rate, bound + count * rate_bound
     return est / n, bound / n
@@ -112,45 +103,32 @@ def target_warnings(
     return tuple(out)
 
 
-def finish(storage: Storage, category: str, stop: str | None = None, params: CascadeParams | None = None) -> Summary:
-    """Write the dataset manifest (every pool image, final label, provenance) and the summary.
+def finish(
+    storage: Storage,
+    category: str,
+    stop: str | None = None,
+    params: CascadeParams | None = None,
+    dask_address: str | None = None,
+) -> Summary:
+    """Write the dataset (every pool image, final label, provenance) and the summary.
 
-    With ``params``, the summary warns where the estimated precision or false omission misses its target. The
-    run is over, so no writer is active: manifest parts no commit names are removed (``partitions.sweep``)."""
+    The dataset is a map over the last manifest's parts (``dataset_parts.finish_part``: in this process for a
+    one-part manifest, on the Dask cluster at ``dask_address`` or a LocalCluster otherwise) committed as a set
+    of parts; the summary comes from the parts' counts and sums. A dataset already committed from the same
+    manifest commit is kept (a restarted step). With ``params``, the summary warns where the estimated
+    precision or false omission misses its target. The run is over, so no writer is active: manifest parts no
+    commit names are removed (``partitions.sweep``)."""
     done = manifest_iterations(storage, category)
     last = done[-1]
     for k in done:  # parts of split attempts that died before their commit (a retried step) go
         sweep(storage, manifest_dir(category, k))
-    state = read_manifest(storage, category, last)
-    pool = read_pool(storage, columns=["image_id", "uri"])
-    storage.write_table(storage.path(dataset_key(category)), _dataset_table(state, pool))
+    totals = write_dataset(storage, category, last, params or CascadeParams(), dask_address)
     fs = funnels(storage, category)
-    est, low, fo, fo_high = _estimates(state, fs)
-    human = state.human_labeled()
-    share = human / max(1, len(state))
-    summary = Summary(
-        category=category,
-        pool=len(state),
-        positive=int(np.sum(state.state == POSITIVE)),
-        negative=int(np.sum(state.state == NEGATIVE)),
-        unresolved=int(np.sum(state.state == UNLABELED)),
-        decided_by_model=int(np.sum(state.decided_by == BY_MODEL)),
-        human_labeled_images=human,
-        human_labeled_share=share,
-        human_answers=labels_lib.human_votes_spent(storage, category),
-        estimated_precision=est,
-        estimated_precision_low=low,
-        amplification=int(np.sum(state.state != UNLABELED)) / max(1, human),
-        iterations=last,
-        stop_reason=stop,
-        estimated_false_omission=fo,
-        estimated_false_omission_high=fo_high,
-        warnings=() if params is None else target_warnings(est, fo, share, params),
-    )
+    summary = summarize(category, totals, fs, labels_lib.human_votes_spent(storage, category), last, stop, params)
     storage.write_json(storage.path(dataset_key(category, "summary.json")), summary.to_dict())
     if fs:
         storage.write_bytes(
-            storage.path(report_key(category, "funnel.png")), report.funnel_plot(category, fs, len(state))
+            storage.path(report_key(category, "funnel.png")), report.funnel_plot(category, fs, summary.pool)
         )
         storage.write_bytes(
             storage.path(report_key(category, "funnel.md")), report.funnel_markdown(category, fs).encode()
@@ -158,37 +136,88 @@ def finish(storage: Storage, category: str, stop: str | None = None, params: Cas
     return summary
 
 
-def _dataset_table(state: CascadeState, pool: pa.Table) -> pa.Table:
-    """Every pool image with its final label, who decided it and when, its last score and people's posterior."""
-    # dictionary-encoded straight from the state codes: no per-image strings, even for 100M images
-    label = pa.DictionaryArray.from_arrays(
-        pa.array(state.state, pa.int8()), pa.array(["unresolved", "positive", "negative"])
-    )
-    return (
-        pa.table(
-            {
-                "image_id": state.image_id,
-                "uri": pool.column("uri"),
-                "label": label,
-            }
+def write_dataset(
+    storage: Storage, category: str, iteration: int, params: CascadeParams, dask_address: str | None = None
+) -> dict[str, int | float]:
+    """Commit ``category``'s dataset from ``iteration``'s manifest, one part per manifest part; its totals
+    (``dataset_parts.reduce_totals``). Returns the stored totals when the committed dataset was made from the
+    manifest commit there now."""
+    directory = dataset_dir(category)
+    manifest = commit_record(storage, manifest_dir(category, iteration))
+    source = {"iteration": iteration, "manifest_attempt": None if manifest is None else manifest["attempt"]}
+    record = commit_record(storage, directory)
+    if record is not None and record.get("source") == source:
+        return record["totals"]
+    n_rows = rows_held(manifest_counts(storage, category, iteration))
+    partitioning = Partitioning(n_rows, stored_parts(storage, category, iteration))
+    sweep(storage, directory)  # attempts of a finish that died before its commit
+    attempt = new_attempt()
+    with executor(dask_address, params, partitioning) as client:
+        parts = run_on_dask(
+            client,
+            finish_part,
+            list(range(partitioning.n_partitions)),
+            storage=storage,
+            category=category,
+            iteration=iteration,
+            partitioning=partitioning,
+            attempt=attempt,
         )
-        .append_column("decided_by", state.to_table().column("decided_by"))
-        .append_column("decided_iteration", state.to_table().column("decided_iteration"))
-        .append_column("score", pa.array(state.score, from_pandas=True))
-        .append_column("p_positive", pa.array(state.p_positive, from_pandas=True))
+    totals = reduce_totals(parts)
+    commit(storage, directory, attempt, partitioning.n_partitions, n_rows, meta={"source": source, "totals": totals})
+    one_file = storage.path(dataset_key(category))
+    if storage.exists(one_file):  # an older root's dataset, superseded by the commit
+        storage.fs.rm(one_file)
+    return totals
+
+
+def summarize(
+    category: str,
+    totals: dict[str, int | float],
+    fs: list[Funnel],
+    human_answers: int,
+    iterations: int,
+    stop: str | None,
+    params: CascadeParams | None,
+) -> Summary:
+    """The summary of a dataset from its ``totals`` (``dataset_parts.reduce_totals``) and the run's funnels."""
+    est, low, fo, fo_high = estimates(totals, fs)
+    human = int(totals["human"])
+    share = human / max(1, int(totals["pool"]))
+    return Summary(
+        category=category,
+        pool=int(totals["pool"]),
+        positive=int(totals["positive"]),
+        negative=int(totals["negative"]),
+        unresolved=int(totals["unresolved"]),
+        decided_by_model=int(totals["decided_by_model"]),
+        human_labeled_images=human,
+        human_labeled_share=share,
+        human_answers=human_answers,
+        estimated_precision=est,
+        estimated_precision_low=low,
+        amplification=(int(totals["positive"]) + int(totals["negative"])) / max(1, human),
+        iterations=iterations,
+        stop_reason=stop,
+        estimated_false_omission=fo,
+        estimated_false_omission_high=fo_high,
+        warnings=() if params is None else target_warnings(est, fo, share, params),
     )
 
 
-def _estimates(state: CascadeState, fs: list[Funnel]) -> tuple[float | None, float | None, float | None, float | None]:
+def estimates(
+    totals: dict[str, int | float], fs: list[Funnel]
+) -> tuple[float | None, float | None, float | None, float | None]:
     """The share of true positives in each final set: the positive set's precision (and its lower bound),
     the negative set's false omission (and its upper bound)."""
-    pos, neg, by_human = state.state == POSITIVE, state.state == NEGATIVE, state.decided_by == BY_HUMAN
     est, low = positive_share(
-        state.p_positive[pos & by_human],
+        int(totals["human_positive"]),
+        totals["p_sum_human_positive"],
         [(f.model_positive, f.precision, f.precision_low or 0.0) for f in fs if f.precision is not None],
     )
     fo, fo_high = positive_share(
-        state.p_positive[neg & by_human],
+        int(totals["human_negative"]),
+        totals["p_sum_human_negative"],
         [
             (f.model_negative, f.false_omission, f.false_omission_high or 1.0)
             for f in fs

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import labels as labels_lib
-from ..ingest import read_pool
+from ..ingest import take_pool
 from ..manifest import CascadeState
 from ..storage import Storage, aggregated_key, request_key, taken_key
 from .common import recheck_id_for
@@ -17,9 +17,8 @@ def publish(
     storage: Storage, category: str, request_id: str, iteration: int, rows: np.ndarray, flow_run_id: str | None
 ) -> labels_lib.LabelRequest:
     """Publish the images at pool ``rows`` to people as request ``request_id`` (shuffled order)."""
-    pool = read_pool(storage, columns=["image_id", "uri"])
     order = np.random.default_rng([iteration, len(rows)]).permutation(len(rows))
-    images = pool.take(pa.array(np.asarray(rows)[order], pa.int64()))
+    images = take_pool(storage, np.asarray(rows, np.int64)[order], columns=["image_id", "uri"])
     return labels_lib.publish_request(storage, category, request_id, iteration, images, flow_run_id)
 
 

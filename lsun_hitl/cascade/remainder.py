@@ -6,23 +6,17 @@ A large remainder waits for an operator's decision before anyone is asked to lab
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 from .. import labels as labels_lib
 from ..config import CascadeParams
-from ..manifest import (
-    ROLE_REMAINDER,
-    UNLABELED,
-    check_transition,
-    manifest_counts,
-    read_manifest,
-    rows_held,
-    stored_parts,
-    write_manifest,
-)
-from ..split import Funnel, apply_human_labels, remainder_to_people
-from ..storage import Storage, decision_key
+from ..manifest import manifest_counts, rows_held, stored_parts
+from ..manifest_parts import NO_DECISION, IterationUpdate, advance_part, open_rows
+from ..partitions import Partitioning, commit, new_attempt
+from ..split import Funnel, remainder_to_people
+from ..storage import Storage, decision_key, manifest_dir
 from .common import REMAINDER, stored_funnel
-from .people import ids_at, posteriors, publish
+from .people import posteriors, publish
 
 
 def publish_remainder(
@@ -30,12 +24,27 @@ def publish_remainder(
 ) -> labels_lib.LabelRequest | None:
     """Ask people to label every image still unlabeled after ``iteration``; None if there is none, or if
     they do not fit in what ``params.human_budget`` leaves (they stay unresolved)."""
-    state = read_manifest(storage, category, iteration)
-    rows = state.unlabeled_index()
-    spent = state.human_labeled()
-    if not remainder_to_people(len(rows), spent, params.human_budget):
+    counts = manifest_counts(storage, category, iteration)
+    if not remainder_to_people(counts["unlabeled"], counts["human"], params.human_budget):
         return None
+    rows, _ = _open_rows(storage, category, iteration)
     return publish(storage, category, REMAINDER, iteration + 1, rows, flow_run_id)
+
+
+def _open_rows(storage: Storage, category: str, iteration: int) -> tuple[np.ndarray, pa.Array]:
+    """Every image unlabeled after ``iteration``, read part by part: global rows, ascending, and image ids."""
+    partitioning = _partitioning(storage, category, iteration)
+    parts = [open_rows(storage, category, iteration, partitioning, p) for p in range(partitioning.n_partitions)]
+    return np.concatenate([np.zeros(0, np.int64)] + [r for r, _ in parts]), pa.concat_arrays(
+        [pa.array([], pa.string())] + [ids.cast(pa.string()) for _, ids in parts]
+    )
+
+
+def _partitioning(storage: Storage, category: str, iteration: int) -> Partitioning:
+    """The partitions ``iteration``'s manifest was committed in."""
+    return Partitioning(
+        rows_held(manifest_counts(storage, category, iteration)), stored_parts(storage, category, iteration)
+    )
 
 
 def remainder_decision(storage: Storage, category: str, params: CascadeParams, iteration: int) -> str:
@@ -96,14 +105,17 @@ def finish_remainder(storage: Storage, category: str, iteration: int) -> Funnel:
 
 
 def _label_remainder(storage: Storage, category: str, iteration: int) -> Funnel:
-    """Write the manifest of iteration+1 with people's remainder labels; return its funnel."""
+    """Write the manifest of iteration+1 with people's remainder labels, part by part (``advance_part``, the
+    split's map, with no scores); return its funnel."""
     final_it = iteration + 1
-    before = read_manifest(storage, category, iteration)
-    rows = before.unlabeled_index()
-    after = before.copy()
-    p = posteriors(storage, category, REMAINDER, ids_at(before, rows))
-    apply_human_labels(after, rows, p, ROLE_REMAINDER, final_it)
-    check_transition(before, after)
+    rows, ids = _open_rows(storage, category, iteration)
+    p = posteriors(storage, category, REMAINDER, ids)
+    partitioning = _partitioning(storage, category, iteration)
+    update = IterationUpdate(iteration=final_it, remainder=rows, remainder_p=p, thresholds=NO_DECISION)
+    attempt = new_attempt()
+    counts = [
+        advance_part(storage, category, partitioning, q, update, attempt) for q in range(partitioning.n_partitions)
+    ]
     funnel = Funnel(
         iteration=final_it,
         unlabeled_before=len(rows),
@@ -112,7 +124,7 @@ def _label_remainder(storage: Storage, category: str, iteration: int) -> Funnel:
         scored=0,
         model_positive=0,
         model_negative=0,
-        unlabeled_after=int(np.sum(after.state == UNLABELED)),
+        unlabeled_after=sum(c["unlabeled"] for c in counts),
         threshold_positive=None,
         threshold_negative=None,
         precision=None,
@@ -120,7 +132,7 @@ def _label_remainder(storage: Storage, category: str, iteration: int) -> Funnel:
         false_omission=None,
         false_omission_high=None,
     )
-    write_manifest(
-        storage, category, final_it, after, stored_parts(storage, category, iteration), {"funnel": funnel.to_dict()}
-    )
+    keep = ("unlabeled", "positive", "negative", "human", "human_positive")
+    meta = {"counts": [{k: c[k] for k in keep} for c in counts], "funnel": funnel.to_dict()}
+    commit(storage, manifest_dir(category, final_it), attempt, partitioning.n_partitions, partitioning.n_rows, meta)
     return funnel

@@ -2,35 +2,46 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import labels as labels_lib
+from ..cluster import run_on_dask
 from ..config import CascadeParams
-from ..manifest import read_manifest
-from ..sampling import Sample, draw_sample
+from ..ingest import take_pool
+from ..manifest import manifest_counts, rows_held, stored_parts
+from ..manifest_parts import sample_part
+from ..partitions import Partitioning, merge_bottom_k
+from ..sampling import Sample, sample_sizes
 from ..split import stalled, train_size
 from ..storage import Storage, calibration_key, calibration_set_key, sample_key
 from .common import funnels, request_id_for, stored_or, thresholds_from_dict
 from .people import publish
 
 
-def sample(storage: Storage, category: str, params: CascadeParams, iteration: int) -> Sample:
-    """The images people label at ``iteration`` (drawn once; the stored draw is reused after)."""
-    table = sample_table(storage, category, params, iteration)
+def sample(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, dask_address: str | None = None
+) -> Sample:
+    """The images people label at ``iteration`` (drawn once, on the cluster at ``dask_address`` when the manifest
+    has several parts; the stored draw is reused after)."""
+    table = sample_table(storage, category, params, iteration, dask_address)
     idx = table.column("row").to_numpy()
     role = table.column("role").to_numpy(zero_copy_only=False)
     return Sample(train=idx[role == "train"], calibration=idx[role == "calibration"])
 
 
-def sample_table(storage: Storage, category: str, params: CascadeParams, iteration: int) -> pa.Table:
+def sample_table(
+    storage: Storage, category: str, params: CascadeParams, iteration: int, dask_address: str | None = None
+) -> pa.Table:
     """``iteration``'s sample as stored: row, image_id, role (train, then calibration), drawn if not stored."""
     return stored_or(
         storage,
         storage.path(sample_key(category, iteration)),
         storage.read_table,
-        lambda: _draw(storage, category, params, iteration),
+        lambda: _draw(storage, category, params, iteration, dask_address),
         storage.write_table,
     )
 
@@ -41,30 +52,53 @@ def sample_ids(storage: Storage, category: str, params: CascadeParams, iteration
     return table.filter(pc.equal(table.column("role"), role)).column("image_id").combine_chunks()
 
 
-def _draw(storage: Storage, category: str, params: CascadeParams, iteration: int) -> pa.Table:
-    """Draw the sample of ``iteration`` from what is unlabeled after ``iteration - 1``: row, image_id, role."""
-    state = read_manifest(storage, category, iteration - 1)
-    budget_left = None if params.human_budget is None else params.human_budget - state.human_labeled()
-    drawn = draw_sample(
-        state.unlabeled_index(),
+def _draw(storage: Storage, category: str, params: CascadeParams, iteration: int, dask_address: str | None) -> pa.Table:
+    """Draw the sample of ``iteration`` from what is unlabeled after ``iteration - 1``: row, image_id, role.
+
+    Bottom-k of keyed row hashes (``partitions``): each manifest part gives its ``k`` smallest-keyed unlabeled
+    rows (a map, on the cluster when there are several parts) and the ``k`` smallest of those are the sample,
+    the same for any partition count. The sizes come from the previous commit's counts; this process holds
+    the parts' candidates and the sample, never the pool's state."""
+    from .candidates import executor  # here: candidates imports the scoring step, which imports this module
+
+    counts = manifest_counts(storage, category, iteration - 1)
+    budget_left = None if params.human_budget is None else params.human_budget - counts["human"]
+    n_train, n_calibration = sample_sizes(
+        counts["unlabeled"],
         n_train=train_sample_size(storage, category, params, iteration),
         n_calibration=new_calibration_size(
             params, carried_calibration(storage, category, params, iteration).num_rows, iteration
         ),
         max_fraction=params.max_sample_fraction,
-        seed=params.seed,
-        iteration=iteration,
         budget_left=budget_left,
-        category=category,
     )
-    rows = np.concatenate([drawn.train, drawn.calibration])
+    k = n_train + n_calibration
+    partitioning = Partitioning(rows_held(counts), stored_parts(storage, category, iteration - 1))
+    with executor(dask_address, params, partitioning) as client:
+        mapped = run_on_dask(
+            client,
+            _sample_map,
+            list(range(partitioning.n_partitions)),
+            storage=storage,
+            category=category,
+            iteration=iteration,
+            partitioning=partitioning,
+            k=k,
+            seed=params.seed,
+        )
+    drawn, _ = merge_bottom_k(mapped, k)  # key order: the first n_calibration calibrate, the rest train
+    rows = np.concatenate([np.sort(drawn[n_calibration:]), np.sort(drawn[:n_calibration])])
     return pa.table(
         {
             "row": pa.array(rows, pa.int64()),
-            "image_id": pc.take(state.image_id, pa.array(rows)),
-            "role": ["train"] * len(drawn.train) + ["calibration"] * len(drawn.calibration),
+            "image_id": take_pool(storage, rows, columns=["image_id"]).column("image_id"),
+            "role": ["train"] * n_train + ["calibration"] * n_calibration,
         }
     )
+
+
+def _sample_map(p: int, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    return sample_part(p=p, **kwargs)
 
 
 def train_sample_size(storage: Storage, category: str, params: CascadeParams, iteration: int) -> int:

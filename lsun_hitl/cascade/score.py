@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..cluster import dask_client
 from ..config import CascadeParams
-from ..ingest import read_pool
-from ..manifest import UNLABELED, CascadeState, read_manifest
+from ..manifest import UNLABELED, CascadeState, manifest_counts, rows_held, stored_parts
+from ..partitions import Partitioning
 from ..progress import Progress
 from ..sampling import Sample
-from ..scoring import score_candidates
+from ..scoring import score_pool
 from ..storage import Storage, scores_dir
 from .sample import sample
 from .train import input_cache, model_key_path
@@ -35,29 +34,27 @@ def score(
     dask_address: str | None = None,
     progress: Progress | None = None,
 ) -> int:
-    """Score every candidate of ``iteration`` on Dask; return how many were scored."""
-    state = read_manifest(storage, category, iteration - 1)
-    rows = candidates(state, sample(storage, category, params, iteration))
-    pool = read_pool(storage, columns=["image_id", "uri"])
-    todo = pool.take(pa.array(rows, pa.int64()))
-    cache = input_cache(storage, params, iteration, pool.column("image_id"))
-    if cache is not None:  # every category's passes over the pool share one decode of it
-        todo = todo.add_column(0, "row", pa.array(rows, pa.int64()))
+    """Score every candidate of ``iteration`` on Dask; return how many were given a score.
+
+    Each range of the manifest's partitions plans its own candidates on the cluster (``scoring.score_pool``):
+    this process holds the iteration's training rows and the tasks' counts, never the pool."""
+    counts = manifest_counts(storage, category, iteration - 1)
+    partitioning = Partitioning(rows_held(counts), stored_parts(storage, category, iteration - 1))
     with dask_client(dask_address, n_workers=params.dask_workers) as client:
-        scores = score_candidates(
+        stats = score_pool(
             storage,
             category,
             iteration,
-            todo,
             model_key_path(storage, category, iteration),
+            starts=partitioning.starts,
+            train=sample(storage, category, params, iteration).train,
             client=client,
             partition_size=params.score_partition,
             batch_size=params.score_batch,
             progress=progress,
-            pool=pool if cache is not None else None,
-            cache=cache,
+            cache=input_cache(storage, params, iteration),
         )
-    return int(pc.sum(pc.is_valid(scores.column("score"))).as_py() or 0)
+    return int(stats["scored"])
 
 
 def score_parts(storage: Storage, category: str, iteration: int) -> tuple[tuple[str, ...], tuple[int, ...]]:

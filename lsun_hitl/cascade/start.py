@@ -7,8 +7,10 @@ import logging
 from .. import model as model_lib
 from ..cluster import dask_client
 from ..config import CascadeParams, ModelParams, validate
-from ..ingest import read_pool
-from ..manifest import CascadeState, manifest_iterations, n_manifest_parts, write_manifest
+from ..ingest import pool_size
+from ..manifest import manifest_iterations, n_manifest_parts
+from ..manifest_parts import write_initial
+from ..partitions import Partitioning
 from ..plan import Plan, plan
 from ..plan import check as check_plan
 from ..pretrain import POOL_WEIGHTS, pretrain_on_pool, pretrained_weights
@@ -36,16 +38,16 @@ def preflight(
     """
     validate(category, params)
     storage.check_writable()
-    pool_size = read_pool(storage, columns=["image_id"]).num_rows if need_pool else None
+    n_pool = pool_size(storage) if need_pool else None
     # Pretrained weights are first used after people labeled the first sample: check them now.
     for m in {m for m in (params.model, *params.model_schedule) if m.weights and m.weights != POOL_WEIGHTS}:
         model_lib.build(m, pretrained_weights(storage, m))  # missing file or wrong architecture: a clear error
     if dask_address:
         with dask_client(dask_address):
             pass
-    if pool_size is None or manifest_iterations(storage, category):
+    if n_pool is None or manifest_iterations(storage, category):
         return None
-    first = plan(category, pool_size, params, base_rate)
+    first = plan(category, n_pool, params, base_rate)
     check_plan(first, params, params.allow_small_pool)
     return first
 
@@ -59,14 +61,13 @@ def start(storage: Storage, category: str, params: CascadeParams) -> int:
     preflight(storage, category, params, need_pool=False)
     done = manifest_iterations(storage, category)
     if not done:
-        pool = read_pool(storage, columns=["image_id"])
-        if pool.num_rows == 0:
+        n = pool_size(storage)
+        if n == 0:
             raise ValueError(f"the pool at {storage.url} is empty: ingest images first")
-        first = plan(category, pool.num_rows, params)
+        first = plan(category, n, params)
         check_plan(first, params, params.allow_small_pool)
         log.info("%s", first)
-        state = CascadeState.initial(pool.column("image_id").combine_chunks())
-        write_manifest(storage, category, 0, state, n_manifest_parts(len(state), params.manifest_partition))
+        write_initial(storage, category, Partitioning(n, n_manifest_parts(n, params.manifest_partition)))
         return 0
     restore_funnels(storage, category, [k for k in done if k > 0])
     return done[-1]

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 
 from .. import model as model_lib
 from ..config import CascadeParams
-from ..ingest import read_pool
 from ..inputs import InputCache
 from ..manifest_parts import human_labels
 from ..pretrain import pretrained_weights
@@ -50,12 +48,8 @@ def train(
     return path
 
 
-def input_cache(
-    storage: Storage, params: CascadeParams, iteration: int, image_ids: pa.ChunkedArray | None = None
-) -> InputCache | None:
+def input_cache(storage: Storage, params: CascadeParams, iteration: int) -> InputCache | None:
     """The pool's model-input cache at ``iteration``'s input size, or None when ``params.input_cache`` is off."""
     if not params.input_cache:
         return None
-    if image_ids is None:
-        image_ids = read_pool(storage, columns=["image_id"]).column("image_id")
-    return InputCache.of_pool(storage, image_ids, params.model_for(iteration).image_size)
+    return InputCache.of_stored_pool(storage, params.model_for(iteration).image_size)

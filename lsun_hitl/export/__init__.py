@@ -1,8 +1,9 @@
 """Export finished datasets in the formats the field reads.
 
-Every export reads ``datasets/<category>/dataset.parquet`` (what the cascade decided, one row per pool
-image, in pool order) beside ``pool/images.parquet``, in fixed-size batches: memory stays bounded by the
-batch size whatever the pool size. Labels people gave in a review (``import_review``) override the
+Every export reads ``datasets/<category>/dataset/`` (what the cascade decided, one row per pool
+image, in pool order, in committed parts read one after another; an older root's one ``dataset.parquet``
+too) beside ``pool/images.parquet``, in fixed-size batches: memory stays bounded by the batch size
+whatever the pool size. Labels people gave in a review (``import_review``) override the
 cascade's decision for the images they reviewed.
 
 - ``export_lsun``: LSUN's release format, one LMDB per category (``<name>_train_lmdb``, and
@@ -28,7 +29,7 @@ encoding images), ``staging`` (destinations and the run every export shares), ``
 format (``lsun``, ``parquet``, ``imagefolder``, ``label_studio``) and ``review`` (importing reviews).
 """
 
-from .dataset import REVIEW, SPLITS, dataset_batches, dataset_path, review_labels
+from .dataset import REVIEW, SPLITS, dataset_batches, dataset_files, review_labels
 from .encoding import FOLDER_EXT, fetch, folder_file, lsun_jpeg, resize_short_side
 from .imagefolder import RULES, export_imagefolder, resolve_classes
 from .label_studio import LABEL_STUDIO_CONFIG, export_label_studio
@@ -50,7 +51,7 @@ __all__ = [
     "ExportReport",
     "ReviewReport",
     "dataset_batches",
-    "dataset_path",
+    "dataset_files",
     "export_imagefolder",
     "export_label_studio",
     "export_lsun",

@@ -1,8 +1,9 @@
 """Reading a finished dataset, in batches, with people's reviews applied.
 
-A category's dataset (``datasets/<category>/dataset.parquet``: what the cascade decided, one row per
-pool image, in pool order) is read beside ``pool/images.parquet`` in fixed-size batches, so memory stays
-bounded by the batch size whatever the pool size. Labels people gave in a review (stored under the
+A category's dataset (``datasets/<category>/dataset/``: what the cascade decided, one row per pool image, in
+pool order, in committed parts; an older root's one ``dataset.parquet`` also reads) is read beside
+``pool/images.parquet`` in fixed-size batches, its parts one after another, so memory stays bounded by the
+batch size whatever the pool size. Labels people gave in a review (stored under the
 request ``review``) override the cascade's decision for the images they reviewed.
 """
 
@@ -15,9 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..dataset_parts import dataset_files as finished_files
 from ..labels import aggregate, read_votes, usable_votes
 from ..progress import Progress
-from ..storage import POOL, Storage, dataset_key
+from ..storage import POOL, Storage, dataset_dir
 from .report import ExportError
 
 SPLITS = ("positive", "negative", "unresolved")
@@ -49,21 +51,28 @@ def _rebatch(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.Table]
         yield pa.Table.from_batches(buf)
 
 
-def parquet_batches(storage: Storage, path: str, columns: list[str], size: int) -> Iterator[pa.Table]:
-    """The ``columns`` of the Parquet file at ``path`` in tables of ``size`` rows (the last may be shorter)."""
-    with storage.fs.open(path, "rb") as f:
-        yield from _rebatch(pq.ParquetFile(f).iter_batches(batch_size=size, columns=columns), size)
+def _file_batches(storage: Storage, paths: Sequence[str], columns: list[str], size: int) -> Iterator[pa.RecordBatch]:
+    for path in paths:  # one file open at a time
+        with storage.fs.open(path, "rb") as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=size, columns=columns)
 
 
-def dataset_path(storage: Storage, category: str) -> str:
-    """The path of ``category``'s finished dataset; ExportError naming the command to run if it has none."""
-    path = storage.path(dataset_key(category))
-    if not storage.exists(path):
+def parquet_batches(storage: Storage, paths: Sequence[str], columns: list[str], size: int) -> Iterator[pa.Table]:
+    """The ``columns`` of the Parquet files at ``paths``, read one after another as one table, in tables of
+    ``size`` rows (the last may be shorter; a table may span two files)."""
+    yield from _rebatch(_file_batches(storage, paths, columns, size), size)
+
+
+def dataset_files(storage: Storage, category: str) -> list[str]:
+    """The files of ``category``'s finished dataset, in pool order (``dataset_parts.dataset_files``);
+    ExportError naming the command to run if it has none."""
+    files = finished_files(storage, category)
+    if files is None:
         raise ExportError(
-            f"category {category!r} has no finished dataset ({path} is missing); run its cascade to the end "
-            f"(lsun-hitl run --root {storage.url} --category {category}) before exporting"
+            f"category {category!r} has no finished dataset ({storage.url_of(dataset_dir(category))} is missing); "
+            f"run its cascade to the end (lsun-hitl run --root {storage.url} --category {category}) before exporting"
         )
-    return path
+    return files
 
 
 def pool_rows(storage: Storage, categories: Sequence[str]) -> int:
@@ -124,14 +133,14 @@ def dataset_batches(
     bad = set(splits) - set(SPLITS)
     if bad:
         raise ExportError(f"unknown split(s) {sorted(bad)}; choose from {', '.join(SPLITS)}")
-    path = dataset_path(storage, category)
+    files = dataset_files(storage, category)
     reviews = review_labels(storage, category)
     review_ids = pa.array(list(reviews), pa.string())
     review_pos = pa.array(list(reviews.values()), pa.bool_())
-    pool = parquet_batches(storage, storage.path(POOL), _POOL_COLUMNS, batch_size)
+    pool = parquet_batches(storage, [storage.path(POOL)], _POOL_COLUMNS, batch_size)
     total = progress_total if progress_total is not None else pool_rows(storage, [category])
     seen = progress_offset
-    for d in parquet_batches(storage, path, _DATASET_COLUMNS, batch_size):
+    for d in parquet_batches(storage, files, _DATASET_COLUMNS, batch_size):
         p = next(pool, None)
         if p is None or p.num_rows != d.num_rows or not p.column("image_id").equals(d.column("image_id")):
             raise ExportError(

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from ..progress import Progress
 from ..storage import Storage
-from .dataset import dataset_batches, dataset_path, pool_rows, to_mask
+from .dataset import dataset_batches, dataset_files, pool_rows, to_mask
 from .encoding import convert_images, folder_file, left_out
 from .report import ExportError, ExportReport
 from .staging import Staging, local_dir, timed_export, write_skipped
@@ -96,7 +96,7 @@ def export_imagefolder(
     """
     out = local_dir(out, "ImageFolder")
     for c in categories:
-        dataset_path(storage, c)
+        dataset_files(storage, c)
     if len(set(categories)) != len(categories) or not categories:
         raise ExportError(f"give each category once, got {list(categories)}")
     report = ExportReport("imagefolder-combined" if combined else "imagefolder", out)

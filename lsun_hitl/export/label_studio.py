@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from ..progress import Progress
 from ..storage import Storage
-from .dataset import SPLITS, dataset_batches, dataset_path
+from .dataset import SPLITS, dataset_batches, dataset_files
 from .report import ExportReport
 from .staging import export_target, timed_export
 
@@ -61,7 +61,7 @@ def export_label_studio(
         root) or ``{image_id}``; e.g. ``/data/local-files/?d=lsun/{path}`` for Label Studio's local
         storage.
     """
-    dataset_path(storage, category)
+    dataset_files(storage, category)
     target = export_target(storage, out, out_options)
     report = ExportReport("label-studio", target.url)
     written = 0

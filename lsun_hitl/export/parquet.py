@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from ..progress import Progress
 from ..storage import Storage
-from .dataset import SPLITS, dataset_batches, dataset_path, pool_rows
+from .dataset import SPLITS, dataset_batches, dataset_files, pool_rows
 from .encoding import convert_images, left_out
 from .report import ExportError, ExportReport
 from .staging import export_target, timed_export
@@ -52,7 +52,7 @@ def export_parquet(
     target = export_target(storage, out, out_options)
     report = ExportReport("parquet", target.url)
     for category in categories:
-        dataset_path(storage, category)  # a clear error before anything is written
+        dataset_files(storage, category)  # a clear error before anything is written
     total = pool_rows(storage, categories)
     with timed_export(report):
         for n, category in enumerate(categories):

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from ..labelfile import label_studio_answers
 from ..labels import LabelError, validate_votes, write_votes
 from ..storage import Storage
-from .dataset import REVIEW, dataset_batches, dataset_path, parquet_batches, review_labels
+from .dataset import REVIEW, dataset_batches, dataset_files, parquet_batches, review_labels
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def import_review(storage: Storage, category: str, path: str, *, batch_size: int
         The file cannot be read, is not Label Studio's JSON export, or names an image that is not in
         the dataset (the whole file is refused).
     """
-    dataset = dataset_path(storage, category)
+    dataset = dataset_files(storage, category)
     try:
         raw = open(path, "rb").read()
     except OSError as exc:
@@ -71,7 +71,9 @@ def import_review(storage: Storage, category: str, path: str, *, batch_size: int
     return ReviewReport(category, len(frame), len(before), stored is not None, changed)
 
 
-def _answers(storage: Storage, dataset: str, category: str, path: str, raw: bytes, batch_size: int) -> pd.DataFrame:
+def _answers(
+    storage: Storage, dataset: list[str], category: str, path: str, raw: bytes, batch_size: int
+) -> pd.DataFrame:
     """Rows ``image_id, labeler, answer`` of the export ``raw`` (read from ``path``, named in errors)."""
     try:
         tasks = json.loads(raw)
@@ -107,7 +109,7 @@ def _changes(before: dict[str, str], verdict: dict[str, bool]) -> dict[str, int]
     return dict(changed)
 
 
-def _uri_ids(storage: Storage, dataset: str, tasks: Any, batch_size: int) -> pa.Table:
+def _uri_ids(storage: Storage, dataset: list[str], tasks: Any, batch_size: int) -> pa.Table:
     """``image_id, uri`` of the dataset images that tasks without ``data.image_id`` name by URI."""
     uris = []
     if isinstance(tasks, list):
