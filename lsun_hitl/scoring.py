@@ -154,34 +154,6 @@ def _decode_all(uris: list[str], options: dict[str, Any], size: int, batch_size:
     return images, ok, errors
 
 
-def score_partition(
-    part: int,
-    *,
-    storage: Storage,
-    candidates_path: str,
-    model_path: str,
-    out_dir: str,
-    batch_size: int = 256,
-    threads: int = 1,
-    cache: InputCache | None = None,
-) -> dict[str, Any]:
-    """Score row group ``part`` of the candidates file into ``part-<part>.parquet`` (runs on a Dask worker).
-
-    Without ``cache`` the row group holds the candidates to score and each image is read and decoded.
-    With it the row group holds one shard of the pool (every row of it when the shard is not cached yet,
-    else only its candidates, flagged by the ``candidate`` column): a cached shard is read instead of its
-    images; a missing one is decoded whole, stored, then scored. Returns the counts ``scored``, ``valid`` (a
-    score, not an unreadable image), ``decoded`` and ``from_cache`` (scored from a shard stored earlier), and
-    the ``worker`` (host:pid) with its ``peak_rss_mb`` (its high-water mark since it started). A part already
-    stored is not scored again.
-    """
-    out_path = f"{out_dir}/part-{part:05d}.parquet"
-    if storage.exists(out_path):
-        return _stored_part(storage, out_path)
-    rows = storage.read_row_group(candidates_path, part)
-    return _score_part(rows, storage, model_path, out_path, batch_size, threads, cache)
-
-
 def score_group(
     item: tuple[int, str, int, int],
     *,
@@ -192,8 +164,15 @@ def score_group(
     threads: int = 1,
     cache: InputCache | None = None,
 ) -> dict[str, Any]:
-    """``(part, plan file, row group, candidates in it)``: score that row group of a range's plan into
-    ``part-<part>.parquet``, as ``score_partition`` does (runs on a Dask worker).
+    """``(part, plan file, row group, candidates in it)``: score that row group of a scoring plan into
+    ``part-<part>.parquet`` (runs on a Dask worker).
+
+    Without ``cache`` the row group holds the candidates to score and each image is read and decoded.
+    With it the row group holds one shard of the pool (every row of it when the shard is not cached yet,
+    else only its candidates, flagged by the ``candidate`` column): a cached shard is read instead of its
+    images; a missing one is decoded whole, stored, then scored. Returns the counts ``scored``, ``valid`` (a
+    score, not an unreadable image), ``decoded`` and ``from_cache`` (scored from a shard stored earlier), and
+    the ``worker`` (host:pid) with its ``peak_rss_mb`` (its high-water mark since it started).
 
     A part already stored with as many rows is kept (a resumed step does only the missing work); one with
     another count was written by another plan and is scored again."""
@@ -208,7 +187,7 @@ def score_group(
 
 
 def _stored_part(storage: Storage, out_path: str) -> dict[str, Any]:
-    """``score_partition``'s counts of a part stored earlier (nothing decoded or scored now)."""
+    """``score_group``'s counts of a part stored earlier (nothing decoded or scored now)."""
     scores = storage.read_table(out_path, columns=["score"]).column("score")
     return {
         "scored": len(scores),
@@ -229,7 +208,7 @@ def _score_part(
     threads: int,
     cache: InputCache | None,
 ) -> dict[str, Any]:
-    """Score one task's ``rows`` (see ``score_partition``) and write them to ``out_path``; the task's counts."""
+    """Score one task's ``rows`` (see ``score_group``) and write them to ``out_path``; the task's counts."""
     import torch
 
     torch.set_num_threads(threads)
@@ -379,39 +358,38 @@ def score_candidates(
     cand_path = f"{out_dir}/candidates.parquet"
     if candidates.num_rows == 0:
         return SCORE_SCHEMA.empty_table()
+    n = candidates.num_rows
     if cache is None:
-        plan, sizes = candidates.select(["image_id", "uri"]), None
+        plan = candidates.select(["image_id", "uri"])
+        sizes = wanted = [min(partition_size, n - i) for i in range(0, n, partition_size)]
     else:
         if pool is None or "row" not in candidates.column_names:
             raise ValueError("scoring from the input cache needs the pool and the candidates' pool rows")
-        plan, sizes, _ = cache_plan(pool, candidates.column("row").to_numpy(), cache)
-    n_parts = len(sizes) if sizes is not None else max(1, -(-candidates.num_rows // partition_size))
-    identity = (candidates.num_rows, n_parts, cache is not None)
+        plan, sizes, wanted = cache_plan(pool, candidates.column("row").to_numpy(), cache)
+    identity = (n, len(sizes), cache is not None)
     if not storage.exists(cand_path) or _plan_of(storage, cand_path) != identity:
-        n, parts, cached = identity
         _write_plan(
             storage,
             cand_path,
             plan,
-            sizes or [partition_size] * n_parts,
-            {"candidates": str(n), "parts": str(parts), "cached": str(cached)},
+            sizes,
+            {"candidates": str(n), "parts": str(len(sizes)), "cached": str(cache is not None)},
         )
     threads = 1 if client is not None else min(4, len(os.sched_getaffinity(0)))  # never more than the cores we have
     started = time.perf_counter()
     counts = run_on_dask(
         client,
-        score_partition,
-        list(range(n_parts)),
+        score_group,
+        [(i, cand_path, i, c) for i, c in enumerate(wanted)],
         progress=progress,
         storage=storage,
-        candidates_path=cand_path,
         model_path=model_path,
         out_dir=out_dir,
         batch_size=batch_size,
         threads=threads,
         cache=cache,
     )
-    parts = [storage.read_table(f"{out_dir}/part-{i:05d}.parquet") for i in range(n_parts)]
+    parts = [storage.read_table(f"{out_dir}/part-{i:05d}.parquet") for i in range(len(sizes))]
     scores = pa.concat_tables(parts)
     if scores.column("image_id") != candidates.column("image_id"):
         raise RuntimeError(
@@ -425,10 +403,7 @@ def score_candidates(
         "from_cache": sum(c["from_cache"] for c in counts),
         "seconds": time.perf_counter() - started,
         "cache": storage.url_of(cache.key) if cache is not None else None,
-        "worker_peak_rss_mb": {
-            w: round(max(c["peak_rss_mb"] for c in counts if c["worker"] == w), 1)
-            for w in {c["worker"] for c in counts}
-        },
+        "worker_peak_rss_mb": _peaks(counts),
     }
     storage.write_json(f"{out_dir}/stats.json", stats)
     return scores
