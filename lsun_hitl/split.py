@@ -42,6 +42,27 @@ class Funnel:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def __str__(self) -> str:
+        """One line for logs: what people and the model decided, with each side's threshold and bound."""
+
+        def side(threshold: float | None, rate: str) -> str:
+            return "no cut" if threshold is None else f"cut at {threshold:.4g}, {rate}"
+
+        pos = side(
+            self.threshold_positive,
+            f"precision {self.precision or 0:.3f} (>= {self.precision_low or 0:.3f})",
+        )
+        neg = side(
+            self.threshold_negative,
+            f"false omission {self.false_omission or 0:.4f} (<= {self.false_omission_high or 0:.4f})",
+        )
+        return (
+            f"iteration {self.iteration}: {self.unlabeled_before:,} open -> people labeled {self.human_labeled:,} "
+            f"({self.human_positive:,} yes); the model scored {self.scored:,} and decided "
+            f"{self.model_positive:,} positive [{pos}] and {self.model_negative:,} negative [{neg}]; "
+            f"{self.unlabeled_after:,} open"
+        )
+
 
 def apply_human_labels(
     state: CascadeState, index: np.ndarray, p_positive: np.ndarray, role: int, iteration: int

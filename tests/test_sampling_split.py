@@ -158,3 +158,16 @@ def test_a_remainder_that_does_not_fit_the_budget_is_no_reason_to_stop(tmp_path)
     budget = CascadeParams(stop_unlabeled=0, stop_unlabeled_fraction=0.0, human_budget=7_000)
     assert should_stop(storage, "coat", budget, 1) is None  # 1,500 left: another iteration, not a remainder
     assert "budget nearly spent" in should_stop(storage, "coat", CascadeParams(human_budget=5_900), 1)
+
+
+def test_a_funnel_logs_as_one_readable_line():
+    from lsun_hitl.split import Funnel
+
+    f = Funnel(1, 70_000, 5_500, 550, 67_500, 0, 57_254, 7_246, None, 0.28394, None, None, 0.00603, 0.00978)
+    line = str(f)
+    assert "\n" not in line and "Funnel(" not in line
+    assert line.startswith("iteration 1: 70,000 open -> people labeled 5,500 (550 yes)")
+    assert (
+        "0 positive [no cut]" in line and "57,254 negative [cut at 0.2839, false omission 0.0060 (<= 0.0098)]" in line
+    )
+    assert line.endswith("7,246 open")
