@@ -24,6 +24,7 @@ COMMANDS = {
     "run": runs.cmd_run,
     "resume": runs.cmd_resume,
     "decide": runs.cmd_decide,
+    "status": runs.cmd_status,
     "simulate": runs.cmd_simulate,
     "replay": runs.cmd_replay,
     "demo": runs.cmd_demo,
@@ -47,6 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def log_to_terminal(level: int) -> None:
+    """This project's loggers to stderr at ``level``. Not the root logger: a handler there makes Prefect skip
+    its own console set-up, and each of its lines then printed bare (``INFO:prefect.task_runs:...``)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in ("lsun_hitl", "cli", "flows", "tasks", "deployments"):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     # No telemetry from the embedded Prefect server (machines may have no internet).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -55,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.INFO if args.verbose else logging.WARNING
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", logging.getLevelName(level).lower())
-    logging.basicConfig(level=level)
+    log_to_terminal(level)
     try:
         COMMANDS[args.command](args)
     except (

@@ -28,6 +28,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8700)
     p.add_argument("--no-resume", action="store_true", help="do not resume waiting runs when a request is done")
     p.add_argument("--cors-origin", action="append", help="allow this browser origin (default: none)")
+    p.add_argument(
+        "--public-url",
+        help="the page's address as people reach it (behind a proxy); waiting runs show it on their resume form",
+    )
 
     p = sub.add_parser("labelers", help="create labelers and their tokens, list them, show their figures")
     add_root(p)
@@ -81,6 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         port=args.port,
         on_complete=None if args.no_resume else resume_waiting_run(storage),
         cors_origins=args.cors_origin,
+        public_url=args.public_url,
     )
 
 

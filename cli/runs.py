@@ -42,6 +42,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--category", required=True)
     p.add_argument("--remainder", required=True, choices=get_args(Remainder))
 
+    p = sub.add_parser("status", help="where every category stands: iteration, what it waits for, labels spent")
+    add_root(p)
+    p.add_argument("--category", nargs="+", help="only these categories")
+
     p = sub.add_parser(
         "simulate",
         help="predict the human effort: the cascade per category and seed, a simulated crowd answering from the truth",
@@ -124,6 +128,14 @@ def cmd_resume(args: argparse.Namespace) -> None:
     print(checked)
     if checked.follow_up is None:
         print(resume(storage, args.category, root_request(args.request)))
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from lsun_hitl.status import category_status, status, status_text
+
+    storage = storage_from(args)
+    rows = [category_status(storage, c) for c in args.category] if args.category else status(storage)
+    print(status_text(rows) if rows else f"no category has a run under {storage.url}")
 
 
 def cmd_decide(args: argparse.Namespace) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows.logs import quiet_completed_tasks
 from flows.waiting import RemainderDecision, remainder_pause_key, wait, wait_for_labels
 from lsun_hitl.config import CascadeParams
 from lsun_hitl.storage import Storage
@@ -45,6 +46,8 @@ from tasks.cascade import (
     store_decision,
     train_model,
 )
+
+quiet_completed_tasks()  # the terminal keeps the run's own lines and progress bars (a worker's process too)
 
 
 def decide_remainder(

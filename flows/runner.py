@@ -63,7 +63,7 @@ def resume(storage: Storage, category: str, request_id: str, *, wait_s: float = 
     Raises RunEnded (a LabelError) if the run has ended, and LabelError if it neither pauses nor takes
     the labels within ``wait_s``.
     """
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import NotPausedError, ObjectNotFound
     from prefect.flow_runs import resume_flow_run
     from prefect.states import StateType
 
@@ -89,7 +89,7 @@ def resume(storage: Storage, category: str, request_id: str, *, wait_s: float = 
                 resume_flow_run(request.flow_run_id, run_input=LabelsDelivered(request_id=request_id).model_dump())
                 log.info("resumed flow run %s with %s", request.flow_run_id, request_id)
                 return Resumed(request.flow_run_id, "resumed")
-            except (RuntimeError, ObjectNotFound) as exc:
+            except (RuntimeError, ObjectNotFound, NotPausedError) as exc:  # NotPaused: another resume won the race
                 log.info("resume of %s not accepted yet (%s)", request.flow_run_id, exc)
         elif state is not None and state.is_paused():
             return Resumed(request.flow_run_id, "moved on")

@@ -7,13 +7,17 @@ people label a large remainder. ``flows.runner`` resumes a run only for the key 
 
 from __future__ import annotations
 
+import uuid
+
 from prefect import get_run_logger
+from prefect.events import emit_event
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.input import RunInput
 from prefect.runtime import deployment
 
 from lsun_hitl.config import CascadeParams
 from lsun_hitl.labels import LabelRequest
+from lsun_hitl.status import labeling_url, waiting_description
 from lsun_hitl.storage import Storage
 from tasks.cascade import collect_labels, labels_complete
 
@@ -21,9 +25,10 @@ REMAINDER_KEY = "remainder"
 
 
 class LabelsDelivered(RunInput):
-    """What resumes a paused cascade: the request whose labels are now stored."""
+    """What resumes a paused cascade: the request whose labels are now stored (empty from the UI's form: the
+    run checks the stored answers either way)."""
 
-    request_id: str
+    request_id: str = ""
 
 
 class RemainderDecision(RunInput):
@@ -63,16 +68,48 @@ def pause_is_for_remainder(key: str) -> bool:
     return pause_is_for(key, REMAINDER_KEY)
 
 
+REQUEST_EVENTS = ("published", "completed")  # lsun.label-request.<what>: what automations can trigger on
+
+
+def emit_request_event(storage: Storage, request: LabelRequest, what: str) -> None:
+    """Emit the Prefect event ``lsun.label-request.<what>`` for ``request`` (resource: the category's request;
+    related: the category; payload: images, iteration, the labeling page). Its id is a function of the root,
+    category, request and event, so a run that emits it again (after a restart) adds nothing: Prefect drops
+    events whose id it has seen."""
+    emit_event(
+        event=f"lsun.label-request.{what}",
+        resource={
+            "prefect.resource.id": f"lsun.label-request.{request.category}.{request.request_id}",
+            "prefect.resource.name": f"{request.category}/{request.request_id}",
+            "lsun.category": request.category,
+            "lsun.request": request.request_id,
+        },
+        related=[{"prefect.resource.id": f"lsun.category.{request.category}", "prefect.resource.role": "category"}],
+        payload={"n_images": request.n_images, "iteration": request.iteration, "labeling_url": labeling_url(storage)},
+        id=uuid.uuid5(uuid.NAMESPACE_URL, f"{storage.url}/{request.category}/{request.request_id}/{what}"),
+    )
+
+
 def wait_for_labels(storage: Storage, category: str, request: LabelRequest, params: CascadeParams) -> int:
-    """Pause until every image of ``request`` has a stored answer; return how many were aggregated."""
+    """Pause until every image of ``request`` has a stored answer; return how many were aggregated. Emits
+    ``lsun.label-request.published`` before and ``lsun.label-request.completed`` after."""
+    emit_request_event(storage, request, "published")
     attempt = 0
     while not labels_complete(storage, category, request.request_id):
         attempt += 1
-        get_run_logger().info(
+        logger = get_run_logger()
+        if attempt > 1:
+            logger.info("resumed before every image of %s had an answer: waiting again", request.request_id)
+        logger.info(
             "waiting for people to label %s images (%s); paused up to %s s",
             request.n_images,
             request.request_id,
             params.label_timeout_s,
         )
-        wait(params, LabelsDelivered, labels_pause_key(request.request_id, attempt))
-    return collect_labels(storage, category, request.request_id)
+        form = LabelsDelivered.with_initial_data(
+            description=waiting_description(storage, category, request), request_id=request.request_id
+        )
+        wait(params, form, labels_pause_key(request.request_id, attempt))
+    collected = collect_labels(storage, category, request.request_id)
+    emit_request_event(storage, request, "completed")
+    return collected

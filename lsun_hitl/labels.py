@@ -110,8 +110,9 @@ def publish_request(
     else:
         n = storage.read_table(table_path, columns=["image_id"]).num_rows
     request = LabelRequest(category, request_id, iteration, n, flow_run_id)
-    meta = request.to_dict() | {"published_at": time.time()}
-    storage.write_json(storage.path(request_key(category, request_id, "json")), meta)
+    meta_path = storage.path(request_key(category, request_id, "json"))
+    first = storage.read_json(meta_path).get("published_at") if storage.exists(meta_path) else None
+    storage.write_json(meta_path, request.to_dict() | {"published_at": first or time.time()})  # when people were asked
     return request
 
 

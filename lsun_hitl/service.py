@@ -40,7 +40,8 @@ from starlette.concurrency import run_in_threadpool
 from .desk import DeskError, LabelingDesk
 from .labelers import Labeler, LabelerError, TokenIndex, create_labeler
 from .quality import QCParams
-from .storage import Storage, StorageError
+from .status import HEADER, status, status_rows
+from .storage import SERVICE_KEY, Storage, StorageError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -209,6 +210,12 @@ def index(request: Request) -> str:
     return service_state(request).page
 
 
+@page_routes.get("/admin", response_class=HTMLResponse)
+def admin_page() -> str:
+    """Every category under the root, where it stands (the token in the URL's fragment, as on the label page)."""
+    return resources.files("lsun_hitl").joinpath("static/admin.html").read_text()
+
+
 @page_routes.get("/healthz")
 def healthz() -> dict:
     return {"ok": True}
@@ -272,6 +279,13 @@ admin_routes = APIRouter(prefix="/api/admin")
 @admin_routes.get("/requests")
 def requests(request: Request, _: Admin) -> list[dict]:
     return service_state(request).desk.progress()
+
+
+@admin_routes.get("/status")
+def category_status(request: Request, _: Admin) -> dict:
+    """``lsun_hitl.status`` of every category under the root: the table's header, its cells, and the rows."""
+    rows = status(service_state(request).storage)
+    return {"header": list(HEADER), "rows": status_rows(rows), "categories": [r.to_dict() for r in rows]}
 
 
 @admin_routes.get("/labelers")
@@ -383,6 +397,11 @@ def _fetch(uri: str, storage: Storage) -> tuple[bytes, str]:
         raise HTTPException(502, f"the image could not be read from storage ({type(exc).__name__})") from exc
 
 
+def announce(storage: Storage, url: str) -> None:
+    """Record where people find the labeling page of ``storage`` (``SERVICE_KEY``): a waiting run names it."""
+    storage.write_json(storage.path(SERVICE_KEY), {"url": url.rstrip("/") + "/", "started_at": time.time()})
+
+
 def serve(
     storage: Storage,
     qc: QCParams | None = None,
@@ -391,11 +410,16 @@ def serve(
     port: int = 8700,
     on_complete: Callable[[str, str], None] | None = None,
     cors_origins: list[str] | None = None,
+    public_url: str | None = None,
 ) -> None:
-    """Run the labeling service until interrupted (``on_complete`` as for ``create_app``)."""
+    """Run the labeling service until interrupted (``on_complete`` as for ``create_app``). Its page's URL
+    (``public_url``, else this host and port) is recorded for the runs that wait for people to name it."""
+    import socket
     import sys
 
     import uvicorn
+
+    announce(storage, public_url or f"http://{socket.getfqdn() if host in ('0.0.0.0', '::') else host}:{port}/")
 
     # Storage writes run in worker threads, and each hand-back of the GIL from the busy event loop can
     # wait a whole switch interval; a submission needs several, so a shorter interval cuts its latency.
@@ -422,6 +446,7 @@ class ServiceThread:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> str:
+        announce(self.app.state.service.storage, self.url)
         self._thread = threading.Thread(target=self.server.run, name="labeling-service", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 30

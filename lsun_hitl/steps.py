@@ -61,6 +61,16 @@ def peak_rss_mb() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
+CURRENT_STEP = "current-step.json"  # reports/<category>/current-step.json: the step a run started last
+
+
+def mark_step(storage: Storage, category: str, iteration: int, step: str) -> None:
+    """Record that a run started ``step`` of ``iteration`` now (what ``lsun-hitl status`` shows while it works)."""
+    storage.write_json(
+        storage.path(report_key(category, CURRENT_STEP)), {"iteration": iteration, "step": step, "since": time.time()}
+    )
+
+
 def step_key(category: str, iteration: int, step: str) -> str:
     return report_key(category, f"steps/iteration={iteration}/{step}.json")
 
@@ -72,6 +82,7 @@ def record(storage: Storage, category: str, iteration: int, step: str) -> Iterat
     if storage.exists(path):
         yield
         return
+    mark_step(storage, category, iteration, step)
     reset_peak_rss()
     before, started = decoded(), time.perf_counter()
     yield

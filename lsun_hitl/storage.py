@@ -342,6 +342,7 @@ def gold_key(category: str) -> str:
 
 
 QC_KEY = "labels/qc.json"
+SERVICE_KEY = "labels/service.json"  # where the last labeling service over this root said its page is
 LABELERS_KEY = "labelers/labelers.json"
 
 

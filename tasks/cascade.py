@@ -18,6 +18,7 @@ from lsun_hitl.labels import LabelRequest, take
 from lsun_hitl.progress import Bar, fan_out
 from lsun_hitl.report import funnel_markdown
 from lsun_hitl.split import Funnel
+from lsun_hitl.status import status, status_markdown
 from lsun_hitl.storage import Storage
 
 T = TypeVar("T")
@@ -84,7 +85,9 @@ def draw_sample(
 def publish_labels(
     storage: Storage, category: str, params: CascadeParams, iteration: int, flow_run_id: str | None
 ) -> LabelRequest:
-    return cascade.publish_iteration(storage, category, params, iteration, flow_run_id)
+    request = cascade.publish_iteration(storage, category, params, iteration, flow_run_id)
+    report_status(storage)
+    return request
 
 
 @task(**PUBLISH)
@@ -172,10 +175,28 @@ def label_remainder(storage: Storage, category: str, iteration: int) -> Funnel:
     return cascade.finish_remainder(storage, category, iteration)
 
 
+def artifact_key(kind: str, category: str) -> str:
+    """An artifact key for ``category`` (Prefect keys take lower-case letters, digits and dashes only)."""
+    return f"{kind}-{category.replace('_', '-')}"
+
+
+def report_status(storage: Storage) -> None:
+    """The ``lsun-status`` artifact: every category under the root, where it stands (``lsun_hitl.status``);
+    each run adds a version when it starts waiting for people and after each iteration."""
+    create_markdown_artifact(
+        markdown=status_markdown(status(storage)),
+        key="lsun-status",
+        description=f"every category under {storage.url}: what it waits for, labels spent, decisions",
+    )
+
+
 @task(cache_policy=NO_CACHE)
 def report_funnel(storage: Storage, category: str) -> str:
     markdown = funnel_markdown(category, cascade.funnels(storage, category))
-    create_markdown_artifact(markdown=markdown, key=f"funnel-{category}", description=f"{category}: cascade funnel")
+    create_markdown_artifact(
+        markdown=markdown, key=artifact_key("funnel", category), description=f"{category}: cascade funnel"
+    )
+    report_status(storage)
     return markdown
 
 
@@ -187,8 +208,11 @@ def finish_dataset(
     for warning in summary.warnings:
         get_run_logger().warning("%s: %s", category, warning)
     create_markdown_artifact(
-        markdown=f"```\n{summary}\n```", key=f"summary-{category}", description=f"{category}: final dataset summary"
+        markdown=f"```\n{summary}\n```",
+        key=artifact_key("summary", category),
+        description=f"{category}: final dataset summary",
     )
+    report_status(storage)
     return summary
 
 
@@ -209,5 +233,7 @@ def publish_audit_recheck(
 @task(**STEP, cache_policy=NO_CACHE)
 def audit_dataset(storage: Storage, category: str, params: CascadeParams) -> cascade.Audit:
     result = cascade.audit(storage, category, params)
-    create_markdown_artifact(markdown=f"```\n{result}\n```", key=f"audit-{category}", description=f"{category}: audit")
+    create_markdown_artifact(
+        markdown=f"```\n{result}\n```", key=artifact_key("audit", category), description=f"{category}: audit"
+    )
     return result
