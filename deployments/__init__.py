@@ -72,16 +72,25 @@ def load_config(path: str | Path = DEFAULT_CONFIG) -> list[CategoryDeployment]:
     return out
 
 
-def build(config: list[CategoryDeployment]) -> list[Any]:
-    """Prefect ``RunnerDeployment`` objects, one per category."""
+REPO = Path(__file__).resolve().parents[1]  # the checkout whose flows/cascade.py the deployments run
+ENTRYPOINT = "flows/cascade.py:category_cascade"
+
+
+def build(config: list[CategoryDeployment], *, for_workers: bool = False) -> list[Any]:
+    """Prefect ``RunnerDeployment`` objects, one per category.
+
+    ``for_workers``: for a work pool (``apply``). A worker runs each flow run in a fresh temporary folder, so
+    the flow is loaded from this checkout by path (``from_source``) and a local storage root is made absolute
+    (a relative one would land in that folder and go with it after every suspension)."""
     from prefect.schedules import Cron
 
     from flows.cascade import category_cascade
 
+    flow = category_cascade.from_source(source=str(REPO), entrypoint=ENTRYPOINT) if for_workers else category_cascade
     return [
-        category_cascade.to_deployment(
+        flow.to_deployment(
             name=d.name,
-            parameters=d.parameters(),
+            parameters={**d.parameters(), "root": _absolute(d.root)} if for_workers else d.parameters(),
             schedule=Cron(d.cron, timezone=d.timezone) if d.cron else None,
             concurrency_limit=1,  # one run per category at a time
             tags=[*d.tags, d.category],
@@ -89,3 +98,8 @@ def build(config: list[CategoryDeployment]) -> list[Any]:
         )
         for d in config
     ]
+
+
+def _absolute(root: str) -> str:
+    """``root`` as any process on this machine reads it: URLs as given, a local folder made absolute."""
+    return root if "://" in root else str(Path(root).expanduser().resolve())

@@ -27,11 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         for d in config:
             print(f"{d.name}\tcron={d.cron}\troot={d.root}\tparams={d.params}")
         return 0
-    deployments = build(config)
     if args.action == "serve":
         from prefect import serve
 
-        serve(*deployments)
+        serve(*build(config))
     else:
         if not args.pool:
             print(
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        for deployment in deployments:
+        for deployment in build(config, for_workers=True):
             deployment_id = deployment.apply(work_pool_name=args.pool)
             print(f"{deployment.name}: {deployment_id}")
     return 0

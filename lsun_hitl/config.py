@@ -213,6 +213,11 @@ class CascadeParams:
         " iterations and categories do not decode again",
     )
     dask_workers: int | None = setting(None, "LocalCluster worker processes (none: min(2, cores))")
+    score_limit: str | None = setting(
+        None,
+        "name of a Prefect global concurrency limit each scoring step holds a slot of, so categories scheduled"
+        " together take turns on one cluster (create it first: prefect gcl create NAME --limit N)",
+    )
     model: ModelParams = setting(default_factory=ModelParams, cli=False)
     model_schedule: tuple[ModelParams, ...] = setting(
         (), "a model per iteration (the last one repeats); empty: model at every iteration", cli=False

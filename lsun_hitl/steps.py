@@ -89,6 +89,7 @@ def record(storage: Storage, category: str, iteration: int, step: str) -> Iterat
     figures: dict = {
         "iteration": iteration,
         "step": step,
+        "started": round(time.time() - (time.perf_counter() - started), 3),  # epoch seconds
         "seconds": round(time.perf_counter() - started, 3),
         "flow_decoded": decoded() - before,
         "flow_peak_rss_mb": round(peak_rss_mb(), 1),

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
 
 from lsun_hitl import cascade, steps
 from lsun_hitl.calibration import Thresholds
@@ -130,8 +132,22 @@ def train_model(storage: Storage, category: str, params: CascadeParams, iteratio
 @task(retries=2, retry_delay_seconds=10)
 @recorded("score")
 def score_pool(storage: Storage, category: str, params: CascadeParams, iteration: int, dask_address: str | None) -> int:
-    progress = fan_out(Bar(f"score it{iteration}", "part"), ui_progress(f"{category}: scoring, iteration {iteration}"))
-    return cascade.score(storage, category, params, iteration, dask_address=dask_address, progress=progress)
+    with scoring_slot(params.score_limit):
+        progress = fan_out(
+            Bar(f"score it{iteration}", "part"), ui_progress(f"{category}: scoring, iteration {iteration}")
+        )
+        return cascade.score(storage, category, params, iteration, dask_address=dask_address, progress=progress)
+
+
+@contextlib.contextmanager
+def scoring_slot(limit: str | None) -> Iterator[None]:
+    """A slot of the Prefect global concurrency limit ``limit`` while the block runs (none: no limit). Strict:
+    a limit that does not exist fails the step instead of letting every category score at once."""
+    if limit is None:
+        yield
+        return
+    with concurrency(limit, occupy=1, strict=True):
+        yield
 
 
 @task(**STEP)

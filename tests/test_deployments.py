@@ -151,3 +151,101 @@ def _wait_for(run_id, predicate, timeout: float):
         if time.monotonic() > deadline:
             raise AssertionError(f"flow run {run_id} is {state} after {timeout} s")
         time.sleep(1)
+
+
+def test_categories_on_a_process_work_pool_suspend_resume_and_take_turns_scoring(
+    tmp_path, dask_cluster, prefect_harness
+):
+    """The production path: deployments applied to a process work pool (``python -m deployments apply``), a
+    ``prefect worker`` process running them, two categories started together. Each run is suspended while
+    people label (the worker holds no flow-run process), resumes when its labels arrive and finishes; their
+    scoring steps hold a slot of one global concurrency limit (named in the config), so they never overlap."""
+    from prefect.settings import PREFECT_API_URL
+
+    from lsun_hitl.steps import read_steps
+
+    categories = ("trouser", "bag")
+    limit = "lsun-test-score"
+    storage = Storage(str(tmp_path / "root"))
+    build_pool(storage, import_fashion_mnist(storage, limit=300, seed=4), client=dask_cluster)
+    config = tmp_path / "categories.toml"
+    config.write_text(
+        f"""
+[defaults]
+root = "{storage.url}"
+dask_address = "{dask_cluster.scheduler.address}"
+[defaults.params]
+train_sample = 20
+calibration_sample = 60
+first_calibration_sample = 60
+allow_small_pool = true
+target_false_omission = 0.2
+confidence = 0.5
+max_iterations = 1
+stop_unlabeled = 0
+remainder = "unresolved"
+recheck = false
+wait = "auto"
+score_partition = 200
+score_limit = "{limit}"
+model = {{ image_size = 32, epochs = 1, batch_size = 32 }}
+"""
+        + "".join(f"[categories.{c}]\n" for c in categories)
+    )
+    env = dict(
+        os.environ,
+        PREFECT_API_URL=PREFECT_API_URL.value(),
+        PREFECT_WORKER_QUERY_SECONDS="2",
+        PREFECT_WORKER_PREFETCH_SECONDS="2",
+    )
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(limit, 1)
+    subprocess.run([prefect, "work-pool", "create", "lsun-test", "--type", "process"], env=env, check=True)
+    applied = subprocess.run(
+        [sys.executable, "-m", "deployments", "apply", "--config", str(config), "--pool", "lsun-test"],
+        cwd=tmp_path,  # not the checkout: the deployments must find the flow by themselves
+        env=env | {"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    assert applied.returncode == 0, applied.stderr
+    worker = subprocess.Popen(
+        [prefect, "worker", "start", "--pool", "lsun-test"],
+        cwd=tmp_path,
+        env=env | {"PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        runs = {c: _start_when_deployed(f"lsun-cascade/lsun-{c}") for c in categories}
+        for run_id in runs.values():
+            assert _wait_for(run_id, lambda s: s.name == "Suspended", 300).is_paused()
+        deadline = time.monotonic() + 30  # suspended: the worker holds no flow-run process
+        while psutil.Process(worker.pid).children(recursive=True) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert psutil.Process(worker.pid).children(recursive=True) == []
+        for c in categories:  # people answer; each run is resumed and the worker runs it again
+            deliver(storage, c, SimulatedCrowd(read_truth(storage, c), CrowdParams(seed=1)), "iteration-1")
+            resume(storage, c, "iteration-1")
+        for run_id in runs.values():
+            final = _wait_for(run_id, lambda s: s.is_final(), 300)
+            assert final.is_completed(), final
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    for c, run_id in runs.items():
+        assert manifest_iterations(storage, c) == [0, 1]
+        with get_client(sync_client=True) as client:
+            names = [s.name for s in client.read_flow_run_states(run_id)]
+        assert "Suspended" in names and names.count("Running") >= 2
+    # the two scoring steps held the limit's one slot in turn
+    spans = sorted(
+        (s["started"], s["started"] + s["seconds"])
+        for c in categories
+        for s in read_steps(storage, c)
+        if s["step"] == "score"
+    )
+    assert len(spans) == 2 and spans[0][1] <= spans[1][0], spans
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(limit).active_slots == 0
