@@ -57,7 +57,9 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("crowd", help="serve label requests with a simulated crowd (registered truth)")
     add_root(p)
-    p.add_argument("--category", default="sneaker")
+    p.add_argument(
+        "--category", nargs="+", default=["sneaker"], help="the categories it answers (several with --service)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--service", help="URL of the labeling service: answer through it, as people do")
 
@@ -165,7 +167,9 @@ def cmd_crowd(args: argparse.Namespace) -> None:
 
         stop = threading.Event()
         workers = http_crowd(args.service, storage, args.category, stop, CrowdParams(seed=args.seed))
-        print(f"{len(workers)} simulated labelers answering {args.service} for {args.category!r}; Ctrl-C to stop")
+        print(
+            f"{len(workers)} simulated labelers answering {args.service} for {', '.join(args.category)}; Ctrl-C to stop"
+        )
         try:
             while any(w.is_alive() for w in workers):
                 time.sleep(1.0)
@@ -176,9 +180,12 @@ def cmd_crowd(args: argparse.Namespace) -> None:
     from lsun_hitl.crowd import SimulatedCrowd
     from lsun_hitl.truth import read_truth
 
-    crowd = SimulatedCrowd(read_truth(storage, args.category), CrowdParams(seed=args.seed))
-    with simulated_crowd(storage, args.category, crowd, poll_s=1.0) as thread:
-        print(f"simulated crowd serving label requests for {args.category!r} under {storage.url}; Ctrl-C to stop")
+    if len(args.category) != 1:
+        raise ConfigError("without --service the crowd answers one category's requests: give one --category")
+    (category,) = args.category
+    crowd = SimulatedCrowd(read_truth(storage, category), CrowdParams(seed=args.seed))
+    with simulated_crowd(storage, category, crowd, poll_s=1.0) as thread:
+        print(f"simulated crowd serving label requests for {category!r} under {storage.url}; Ctrl-C to stop")
         try:
             while thread.is_alive():
                 thread.join(1.0)

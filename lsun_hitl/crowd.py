@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -191,7 +191,7 @@ class HttpLabeler(threading.Thread):
         base_url: str,
         token: str,
         accuracy: float,
-        truth: Mapping[str, bool],
+        truth: Mapping[str, Mapping[str, bool]],
         stop: threading.Event,
         *,
         unsure_rate: float = 0.02,
@@ -207,11 +207,12 @@ class HttpLabeler(threading.Thread):
         self.submitted = 0
         self.flagged = False
 
-    def answer(self, image_id: str) -> str:
+    def answer(self, category: str, image_id: str) -> str:
+        """This person's answer to "Is ``image_id`` a ``category``?" (``truth``: per category, per image)."""
         if self.rng.random() < self.unsure_rate:
             return "unsure"
         correct = self.rng.random() < self.accuracy
-        return "yes" if correct == self.truth[image_id] else "no"
+        return "yes" if correct == self.truth[category][image_id] else "no"
 
     def run(self) -> None:
         import httpx
@@ -236,7 +237,9 @@ class HttpLabeler(threading.Thread):
                     for item in batch["items"]:
                         if self.fetch_images:
                             client.get(f"/api/batches/{batch['batch_id']}/images/{item['index']}").raise_for_status()
-                        answers.append({"index": item["index"], "answer": self.answer(item["image_id"])})
+                        answers.append(
+                            {"index": item["index"], "answer": self.answer(batch["category"], item["image_id"])}
+                        )
                     url = f"/api/batches/{batch['batch_id']}/labels"
                     client.post(url, json={"answers": answers}).raise_for_status()
                     self.submitted += 1
@@ -248,15 +251,17 @@ class HttpLabeler(threading.Thread):
 def http_crowd(
     base_url: str,
     storage: Storage,
-    category: str,
+    categories: str | Sequence[str],
     stop: threading.Event,
     params: CrowdParams = CrowdParams(),
     **kwargs: object,
 ) -> list[HttpLabeler]:
-    """Create the simulated labelers (tokens in the storage's registry) and start them against the service."""
+    """Create the simulated labelers (tokens in the storage's registry) and start them against the service; they
+    answer the batches of any of ``categories`` from the registered truth."""
     from .labelers import create_labeler
 
-    truth = truth_by_image_id(storage, category)
+    names = [categories] if isinstance(categories, str) else list(categories)
+    truth = {c: truth_by_image_id(storage, c) for c in names}
     crowd = SimulatedCrowd({}, params)
     workers = []
     for k, name in enumerate(crowd.names):

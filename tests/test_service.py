@@ -150,7 +150,7 @@ def test_fifty_concurrent_labelers_lose_and_double_count_nothing(tmp_path, fashi
                 url,
                 tokens[name],
                 0.5 if name in spammers else float(rng.uniform(0.85, 0.95)),
-                truth,
+                {CATEGORY: truth},
                 stop,
                 seed=k,
                 poll_s=0.2,
