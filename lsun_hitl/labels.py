@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .storage import Storage, aggregated_key, request_key, taken_key, votes_dir
 
@@ -355,17 +356,26 @@ def aggregate(votes: pa.Table, *, method: str = "dawid-skene", n_iter: int = 100
 def collect(storage: Storage, category: str, request_id: str) -> pa.Table:
     """Aggregate the answers to one request (Dawid-Skene fit on all of the category's answers).
 
-    Raises LabelError naming the missing images if some requested image has no decisive answer.
-    The result is stored under ``labels/<category>/aggregated/<request>.parquet``.
+    Raises LabelError naming the missing images if some requested image has no decisive answer to this
+    request (answers to the same image in other requests count in its posterior, not as this request's answer:
+    a recheck is complete once people answered it again). The result is stored under
+    ``labels/<category>/aggregated/<request>.parquet``.
     """
     from .quality import flagged_labelers, read_gold, read_qc
 
     _, request = read_request(storage, category, request_id)
     votes = read_votes(storage, category)
     flagged = flagged_labelers(votes, read_gold(storage, category), read_qc(storage))
-    agg = aggregate(usable_votes(votes, flagged), method=read_qc(storage).aggregation)
+    usable = usable_votes(votes, flagged)
+    agg = aggregate(usable, method=read_qc(storage).aggregation)
     df = request.select(["image_id"]).to_pandas().merge(agg.to_pandas(), on="image_id", how="left")
-    missing = df.loc[df["p_positive"].isna(), "image_id"]
+    # complete when each image has a decisive answer to THIS request: a recheck's images were all answered
+    # before, and their earlier answers must not make it complete before people answer it again
+    mine = usable.filter(
+        pc.and_(pc.equal(usable.column("request_id"), request_id), pc.not_equal(usable.column("answer"), "unsure"))
+    )
+    answered = set(mine.column("image_id").to_pylist())
+    missing = df.loc[df["p_positive"].isna() | ~df["image_id"].isin(answered), "image_id"]
     if len(missing):
         raise LabelError(
             f"request {request_id!r}: {len(missing)} of {len(df)} images have no yes/no answer yet "

@@ -101,6 +101,26 @@ def test_incomplete_request_names_missing_images(published):
         labels.collect(storage, "cat", "iteration-1")
 
 
+def test_a_recheck_is_complete_only_once_people_answered_it_again(published):
+    """A recheck asks again about images people answered before: their earlier answers count in the posterior
+    but do not make the recheck complete (the run would otherwise take it before anyone answered it)."""
+    from lsun_hitl.cascade.people import labels_complete
+
+    storage, table, truth = published
+    crowd = SimulatedCrowd(truth)
+    deliver(storage, "cat", crowd, "iteration-1")
+    labels.publish_request(storage, "cat", "iteration-1-recheck", 1, table.slice(0, 10), "run-1")
+    assert not labels_complete(storage, "cat", "iteration-1-recheck")
+    with pytest.raises(labels.LabelError, match="10 of 10 images have no yes/no answer"):
+        labels.collect(storage, "cat", "iteration-1-recheck")
+    first = labels.collect(storage, "cat", "iteration-1")
+    deliver(storage, "cat", crowd, "iteration-1-recheck")
+    assert labels_complete(storage, "cat", "iteration-1-recheck")
+    both = labels.collect(storage, "cat", "iteration-1-recheck")
+    decisive = [t.column("n_yes").to_numpy() + t.column("n_no").to_numpy() for t in (both, first.slice(0, 10))]
+    assert (decisive[0] > decisive[1]).all()  # the posterior counts both requests' answers
+
+
 def test_a_resume_matches_only_its_own_requests_pause():
     from flows.waiting import labels_pause_key, pause_is_for, pause_is_for_remainder, remainder_pause_key
 
