@@ -58,15 +58,18 @@ def description_of(run_id: str, key: str) -> str:
         return client.read_flow_run_input(flow_run_id=run_id, key=f"paused-{key}-description")
 
 
-def label_request_events(category: str) -> list[tuple[str, str]]:
+def label_request_events(category: str, run_id: str) -> list[tuple[str, str]]:
+    """The label-request events of ``category`` that flow run ``run_id`` emitted (the harness's server keeps
+    every test's events: other tests run the same category under other roots)."""
     from prefect import get_client
-    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter, EventResourceFilter
 
     with get_client(sync_client=True) as client:
         page = client.read_events(
             filter=EventFilter(
                 event=EventNameFilter(prefix=["lsun.label-request."]),
                 resource=EventResourceFilter(id_prefix=[f"lsun.label-request.{category}."]),
+                related=EventRelatedFilter(id=[f"prefect.flow-run.{run_id}"]),
             ),
             limit=50,
         )
@@ -158,7 +161,7 @@ def test_a_waiting_run_says_what_it_waits_for_in_status_resume_form_events_and_a
 
     completed = ("lsun.label-request.completed", "iteration-1")
     got = wait_until(
-        "the label-request events", lambda: (e := label_request_events("trouser")) and completed in e and e
+        "the label-request events", lambda: (e := label_request_events("trouser", run_id)) and completed in e and e
     )
     assert ("lsun.label-request.published", "iteration-1") in got
     assert ("lsun.label-request.published", "remainder") in got and ("lsun.label-request.completed", "remainder") in got
