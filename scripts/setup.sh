@@ -32,4 +32,6 @@ if [ ! -x .venv-ls/bin/label-studio ]; then
   .venv-ls/bin/python -m pip install -q --upgrade pip
   .venv-ls/bin/python -m pip install -q "label-studio==1.23.2"
 fi
+# sentry-sdk 3 removed an option Label Studio 1.23 passes at start-up ("Unknown option 'send_default_pii'")
+.venv-ls/bin/python -m pip install -q "sentry-sdk<3"
 echo "set-up done: $(python -c 'import lsun_hitl, torch, prefect; print("lsun-hitl", lsun_hitl.__version__, "torch", torch.__version__, "prefect", prefect.__version__)')"
