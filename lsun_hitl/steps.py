@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 
@@ -25,6 +26,15 @@ from .storage import Storage, report_key, scores_dir
 
 _lock = threading.Lock()
 _decoded = 0
+_extra: ContextVar[dict | None] = ContextVar("step_extra_figures", default=None)
+
+
+def add_figures(**figures: float) -> None:
+    """Add ``figures`` to the step ``record`` is timing in this context (none: nothing to add them to). The
+    scoring step adds when it took and gave back its slot of the scoring concurrency limit."""
+    extra = _extra.get()
+    if extra is not None:
+        extra.update(figures)
 
 
 def count_decoded(n: int) -> None:
@@ -85,7 +95,12 @@ def record(storage: Storage, category: str, iteration: int, step: str) -> Iterat
     mark_step(storage, category, iteration, step)
     reset_peak_rss()
     before, started = decoded(), time.perf_counter()
-    yield
+    extra: dict = {}
+    token = _extra.set(extra)
+    try:
+        yield
+    finally:
+        _extra.reset(token)
     figures: dict = {
         "iteration": iteration,
         "step": step,
@@ -94,6 +109,7 @@ def record(storage: Storage, category: str, iteration: int, step: str) -> Iterat
         "flow_decoded": decoded() - before,
         "flow_peak_rss_mb": round(peak_rss_mb(), 1),
         "pid": os.getpid(),
+        **extra,
     }
     stats = storage.path(scores_dir(category, iteration), "stats.json")
     if step == "score" and storage.exists(stats):

@@ -146,8 +146,13 @@ def scoring_slot(limit: str | None) -> Iterator[None]:
     if limit is None:
         yield
         return
+    asked = time.time()
     with concurrency(limit, occupy=1, strict=True):
-        yield
+        taken = time.time()
+        try:
+            yield
+        finally:
+            steps.add_figures(slot_taken=round(taken, 3), slot_wait_s=round(taken - asked, 3), slot_given=time.time())
 
 
 @task(**STEP)
