@@ -375,7 +375,7 @@ def collect(storage: Storage, category: str, request_id: str) -> pa.Table:
         pc.and_(pc.equal(usable.column("request_id"), request_id), pc.not_equal(usable.column("answer"), "unsure"))
     )
     answered = set(mine.column("image_id").to_pylist())
-    missing = df.loc[df["p_positive"].isna() | ~df["image_id"].isin(answered), "image_id"]
+    missing = df.loc[~df["image_id"].isin(answered), "image_id"]  # a decisive answer gives a posterior too
     if len(missing):
         raise LabelError(
             f"request {request_id!r}: {len(missing)} of {len(df)} images have no yes/no answer yet "
