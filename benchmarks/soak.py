@@ -184,7 +184,7 @@ def soak_config(source: Path, categories: list[str] | None, root: str, dask: str
     return "\n".join(lines) + "\n", chosen
 
 
-def screenshot(ui: str, path: Path, *, click: str | None = None, wait_for: str | None = None) -> None:
+def screenshot(ui: str, path: Path, *, click: str | None = None) -> None:
     """Photograph a Prefect UI page in Debian's Chromium (headless); ``click`` a button first."""
     from playwright.sync_api import sync_playwright
 
@@ -192,18 +192,12 @@ def screenshot(ui: str, path: Path, *, click: str | None = None, wait_for: str |
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"], headless=True)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.goto(ui, wait_until="networkidle", timeout=60_000)
-        if wait_for:
-            page.get_by_text(wait_for).first.wait_for(timeout=30_000)
         if click:
             page.get_by_role("button", name=click).first.click()
             page.wait_for_timeout(2_000)
         page.wait_for_timeout(1_000)
         page.screenshot(path=str(path), full_page=True)
         browser.close()
-
-
-def run_states(client: Any, runs: dict[str, str]) -> dict[str, str]:
-    return {c: (client.read_flow_run(r).state.name if client.read_flow_run(r).state else "?") for c, r in runs.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,11 +368,11 @@ def watch(
         for run_id in flow_run_processes(worker):
             if run_id in suspended_since:
                 lingered[0] = max(lingered[0], time.time() - suspended_since[run_id])
-        rows = [category_status(storage, c) for c in categories]
         if shots is not None:
             take_screenshots(shots, shot_taken, ui, runs, states)
         if time.time() - last_print > 30:
             last_print = time.time()
+            rows = [category_status(storage, c) for c in categories]  # reads storage: only when printing
             print(
                 f"[{time.time() - started:6.0f} s] "
                 + ", ".join(
@@ -526,11 +520,11 @@ def print_table(r: dict[str, Any]) -> None:
         "| false omission | recall |"
     )
     print("|---|---|---|---|---|---|---|---|")
+
+    def fmt(v: float | None) -> str:
+        return "—" if v is None else f"{v:.4f}"
+
     for f in r["runs"]:
-
-        def fmt(v: float | None) -> str:
-            return "—" if v is None else f"{v:.4f}"
-
         print(
             f"| {f['category']} | {f['state']} | {f['suspended']} | {f['iterations']} | {f['human_labels']:,} "
             f"({f['labeled_share']:.1%}) | {fmt(f['precision'])} | {fmt(f['false_omission'])} | "
