@@ -7,11 +7,13 @@
 With ``--partitions`` the manifest is in parts and the iteration is the flow's split (``cascade/iterate.py``):
 each part's first candidate from the previous commit's counts, then each part advanced where it is (labels,
 thresholds over its slice of the scoring step's parts, found by candidate index and checked by image id,
-never-flip check, write) and the iteration committed; before it, the sample's map (each part's bottom-k) and
-reduce. The scores are written between the sample and the split (not timed), one file a part, as a scoring
-step would. The baseline is ``pyarrow`` reading each previous part and its scores and writing the rows its
-advance wrote, one task per part on the same workers. The flow process (this one's child) holds the sample
-and the counts only; its peak memory and each worker's are printed.
+never-flip check, write, and the part's bottom-k of the next iteration's sample while it is in memory) and the
+iteration committed with the reduce of those draws; before it, this iteration's sample, read from the draw the
+manifest before was committed with (the setup draws it, as iteration 0's write does). The scores are written
+between the sample and the split (not timed), one file a part, as a scoring step would. The baseline is
+``pyarrow`` reading each previous part and its scores and writing the rows its advance wrote, one task per
+part on the same workers. The flow process (this one's child) holds the sample and the counts only; its
+peak memory and each worker's are printed.
 
 The iteration (what the cascade does between people and the model, minus training and scoring):
 read the previous manifest, draw the sample, record people's labels for it, apply the thresholds to
@@ -219,7 +221,7 @@ def raw_plan(item: tuple[int, int, int], root: str) -> tuple[str, float]:
     return get_worker().address, time.perf_counter() - t
 
 
-def _advance(item: tuple[int, int], **kwargs: object) -> dict[str, int]:
+def _advance(item: tuple[int, int], **kwargs: object) -> dict:
     """The flow's split task: ``advance_part`` of (part, its first candidate)."""
     from lsun_hitl.manifest_parts import advance_part
 
@@ -232,9 +234,19 @@ def phase_partitioned(root: str, rows: int, n_partitions: int, repeat: int) -> d
     from distributed import Client, LocalCluster
 
     from lsun_hitl.cascade.candidates import locate
+    from lsun_hitl.cascade.sample import largest_sample
     from lsun_hitl.cluster import run_on_dask
-    from lsun_hitl.manifest_parts import IterationUpdate, manifest_dir, sample_part, sum_counts
-    from lsun_hitl.partitions import commit, merge_bottom_k, new_attempt
+    from lsun_hitl.config import CascadeParams
+    from lsun_hitl.manifest_parts import (
+        IterationUpdate,
+        manifest_dir,
+        sample_part,
+        split_off_next_sample,
+        store_next_sample,
+        stored_next_sample,
+        sum_counts,
+    )
+    from lsun_hitl.partitions import commit, new_attempt
     from lsun_hitl.scoring import plan_range, score_ranges
 
     imported = peak_mb()  # the cascade package imports torch: the flow process's floor, whatever the pool
@@ -248,11 +260,16 @@ def phase_partitioned(root: str, rows: int, n_partitions: int, repeat: int) -> d
         setup = new_attempt()
         counts0 = client.gather([client.submit(make_part, root, part, p, setup) for p in range(n_partitions)])
         commit(storage, manifest_dir(CATEGORY, 0), setup, n_partitions, rows, meta={"counts": counts0})
-        # the sample, then the scores of its candidates as the scoring step writes them (setup, not timed)
-        mapped = [
-            client.submit(sample_part, storage, CATEGORY, 1, part, p, n_cal + n_train, 0) for p in range(n_partitions)
-        ]
-        drawn, _ = merge_bottom_k(client.gather(mapped), n_cal + n_train)
+        # iteration 1's sample drawn and stored with manifest 0, as the flow's writes do (setup, not timed)
+        largest = largest_sample(CascadeParams())
+        mapped = [client.submit(sample_part, storage, CATEGORY, 1, part, p, largest, 0) for p in range(n_partitions)]
+        entry = store_next_sample(
+            storage, manifest_dir(CATEGORY, 0), setup, client.gather(mapped), iteration=1, seed=0, k=largest
+        )
+        record = storage.path(manifest_dir(CATEGORY, 0), "_committed.json")
+        storage.write_json(record, {**storage.read_json(record), "next_sample": entry})
+        # the scores of the sample's candidates as the scoring step writes them (setup, not timed)
+        drawn = stored_next_sample(storage, CATEGORY, 1, seed=0, k=n_cal + n_train)
         train = np.sort(drawn[n_cal:])
         sizes = client.gather([client.submit(score_file, root, part, p, train) for p in range(n_partitions)])
         storage.write_json(storage.path(SCORES, "stats.json"), {"candidates": int(sum(sizes)), "part_rows": sizes})
@@ -261,13 +278,7 @@ def phase_partitioned(root: str, rows: int, n_partitions: int, repeat: int) -> d
         best: dict[str, float] = {}
         for _ in range(repeat):  # best of repeat: the cores may be shared
             start = time.perf_counter()
-            mapped = client.gather(
-                [
-                    client.submit(sample_part, storage, CATEGORY, 1, part, p, n_cal + n_train, 0, pure=False)
-                    for p in range(n_partitions)
-                ]
-            )
-            drawn, _ = merge_bottom_k(mapped, n_cal + n_train)
+            drawn = stored_next_sample(storage, CATEGORY, 1, seed=0, k=n_cal + n_train)
             t_sample = time.perf_counter() - start
             rng = np.random.default_rng(1)
             where = locate(client, storage, CATEGORY, 1, part, train)
@@ -280,9 +291,10 @@ def phase_partitioned(root: str, rows: int, n_partitions: int, repeat: int) -> d
                 thresholds=Thresholds(0.9, 0.1, None, None, 1500, 0, 0, 0.95),
                 score_files=where.score_files,
                 score_sizes=where.score_sizes,
+                next_sample=(0, largest),
             )
             attempt = new_attempt()
-            counts = sum_counts(
+            counts, next_draws = split_off_next_sample(
                 run_on_dask(
                     client,
                     _advance,
@@ -294,7 +306,11 @@ def phase_partitioned(root: str, rows: int, n_partitions: int, repeat: int) -> d
                     attempt=attempt,
                 )
             )
-            commit(storage, manifest_dir(CATEGORY, 1), attempt, n_partitions, rows)
+            counts = sum_counts(counts)
+            entry = store_next_sample(
+                storage, manifest_dir(CATEGORY, 1), attempt, next_draws, iteration=2, seed=0, k=largest
+            )
+            commit(storage, manifest_dir(CATEGORY, 1), attempt, n_partitions, rows, meta={"next_sample": entry})
             seconds = time.perf_counter() - start
             # the scoring step's plan of the same iteration: each range's candidates with their uris
             shutil.rmtree(storage.path(SCORES, "plan"), ignore_errors=True)
@@ -379,7 +395,8 @@ def main_partitioned(rows: int, n_partitions: int, repeat: int) -> int:
     workers = " / ".join(f"{w:,.0f}" for w in r["worker_peak_mb"])
     print(f"| raw pyarrow read (previous part, scores) + write, a task per part | {r['raw_s']:.2f} | - | {workers} |")
     print(
-        f"| sample (map + reduce) + advance parts + commit | {r['seconds']:.2f} (sample {r['sample_s']:.2f}) |"
+        f"| sample (stored draw) + advance parts (+ next draw) + commit | {r['seconds']:.2f}"
+        f" (sample {r['sample_s']:.2f}) |"
         f" {r['flow_peak_mb']:,.0f} | {workers} |"
     )
     print(

@@ -41,6 +41,7 @@ from .partitions import (
     commit,
     commit_record,
     committed_files,
+    merge_bottom_k,
     new_attempt,
     sample_keys,
     write_part,
@@ -73,6 +74,12 @@ class IterationUpdate:
     # the images still open when the loop stopped, labeled by people (the remainder's iteration)
     remainder: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     remainder_p: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    # (seed, k): also draw each part's share of the next iteration's sample, its ``k`` smallest-keyed rows
+    # still unlabeled after this one, while the new part is in memory (``store_next_sample``)
+    next_sample: tuple[int, int] | None = None
+
+
+NEXT_SAMPLE_FILE = "next-sample.parquet"
 
 
 # thresholds that decide nothing: what an iteration whose bounds all failed applies
@@ -302,13 +309,65 @@ def advance_part(
     model_pos, model_neg = apply_thresholds(after, index, scores, update.thresholds or NO_DECISION, update.iteration)
     check_transition(before, after)
     write_part(storage, manifest_dir(category, update.iteration), attempt, p, after.to_table())
-    return {
+    counts: dict = {
         **part_counts(after, update.iteration),
         "unlabeled_before": int(np.sum(before.state == UNLABELED)),
         "scored": int(np.isfinite(np.asarray(scores, np.float32)).sum()),
         "model_positive": model_pos,
         "model_negative": model_neg,
     }
+    if update.next_sample is not None:
+        seed, k = update.next_sample
+        rows = np.flatnonzero(after.state == UNLABELED).astype(np.int64) + start
+        keys = sample_keys(rows, seed=seed, iteration=update.iteration + 1, category=category)
+        counts[NEXT_SAMPLE_FILE] = bottom_k(rows, keys, k)
+    return counts
+
+
+def split_off_next_sample(counts: list[dict]) -> tuple[list[dict[str, int]], list[tuple[np.ndarray, np.ndarray]]]:
+    """``advance_part``'s results as ``(counts, each part's bottom-k of the next sample)`` (the latter empty
+    when the update drew none)."""
+    mapped = [c.pop(NEXT_SAMPLE_FILE) for c in counts if NEXT_SAMPLE_FILE in c]
+    return counts, mapped
+
+
+def store_next_sample(
+    storage: Storage,
+    directory: str,
+    attempt: str,
+    mapped: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    iteration: int,
+    seed: int,
+    k: int,
+) -> dict:
+    """Write the reduce of the parts' draws of ``iteration``'s sample (made while the manifest before it was
+    written: one pass over each part instead of two) into ``attempt``'s folder, committed with it so a reader
+    never pairs a manifest with another attempt's draw; return the commit's ``next_sample`` entry.
+
+    The file holds the ``k`` smallest-keyed rows still unlabeled (row, key; key order). Any sample of that
+    iteration of at most ``k`` rows is its prefix: the rows the map of ``sample_part`` would draw, for any
+    partitioning (``stored_next_sample``; ``tests/test_partitions.py``).
+    """
+    rows, keys = merge_bottom_k(mapped, k)
+    name = f"attempt={attempt}/{NEXT_SAMPLE_FILE}"
+    storage.write_table(
+        storage.path(directory.strip("/"), name),
+        pa.table({"row": pa.array(rows, pa.int64()), "key": pa.array(keys, pa.uint64())}),
+    )
+    return {"file": name, "iteration": iteration, "seed": seed, "k": k}
+
+
+def stored_next_sample(storage: Storage, category: str, iteration: int, *, seed: int, k: int) -> np.ndarray | None:
+    """The ``k`` rows of ``iteration``'s sample in key order, from the draw stored with the manifest before it
+    (``store_next_sample``), or None where none was stored for this seed and at least ``k`` rows."""
+    directory = manifest_dir(category, iteration - 1)
+    record = commit_record(storage, directory)
+    entry = None if record is None else record.get("next_sample")
+    if not entry or entry["iteration"] != iteration or entry["seed"] != seed or entry["k"] < k:
+        return None
+    rows = storage.read_table(storage.path(directory, entry["file"]), columns=["row"]).column("row").to_numpy()
+    return rows[:k]  # the stored bottom-min(K, n) begins with the bottom-min(k, n) for every k <= K
 
 
 def score_lookup_part(
@@ -398,24 +457,50 @@ def human_labels(
     return np.concatenate(rows), np.concatenate(p_positive)
 
 
-def initial_part(storage: Storage, category: str, partitioning: Partitioning, p: int, attempt: str) -> dict[str, int]:
-    """Write partition ``p`` of iteration 0 (every image unlabeled) from the pool's image ids; its counts.
+def initial_part(
+    storage: Storage,
+    category: str,
+    partitioning: Partitioning,
+    p: int,
+    attempt: str,
+    next_sample: tuple[int, int] | None = None,
+) -> dict:
+    """Write partition ``p`` of iteration 0 (every image unlabeled) from the pool's image ids; its counts, and
+    with ``next_sample`` (seed, k) the part's share of iteration 1's sample, as ``advance_part``.
 
     Reads the ``image_id`` column of the pool's row groups that hold the partition's rows."""
     start, stop = partitioning.rows(p)
     ids = read_pool_rows(storage, start, stop, columns=["image_id"]).column("image_id").combine_chunks()
     state = CascadeState.initial(ids)
     write_part(storage, manifest_dir(category, 0), attempt, p, state.to_table())
-    return part_counts(state, 0)
+    counts: dict = part_counts(state, 0)
+    if next_sample is not None:
+        rows = np.arange(start, stop, dtype=np.int64)
+        counts[NEXT_SAMPLE_FILE] = bottom_k(
+            rows, sample_keys(rows, seed=next_sample[0], iteration=1, category=category), next_sample[1]
+        )
+    return counts
 
 
-def write_initial(storage: Storage, category: str, partitioning: Partitioning) -> None:
-    """Write and commit iteration 0's manifest, one part after another (this process holds one part)."""
+def write_initial(
+    storage: Storage, category: str, partitioning: Partitioning, next_sample: tuple[int, int] | None = None
+) -> None:
+    """Write and commit iteration 0's manifest, one part after another (this process holds one part), with
+    iteration 1's sample drawn on the way when ``next_sample`` (seed, k) is given."""
     attempt = new_attempt()
-    counts = [initial_part(storage, category, partitioning, p, attempt) for p in range(partitioning.n_partitions)]
-    commit(
-        storage, manifest_dir(category, 0), attempt, partitioning.n_partitions, partitioning.n_rows, {"counts": counts}
+    counts, mapped = split_off_next_sample(
+        [
+            initial_part(storage, category, partitioning, p, attempt, next_sample)
+            for p in range(partitioning.n_partitions)
+        ]
     )
+    meta: dict = {"counts": counts}
+    if next_sample is not None:
+        directory = manifest_dir(category, 0)
+        meta["next_sample"] = store_next_sample(
+            storage, directory, attempt, mapped, iteration=1, seed=next_sample[0], k=next_sample[1]
+        )
+    commit(storage, manifest_dir(category, 0), attempt, partitioning.n_partitions, partitioning.n_rows, meta)
 
 
 def sum_counts(parts: list[dict[str, int]]) -> dict[str, int]:

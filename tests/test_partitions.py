@@ -189,13 +189,35 @@ def updates(n_iterations: int = 3) -> tuple[list, object]:
 
 
 def run_parts(storage: Storage, client, n_partitions: int, its: list, layout_today: bool = False) -> list[dict]:
-    """Iteration 0 and ``its`` on the cluster, one task per part, each committed by the coordinator."""
+    """Iteration 0 and ``its`` on the cluster, one task per part, each committed by the coordinator; each
+    write also draws the next iteration's sample (1,000 rows stored), which must equal the sample's own map."""
+    from dataclasses import replace
+
     from lsun_hitl.manifest import CascadeState
-    from lsun_hitl.manifest_parts import advance_part, initial_part, manifest_dir, sample_part, sum_counts
+    from lsun_hitl.manifest_parts import (
+        advance_part,
+        initial_part,
+        manifest_dir,
+        sample_part,
+        split_off_next_sample,
+        store_next_sample,
+        stored_next_sample,
+        sum_counts,
+    )
     from lsun_hitl.partitions import merge_bottom_k
     from lsun_hitl.storage import manifest_key
 
     part = Partitioning(POOL, n_partitions)
+
+    def commit_with_next(results: list[dict], iteration: int, attempt: str) -> list[dict]:
+        counts, mapped = split_off_next_sample(results)
+        assert len(mapped) == n_partitions
+        entry = store_next_sample(
+            storage, manifest_dir("shirt", iteration), attempt, mapped, iteration=iteration + 1, seed=1, k=1000
+        )
+        commit(storage, manifest_dir("shirt", iteration), attempt, n_partitions, POOL, meta={"next_sample": entry})
+        return counts
+
     if layout_today:  # iteration 0 as an older root's single file: read as one partition, sliced
         from lsun_hitl.ingest import read_pool
 
@@ -203,8 +225,16 @@ def run_parts(storage: Storage, client, n_partitions: int, its: list, layout_tod
         storage.write_table(storage.path(manifest_key("shirt", 0)), initial.to_table())
     else:
         attempt = new_attempt()
-        client.gather([client.submit(initial_part, storage, "shirt", part, p, attempt) for p in range(n_partitions)])
-        commit(storage, manifest_dir("shirt", 0), attempt, n_partitions, POOL)
+        commit_with_next(
+            client.gather(
+                [
+                    client.submit(initial_part, storage, "shirt", part, p, attempt, (1, 1000))
+                    for p in range(n_partitions)
+                ]
+            ),
+            0,
+            attempt,
+        )
     totals = []
     for u in its:
         # the sample as a map over the parts (each its bottom-k) and a reduce: the one the flow process drew
@@ -213,11 +243,18 @@ def run_parts(storage: Storage, client, n_partitions: int, its: list, layout_tod
         )
         drawn, _ = merge_bottom_k(mapped, 700)
         assert np.array_equal(np.sort(drawn[:400]), u.calibration) and np.array_equal(np.sort(drawn[400:]), u.train)
+        # and the same rows, in the same order, from the draw stored with the manifest before (none in an old root)
+        stored = stored_next_sample(storage, "shirt", u.iteration, seed=1, k=700)
+        if layout_today and u.iteration == 1:
+            assert stored is None
+        else:
+            assert np.array_equal(stored, drawn)
+        assert stored_next_sample(storage, "shirt", u.iteration, seed=2, k=700) is None  # another seed's: drawn again
+        assert stored_next_sample(storage, "shirt", u.iteration, seed=1, k=1001) is None  # more than was stored
         attempt = new_attempt()
-        futures = [client.submit(advance_part, storage, "shirt", part, p, u, attempt) for p in range(n_partitions)]
-        counts = sum_counts(client.gather(futures))
-        commit(storage, manifest_dir("shirt", u.iteration), attempt, n_partitions, POOL)
-        totals.append(counts)
+        update = replace(u, next_sample=(1, 1000))
+        futures = [client.submit(advance_part, storage, "shirt", part, p, update, attempt) for p in range(n_partitions)]
+        totals.append(sum_counts(commit_with_next(client.gather(futures), u.iteration, attempt)))
     return totals
 
 

@@ -8,7 +8,7 @@ from ..calibration import zero_error_size
 from ..cluster import run_on_dask
 from ..config import CascadeParams
 from ..manifest import manifest_counts, rows_held
-from ..manifest_parts import IterationUpdate, advance_part
+from ..manifest_parts import IterationUpdate, advance_part, split_off_next_sample, store_next_sample
 from ..partitions import commit, new_attempt
 from ..split import Funnel, remainder_to_people, stop_reason
 from ..storage import Storage, manifest_dir
@@ -16,7 +16,7 @@ from .calibrate import calibrate
 from .candidates import executor, locate, partitioning_before
 from .common import request_id_for, stored_funnel
 from .people import checked_posteriors, posteriors
-from .sample import carried_calibration, new_calibration_size, sample, sample_ids, train_sample_size
+from .sample import carried_calibration, largest_sample, new_calibration_size, sample, sample_ids, train_sample_size
 
 
 def split(
@@ -51,6 +51,7 @@ def _split(storage: Storage, category: str, params: CascadeParams, iteration: in
             thresholds=thresholds,
             score_files=where.score_files,
             score_sizes=where.score_sizes,
+            next_sample=(params.seed, largest_sample(params)),  # drawn while each part is in memory
         )
         attempt = new_attempt()
         counts = run_on_dask(
@@ -63,6 +64,7 @@ def _split(storage: Storage, category: str, params: CascadeParams, iteration: in
             update=update,
             attempt=attempt,
         )
+    counts, next_draws = split_off_next_sample(counts)
     total = {k: int(sum(c[k] for c in counts)) for k in counts[0]}
     held = rows_held(total)
     if held != partitioning.n_rows:  # never commit a set of parts that does not hold the pool
@@ -85,13 +87,22 @@ def _split(storage: Storage, category: str, params: CascadeParams, iteration: in
     )
     keep = ("unlabeled", "positive", "negative", "human", "human_positive")
     meta = {"counts": [{k: c[k] for k in keep} for c in counts], "funnel": funnel.to_dict()}
+    meta["next_sample"] = store_next_sample(
+        storage,
+        manifest_dir(category, iteration),
+        attempt,
+        next_draws,
+        iteration=iteration + 1,
+        seed=params.seed,
+        k=largest_sample(params),
+    )
     commit(
         storage, manifest_dir(category, iteration), attempt, partitioning.n_partitions, partitioning.n_rows, meta=meta
     )
     return funnel
 
 
-def _advance(item: tuple[int, int], **kwargs: Any) -> dict[str, int]:
+def _advance(item: tuple[int, int], **kwargs: Any) -> dict:
     """``advance_part`` of ``(partition, its first candidate)``: the split's map."""
     p, candidate_start = item
     return advance_part(p=p, candidate_start=candidate_start, **kwargs)

@@ -13,7 +13,7 @@ from ..cluster import run_on_dask
 from ..config import CascadeParams
 from ..ingest import take_pool
 from ..manifest import manifest_counts, rows_held, stored_parts
-from ..manifest_parts import sample_part
+from ..manifest_parts import sample_part, stored_next_sample
 from ..partitions import Partitioning, merge_bottom_k
 from ..sampling import Sample, sample_sizes
 from ..split import stalled, train_size
@@ -57,8 +57,10 @@ def _draw(storage: Storage, category: str, params: CascadeParams, iteration: int
 
     Bottom-k of keyed row hashes (``partitions``): each manifest part gives its ``k`` smallest-keyed unlabeled
     rows (a map, on the cluster when there are several parts) and the ``k`` smallest of those are the sample,
-    the same for any partition count. The sizes come from the previous commit's counts; this process holds
-    the parts' candidates and the sample, never the pool's state."""
+    the same for any partition count. The split that wrote the manifest before drew it already, while each
+    part was in memory (``manifest_parts.store_next_sample``): then only that small file is read. The sizes
+    come from the previous commit's counts; this process holds the parts' candidates and the sample, never
+    the pool's state."""
     from .candidates import executor  # here: candidates imports the scoring step, which imports this module
 
     counts = manifest_counts(storage, category, iteration - 1)
@@ -73,20 +75,22 @@ def _draw(storage: Storage, category: str, params: CascadeParams, iteration: int
         budget_left=budget_left,
     )
     k = n_train + n_calibration
-    partitioning = Partitioning(rows_held(counts), stored_parts(storage, category, iteration - 1))
-    with executor(dask_address, params, partitioning) as client:
-        mapped = run_on_dask(
-            client,
-            _sample_map,
-            list(range(partitioning.n_partitions)),
-            storage=storage,
-            category=category,
-            iteration=iteration,
-            partitioning=partitioning,
-            k=k,
-            seed=params.seed,
-        )
-    drawn, _ = merge_bottom_k(mapped, k)  # key order: the first n_calibration calibrate, the rest train
+    drawn = stored_next_sample(storage, category, iteration, seed=params.seed, k=k)  # drawn by the last split
+    if drawn is None:  # a root written before the draw was stored with the manifest, or other settings
+        partitioning = Partitioning(rows_held(counts), stored_parts(storage, category, iteration - 1))
+        with executor(dask_address, params, partitioning) as client:
+            mapped = run_on_dask(
+                client,
+                _sample_map,
+                list(range(partitioning.n_partitions)),
+                storage=storage,
+                category=category,
+                iteration=iteration,
+                partitioning=partitioning,
+                k=k,
+                seed=params.seed,
+            )
+        drawn, _ = merge_bottom_k(mapped, k)  # key order: the first n_calibration calibrate, the rest train
     rows = np.concatenate([np.sort(drawn[n_calibration:]), np.sort(drawn[:n_calibration])])
     return pa.table(
         {
@@ -94,6 +98,14 @@ def _draw(storage: Storage, category: str, params: CascadeParams, iteration: int
             "image_id": take_pool(storage, rows, columns=["image_id"]).column("image_id"),
             "role": ["train"] * n_train + ["calibration"] * n_calibration,
         }
+    )
+
+
+def largest_sample(params: CascadeParams) -> int:
+    """The most images any iteration's sample can hold under ``params`` (grown training sample, largest
+    calibration top-up): how many rows of the next draw a split stores with its manifest."""
+    return max(params.train_sample, params.train_sample_max) + max(
+        params.first_calibration_sample, params.calibration_sample, params.calibration_min_new
     )
 
 

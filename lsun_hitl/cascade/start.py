@@ -17,6 +17,7 @@ from ..pretrain import POOL_WEIGHTS, pretrain_on_pool, pretrained_weights
 from ..progress import Progress
 from ..storage import Storage, pretrained_key
 from .common import restore_funnels
+from .sample import largest_sample
 
 log = logging.getLogger(__package__)
 
@@ -67,7 +68,8 @@ def start(storage: Storage, category: str, params: CascadeParams) -> int:
         first = plan(category, n, params)
         check_plan(first, params, params.allow_small_pool)
         log.info("%s", first)
-        write_initial(storage, category, Partitioning(n, n_manifest_parts(n, params.manifest_partition)))
+        partitioning = Partitioning(n, n_manifest_parts(n, params.manifest_partition))
+        write_initial(storage, category, partitioning, next_sample=(params.seed, largest_sample(params)))
         return 0
     restore_funnels(storage, category, [k for k in done if k > 0])
     return done[-1]
