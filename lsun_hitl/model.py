@@ -24,7 +24,7 @@ import torchvision
 from torch import nn
 
 from .config import ModelParams
-from .images import ImageError, load_for_model
+from .images import DEFAULT_MAX_PIXELS, ImageError, load_for_model
 from .progress import Progress
 from .steps import count_decoded
 
@@ -184,24 +184,40 @@ def for_inference(model: Classifier) -> Classifier:
     return model
 
 
-def decode_many(blobs: Sequence[bytes], size: int, threads: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Decode image bytes in threads; return ``(images (N, size, size, 3) uint8, ok mask (N,))``."""
+def decode_each(
+    blobs: Sequence[bytes], size: int, threads: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, list[str | None]]:
+    """Decode image bytes in threads: ``(images (N, size, size, 3) uint8, errors)``, where an image that is not
+    usable is zeros and its error the reason (``images.ImageError``'s sentence), else None. ``max_pixels`` is the
+    pool's pixel limit (``IngestParams.max_image_pixels``), applied in this process."""
 
-    def one(data: bytes) -> np.ndarray | None:
+    def one(data: bytes) -> np.ndarray | str:
         try:
-            return load_for_model(data, size)
-        except ImageError:
-            return None
+            return load_for_model(data, size, max_pixels)
+        except ImageError as exc:
+            return str(exc)
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         decoded = list(pool.map(one, blobs))
     count_decoded(len(blobs))
-    ok = np.array([d is not None for d in decoded], bool)
     out = np.zeros((len(blobs), size, size, 3), np.uint8)
+    errors: list[str | None] = []
     for i, d in enumerate(decoded):
-        if d is not None:
+        if isinstance(d, str):
+            errors.append(d)
+        else:
             out[i] = d
-    return out, ok
+            errors.append(None)
+    return out, errors
+
+
+def decode_many(
+    blobs: Sequence[bytes], size: int, threads: int = 4, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode image bytes in threads; return ``(images (N, size, size, 3) uint8, ok mask (N,))`` (``decode_each``
+    without the reasons)."""
+    out, errors = decode_each(blobs, size, threads, max_pixels)
+    return out, np.array([e is None for e in errors], bool)
 
 
 def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
