@@ -7,7 +7,8 @@ import os
 from typing import Any
 
 from cli.common import add_root, storage_from
-from lsun_hitl.config import ARCHITECTURES, ConfigError, ModelParams, validate_model
+from lsun_hitl.config import ARCHITECTURES, ConfigError, IngestParams, ModelParams, validate_model
+from lsun_hitl.options import INGEST, add_flags, ingest_params_from_args
 from lsun_hitl.storage import Storage, groundtruth_key
 
 
@@ -22,6 +23,7 @@ def add_commands(sub: Any) -> None:
     add_root(p)
     p.add_argument("--images", required=True, help="URL prefix holding the images, or @file with one URL a line")
     p.add_argument("--dask-address")
+    add_flags(p, owners=INGEST, title="ingest settings (lsun_hitl.config.IngestParams; the README's ingest table)")
 
     p = sub.add_parser("pretrain", help="learn a backbone from the unlabeled pool (rotation prediction), once per pool")
     add_root(p)
@@ -52,11 +54,12 @@ def cmd_import(args: argparse.Namespace) -> None:
     print(f"images under {prefix}; ground truth in {storage.url_of(groundtruth_key('fashion-mnist'))}")
 
 
-def ingest(storage: Storage, images: str, dask_address: str | None = None) -> None:
+def ingest(storage: Storage, images: str, dask_address: str | None = None, params: IngestParams | None = None) -> None:
     from lsun_hitl.cluster import dask_client
     from lsun_hitl.ingest import build_pool, check_prefix
     from lsun_hitl.progress import Bar
 
+    params = (params or IngestParams()).validate()  # before a cluster starts
     sources: Any = images
     if images.startswith("@"):
         with open(images[1:]) as f:
@@ -64,7 +67,7 @@ def ingest(storage: Storage, images: str, dask_address: str | None = None) -> No
     else:
         check_prefix(images, storage.options)  # before a cluster starts
     with dask_client(dask_address) as client:
-        report = build_pool(storage, sources, client=client, progress=Bar("ingest", "chunk"))
+        report = build_pool(storage, sources, client=client, progress=Bar("ingest", "chunk"), params=params)
     print(f"pool: {report}")
 
 
@@ -91,7 +94,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_ingest(args: argparse.Namespace) -> None:
     storage = storage_from(args)
     storage.check_writable()
-    ingest(storage, args.images, args.dask_address)
+    ingest(storage, args.images, args.dask_address, ingest_params_from_args(args))
 
 
 def cmd_truth(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from .calibration import Scan, iteration_confidence, zero_error_size
+from .images import DEFAULT_MAX_PIXELS
 
 CATEGORY_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 ARCHITECTURES = (
@@ -69,6 +70,31 @@ THRESHOLD_SETTINGS = (
     "start_share",
     "positive_start_errors",
 )
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    """How ingest decides which files are usable images (``lsun-hitl ingest``'s flags, ``ingest.build_pool``'s
+    arguments). They are recorded with the pool, and every later decode of its images (scoring, training,
+    calibration, export, on any Dask worker) applies the pool's values, so no step refuses an image ingest
+    accepted."""
+
+    max_image_pixels: int = setting(
+        DEFAULT_MAX_PIXELS,
+        "largest image accepted, in pixels (width x height); a larger one is refused from its header as a possible"
+        " decompression bomb and listed in the rejects. Raise it for genuine large scans (a 12000x12000 scan is"
+        " 144,000,000); decoding one takes about 4 bytes a pixel of memory",
+    )
+
+    def validate(self) -> IngestParams:
+        """These settings, or a ConfigError naming the one that cannot work and the fix."""
+        ok = isinstance(self.max_image_pixels, int) and not isinstance(self.max_image_pixels, bool)
+        if not ok or self.max_image_pixels < 1:
+            raise ConfigError(
+                f"setting max_image_pixels = {self.max_image_pixels!r} cannot work; use a positive whole number of"
+                " pixels, e.g. 144000000 for 12000x12000 scans (default 64000000)"
+            )
+        return self
 
 
 @dataclass(frozen=True)

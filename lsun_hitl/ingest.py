@@ -2,7 +2,14 @@
 
 Each candidate image gets an id from a content hash (BLAKE2b-128 of its bytes), so exact duplicates
 collapse to one pool row; the others are counted and listed in the rejects manifest. Files that are
-not usable images go to the rejects manifest with the reason.
+not usable images go to the rejects manifest with the reason, a sentence naming the problem (``unreadable``,
+``images.ImageError``).
+
+Which images are usable is set by ``config.IngestParams``: ``max_image_pixels`` refuses larger images as
+possible decompression bombs. It is applied by each probe, on whichever worker runs it, and recorded in the
+pool manifest's metadata with how the ids were made (``pool_reading``), so that scoring and export decode the
+pool's images under the limit they were accepted with, and know a file whose bytes no longer hash to its id
+changed since ingest.
 
 Listing is done once, by the driver, which writes it to ``pool/listing.parquet`` under the storage
 root with one row group per chunk. Each Dask task is given only its chunk's number: it opens the
@@ -13,6 +20,7 @@ are, instead of carrying every URL (52 MiB at a million files).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import inspect
 import os
@@ -29,7 +37,8 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from .cluster import run_on_dask
-from .images import ImageError, probe
+from .config import IngestParams
+from .images import DEFAULT_MAX_PIXELS, ImageError, cause, probe
 from .progress import Progress
 from .storage import LISTING, POOL, REJECTS, Storage
 
@@ -47,11 +56,33 @@ POOL_SCHEMA = pa.schema(
 POOL_ROW_GROUP = 64 * 1024
 REJECT_SCHEMA = pa.schema([("uri", pa.string()), ("reason", pa.string())])
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp", ".jfif")
+# the pool manifest's schema metadata: the pixel limit its images were accepted under, and how its ids were made
+PIXEL_LIMIT_KEY = b"lsun_hitl.max_image_pixels"
+ID_KEY = b"lsun_hitl.image_id"
+CONTENT_ID = b"blake2b-128 of the file's bytes"
 
 
 def image_id(data: bytes) -> str:
     """The content id of an image file: 32 hex digits of BLAKE2b-128 over its bytes."""
     return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def unreadable(error: BaseException | None) -> str:
+    """Why a file could not be read (what fsspec's ``cat`` returned in place of its bytes), as a sentence:
+    ingest's rejects, the scores' errors and the exports' skipped lists say it the same way."""
+    if isinstance(error, FileNotFoundError):
+        what = "the file no longer exists (deleted or moved after it was listed or ingested)"
+    elif isinstance(error, IsADirectoryError):
+        what = "it is a folder, not a file"
+    elif isinstance(error, PermissionError):
+        what = "permission to read the file was denied"
+    elif isinstance(error, OSError) and error.errno == errno.ELOOP:
+        what = "it is a symbolic link loop (too many levels of symbolic links)"
+    elif error is None:
+        what = "the storage returned no data for it"
+    else:
+        what = f"the file could not be read: {cause(error)}"
+    return f"unreadable: {what}"
 
 
 @dataclass(frozen=True)
@@ -108,8 +139,10 @@ def _walk_local(path: str) -> list[str]:
     return files
 
 
-def probe_chunk(urls: Sequence[str], storage_options: dict[str, Any] | None = None) -> tuple[pa.Table, pa.Table]:
-    """Read, hash and fully decode each URL (runs on a Dask worker).
+def probe_chunk(
+    urls: Sequence[str], storage_options: dict[str, Any] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[pa.Table, pa.Table]:
+    """Read, hash and fully decode each URL (runs on a Dask worker); refuse images over ``max_pixels``.
 
     Returns ``(images, rejects)`` tables with POOL_SCHEMA and REJECT_SCHEMA; never raises for a bad
     file: the reason is recorded instead.
@@ -129,10 +162,10 @@ def probe_chunk(urls: Sequence[str], storage_options: dict[str, Any] | None = No
         data = contents.get(path)
         if isinstance(data, BaseException) or data is None:
             rejects["uri"].append(url)
-            rejects["reason"].append(f"unreadable: {type(data).__name__}: {data}")
+            rejects["reason"].append(unreadable(data))
             continue
         try:
-            info = probe(data)
+            info = probe(data, max_pixels)
         except ImageError as exc:
             rejects["uri"].append(url)
             rejects["reason"].append(str(exc))
@@ -160,7 +193,12 @@ def one_request_per_file(fs: Any) -> dict[str, Any]:
 
 
 def probe_part(
-    part: int, *, storage: Storage, listing_path: str, source_options: dict[str, Any] | None = None
+    part: int,
+    *,
+    storage: Storage,
+    listing_path: str,
+    source_options: dict[str, Any] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[pa.Table, pa.Table]:
     """Probe the files of row group ``part`` of the listing (runs on a Dask worker).
 
@@ -174,6 +212,8 @@ def probe_part(
         Filesystem path of the listing (``storage.path(LISTING)``).
     source_options
         fsspec options for the image URLs.
+    max_pixels
+        The pixel limit (``IngestParams.max_image_pixels``).
 
     Returns
     -------
@@ -181,7 +221,7 @@ def probe_part(
         As :func:`probe_chunk`.
     """
     urls = storage.read_row_group(listing_path, part, columns=["uri"]).column("uri").to_pylist()
-    return probe_chunk(urls, source_options)
+    return probe_chunk(urls, source_options, max_pixels)
 
 
 def dedupe(images: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -217,6 +257,7 @@ def build_pool(
     source_options: dict[str, Any] | None = None,
     chunk_size: int = 1000,
     progress: Progress | None = None,
+    params: IngestParams | None = None,
 ) -> IngestReport:
     """Build ``pool/images.parquet`` and ``pool/rejects.parquet`` under ``storage``.
 
@@ -238,12 +279,16 @@ def build_pool(
         Files per task (and per row group of the listing).
     progress
         Called as ``progress(chunks_done, chunks_total)`` while chunks finish.
+    params
+        Which files are usable images (``IngestParams``; its defaults when None). Its pixel limit is recorded
+        in the pool manifest's metadata (``pool_reading``).
 
     Returns
     -------
     IngestReport
         Counts of files listed, pool images, exact duplicates and rejects.
     """
+    params = (params or IngestParams()).validate()
     options = storage.options if source_options is None else source_options
     urls = list_prefix(sources, options) if isinstance(sources, str) else sorted(set(sources))
     if not urls:
@@ -260,6 +305,7 @@ def build_pool(
         storage=storage,
         listing_path=listing_path,
         source_options=options,
+        max_pixels=params.max_image_pixels,
     )
     images = pa.concat_tables([r[0] for r in results])
     rejects = pa.concat_tables([r[1] for r in results])
@@ -268,6 +314,7 @@ def build_pool(
     del images
     all_rejects = pa.concat_tables([rejects, dups]).sort_by("uri")
     storage.write_table(storage.path(REJECTS), all_rejects)
+    pool = pool.replace_schema_metadata({PIXEL_LIMIT_KEY: str(params.max_image_pixels).encode(), ID_KEY: CONTENT_ID})
     storage.write_table(storage.path(POOL), pool, row_group_size=POOL_ROW_GROUP)
     return IngestReport(files=files, images=pool.num_rows, duplicates=dups.num_rows, rejected=rejects.num_rows)
 
@@ -293,6 +340,30 @@ def pool_size(storage: Storage) -> int:
     """How many images the pool holds (its footer only)."""
     with storage.fs.open(_pool_path(storage), "rb") as f:
         return pq.ParquetFile(f).metadata.num_rows
+
+
+@dataclass(frozen=True)
+class PoolReading:
+    """How the pool's images are read again after ingest (scoring, training, export), from what ingest recorded
+    in the pool manifest's metadata.
+
+    ``max_pixels`` is the pixel limit its images were accepted under (``IngestParams.max_image_pixels``);
+    ``content_ids`` says its ids are ``image_id`` of each file's bytes, so a file that no longer hashes to its
+    id changed since ingest. A pool written without them (an older root, a pool written by hand) or a root
+    without a pool reads at the default limit, its ids unchecked."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    content_ids: bool = False
+
+
+def pool_reading(storage: Storage) -> PoolReading:
+    """What ingest recorded about the pool under ``storage`` (its manifest's footer only)."""
+    path = storage.path(POOL)
+    if not storage.exists(path):
+        return PoolReading()
+    with storage.fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+    return PoolReading(int(meta.get(PIXEL_LIMIT_KEY, DEFAULT_MAX_PIXELS)), meta.get(ID_KEY) == CONTENT_ID)
 
 
 def _pool_path(storage: Storage) -> str:

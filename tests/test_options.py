@@ -9,15 +9,18 @@ from pathlib import Path
 import pytest
 
 from cli import build_parser
-from lsun_hitl.config import CascadeParams, ModelParams
-from lsun_hitl.options import options, params_from_args, readme_block
+from lsun_hitl.config import CascadeParams, ConfigError, IngestParams, ModelParams
+from lsun_hitl.options import INGEST, TABLES, ingest_params_from_args, options, params_from_args, readme_block
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_the_readme_option_table_is_the_settings_table():
+@pytest.mark.parametrize("table", list(TABLES))
+def test_the_readme_option_tables_are_the_settings_tables(table):
     text = README.read_text()
-    assert readme_block() in text, "README's option table is stale: python -m lsun_hitl.options --readme README.md"
+    assert readme_block(table) in text, (
+        f"README's {table} table is stale: python -m lsun_hitl.options --readme README.md"
+    )
 
 
 def test_every_setting_has_help_and_one_flag():
@@ -50,3 +53,15 @@ def test_flags_reach_their_fields(command):
         params = params_from_args(parser.parse_args([*base, *argv]))
         got = getattr(params if o.owner is CascadeParams else params.model, o.name)
         assert got == want, (o.flag, got, want)
+
+
+def test_ingest_flags_reach_their_fields_and_a_bad_value_is_refused():
+    parser = build_parser()
+    base = ["ingest", "--images", "somewhere/"]
+    assert ingest_params_from_args(parser.parse_args(base)) == IngestParams()
+    assert {o.name for o in options(INGEST)} == {f.name for f in dataclasses.fields(IngestParams)}
+    assert all(o.help for o in options(INGEST))
+    params = ingest_params_from_args(parser.parse_args([*base, "--max-image-pixels", "144000000"]))
+    assert params == IngestParams(max_image_pixels=144_000_000) == params.validate()
+    with pytest.raises(ConfigError, match="max_image_pixels = 0 cannot work"):
+        ingest_params_from_args(parser.parse_args([*base, "--max-image-pixels", "0"])).validate()
