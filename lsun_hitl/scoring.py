@@ -10,6 +10,12 @@ With the model-input cache (``lsun_hitl.inputs``, the cascade's default) a parti
 the pool: a shard some earlier pass of any category stored is read instead of its images; the first
 pass decodes the whole shard, stores it, then scores its candidates.
 
+What ingest recorded about the pool (``ingest.pool_reading``) is read once by the driver and passed to the
+tasks: every decode applies the pixel limit the pool was ingested under, and each image's bytes are checked
+against its content id (``ingest.image_id``) before it is decoded, so a file replaced since ingest is not
+scored as if it were the image ingest accepted. Its score is null and its ``error`` says why, as for a file
+deleted since, or an image that does not decode (the reason's sentence, ``images.ImageError``).
+
 Memory per worker: the model, one partition's ids and uris, and two decoded batches
 (``batch_size * image_size**2 * 3`` bytes each): about 30 MB at the defaults; with the cache, one
 shard of model inputs (about 64 MiB, ``inputs.shard_rows_for``) instead of the batches.
@@ -39,12 +45,14 @@ from distributed import Client
 from fsspec.core import url_to_fs
 
 from .cluster import run_on_dask
-from .ingest import read_pool_rows, take_pool
+from .images import DEFAULT_MAX_PIXELS
+from .ingest import PoolReading, image_id, pool_reading, read_pool_rows, take_pool, unreadable
 from .inputs import INDEX_SCHEMA, InputCache
 from .progress import Progress
 from .steps import peak_rss_mb
 from .storage import POOL, Storage, scores_dir
 
+CHANGED = "the file changed since ingest (its content no longer matches its image id); ingest again to score it"
 SCORE_SCHEMA = pa.schema([("image_id", pa.string()), ("score", pa.float32()), ("error", pa.string())])
 _MODEL_CACHE: dict[str, Any] = {}
 
@@ -59,13 +67,21 @@ def _model(storage: Storage, model_path: str) -> Any:
     return _MODEL_CACHE[model_path]
 
 
-def read_batch(uris: list[str], options: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray, list]:
+def read_batch(
+    uris: list[str],
+    options: dict[str, Any],
+    size: int,
+    image_ids: list[str] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, np.ndarray, list]:
     """Read and decode ``uris`` (one filesystem request for all) into model inputs.
 
-    Returns the images (len(uris), size, size, 3) uint8 (zeros where one did not decode), a bool mask of
-    those that decoded, and each one's error (None where it decoded).
+    With ``image_ids`` (the pool's content ids of those files) a file whose bytes no longer match its id
+    (replaced since ingest) is not decoded. ``max_pixels`` is the pool's pixel limit. Returns the images
+    (len(uris), size, size, 3) uint8 (zeros where one did not decode), a bool mask of those that decoded, and
+    each one's error (None where it decoded): why it could not be read, changed, or the decoder's reason.
     """
-    from .model import decode_many
+    from .model import decode_each
 
     fs, _ = url_to_fs(uris[0], **options)
     paths = [url_to_fs(u, **options)[1] for u in uris]
@@ -73,17 +89,25 @@ def read_batch(uris: list[str], options: dict[str, Any], size: int) -> tuple[np.
     if not isinstance(got, dict):
         got = {paths[0]: got}
     blobs, errors = [], []
-    for p in paths:
+    for i, p in enumerate(paths):
         data = got.get(p)
         if isinstance(data, BaseException) or data is None:
-            errors.append(f"unreadable: {type(data).__name__}: {data}")
+            errors.append(unreadable(data))
+            blobs.append(b"")
+        elif image_ids is not None and image_id(data) != image_ids[i]:
+            errors.append(CHANGED)
             blobs.append(b"")
         else:
             errors.append(None)
             blobs.append(data)
-    images, ok = decode_many(blobs, size, threads=2)
-    errors = [e if e is not None or k else "not a decodable image" for e, k in zip(errors, ok, strict=True)]
-    return images, ok, errors
+    todo = [i for i, e in enumerate(errors) if e is None]
+    images = np.zeros((len(uris), size, size, 3), np.uint8)
+    if todo:
+        decoded, reasons = decode_each([blobs[i] for i in todo], size, threads=2, max_pixels=max_pixels)
+        images[todo] = decoded
+        for i, reason in zip(todo, reasons, strict=True):
+            errors[i] = reason
+    return images, np.array([e is None for e in errors], bool), errors
 
 
 def read_pool_images(
@@ -92,7 +116,8 @@ def read_pool_images(
     """The model inputs of the pool images at ``rows``, in this process: ``(images (N, size, size, 3) uint8, ok (N,))``.
 
     For the images a step trains or calibrates on; the whole pool is scored on Dask. With ``cache``, rows whose
-    shard is stored are read from it and only the others are decoded.
+    shard is stored are read from it and only the others are decoded (``pool_reading``: under the pool's pixel
+    limit; a file that changed since ingest is not usable, ``ok`` False, as one that does not decode).
     """
     rows = np.asarray(rows, np.int64)
     if cache is not None:
@@ -101,9 +126,13 @@ def read_pool_images(
         images, ok, cached = np.zeros((len(rows), size, size, 3), np.uint8), np.zeros(len(rows), bool), None
     todo = np.arange(len(rows)) if cached is None else np.flatnonzero(~cached)
     if len(todo):
-        uris = take_pool(storage, rows[todo], columns=["uri"]).column("uri").to_pylist()
+        files = take_pool(storage, rows[todo], columns=["uri", "image_id"])
+        uris, ids = files.column("uri").to_pylist(), files.column("image_id").to_pylist()
+        reading = pool_reading(storage)
         for start in range(0, len(uris), 512):
-            imgs, good, _ = read_batch(uris[start : start + 512], storage.options, size)
+            end = start + 512
+            check = ids[start:end] if reading.content_ids else None
+            imgs, good, _ = read_batch(uris[start:end], storage.options, size, check, reading.max_pixels)
             at = todo[start : start + len(good)]
             images[at], ok[at] = imgs, good
     return images, ok
@@ -129,25 +158,34 @@ def _tune_malloc() -> None:
         pass
 
 
-def _decoded(uris: list[str], options: dict[str, Any], size: int, batch_size: int) -> Iterator[tuple]:
-    """``read_batch`` over ``uris`` in batches, reading and decoding batch i+1 while batch i is used."""
-    batches = [uris[i : i + batch_size] for i in range(0, len(uris), batch_size)]
+def _decoded(rows: pa.Table, options: dict[str, Any], size: int, batch_size: int, reading: PoolReading) -> Iterator:
+    """``read_batch`` over the files of ``rows`` (uri, image_id) in batches, as ``reading`` says (the pool's
+    pixel limit; checked against their ids where those are content ids), reading and decoding batch i+1 while
+    batch i is used."""
+    uris, ids = rows.column("uri").to_pylist(), rows.column("image_id").to_pylist()
+    batches = [(uris[i : i + batch_size], ids[i : i + batch_size]) for i in range(0, len(uris), batch_size)]
+
+    def read(i: int) -> tuple:
+        check = batches[i][1] if reading.content_ids else None
+        return read_batch(batches[i][0], options, size, check, reading.max_pixels)
+
     with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(read_batch, batches[0], options, size) if batches else None
+        pending = reader.submit(read, 0) if batches else None
         for i in range(len(batches)):
             got = pending.result()
             if i + 1 < len(batches):
-                pending = reader.submit(read_batch, batches[i + 1], options, size)
+                pending = reader.submit(read, i + 1)
             yield got
 
 
-def _decode_all(uris: list[str], options: dict[str, Any], size: int, batch_size: int) -> tuple:
-    """``(images (N, size, size, 3) uint8, ok (N,), errors)`` of every uri, decoded batch after batch."""
-    images = np.zeros((len(uris), size, size, 3), np.uint8)
-    ok = np.zeros(len(uris), bool)
+def _decode_all(rows: pa.Table, options: dict[str, Any], size: int, batch_size: int, reading: PoolReading) -> tuple:
+    """``(images (N, size, size, 3) uint8, ok (N,), errors)`` of every file of ``rows``, decoded batch after
+    batch."""
+    images = np.zeros((rows.num_rows, size, size, 3), np.uint8)
+    ok = np.zeros(rows.num_rows, bool)
     errors: list[str | None] = []
     start = 0
-    for imgs, good, errs in _decoded(uris, options, size, batch_size):
+    for imgs, good, errs in _decoded(rows, options, size, batch_size, reading):
         images[start : start + len(good)], ok[start : start + len(good)] = imgs, good
         errors.extend(errs)
         start += len(good)
@@ -163,6 +201,7 @@ def score_group(
     batch_size: int = 256,
     threads: int = 1,
     cache: InputCache | None = None,
+    reading: PoolReading | None = None,
 ) -> dict[str, Any]:
     """``(part, plan file, row group, candidates in it)``: score that row group of a scoring plan into
     ``part-<part>.parquet`` (runs on a Dask worker).
@@ -172,7 +211,8 @@ def score_group(
     else only its candidates, flagged by the ``candidate`` column): a cached shard is read instead of its
     images; a missing one is decoded whole, stored, then scored. Returns the counts ``scored``, ``valid`` (a
     score, not an unreadable image), ``decoded`` and ``from_cache`` (scored from a shard stored earlier), and
-    the ``worker`` (host:pid) with its ``peak_rss_mb`` (its high-water mark since it started).
+    the ``worker`` (host:pid) with its ``peak_rss_mb`` (its high-water mark since it started). Images are
+    read as ``reading`` (``ingest.pool_reading``; its defaults when None) says.
 
     A part already stored with as many rows is kept (a resumed step does only the missing work); one with
     another count was written by another plan and is scored again."""
@@ -183,7 +223,7 @@ def score_group(
         if stored["scored"] == expected:
             return stored
     rows = storage.read_row_group(plan_path, group)
-    return _score_part(rows, storage, model_path, out_path, batch_size, threads, cache)
+    return _score_part(rows, storage, model_path, out_path, batch_size, threads, cache, reading or PoolReading())
 
 
 def _stored_part(storage: Storage, out_path: str) -> dict[str, Any]:
@@ -207,6 +247,7 @@ def _score_part(
     batch_size: int,
     threads: int,
     cache: InputCache | None,
+    reading: PoolReading,
 ) -> dict[str, Any]:
     """Score one task's ``rows`` (see ``score_group``) and write them to ``out_path``; the task's counts."""
     import torch
@@ -215,10 +256,10 @@ def _score_part(
     _tune_malloc()
     model = _model(storage, model_path)
     if cache is None:
-        ids, scores, errors = _score_decoded(rows, storage, model, batch_size)
+        ids, scores, errors = _score_decoded(rows, storage, model, batch_size, reading)
         decoded = len(ids)
     else:
-        ids, scores, errors, decoded = _score_cached(rows, storage, model, batch_size, cache)
+        ids, scores, errors, decoded = _score_cached(rows, storage, model, batch_size, cache, reading)
     table = pa.table(
         {"image_id": ids, "score": pa.array(scores, from_pandas=True), "error": errors}, schema=SCORE_SCHEMA
     )
@@ -234,7 +275,7 @@ def _score_part(
 
 
 def _score_decoded(
-    rows: pa.Table, storage: Storage, model: Any, batch_size: int
+    rows: pa.Table, storage: Storage, model: Any, batch_size: int, reading: PoolReading
 ) -> tuple[list[str], np.ndarray, list[str | None]]:
     """Read, decode and score every row's image: (image ids, scores with NaN where one did not decode, errors)."""
     from .model import predict
@@ -243,7 +284,7 @@ def _score_decoded(
     scores = np.full(len(ids), np.nan, np.float32)
     errors: list[str | None] = []
     start = 0
-    for images, ok, errs in _decoded(rows.column("uri").to_pylist(), storage.options, model.image_size, batch_size):
+    for images, ok, errs in _decoded(rows, storage.options, model.image_size, batch_size, reading):
         if ok.any():
             scores[start : start + len(ok)][ok] = predict(model, images[ok], batch_size)
         errors.extend(errs)
@@ -252,7 +293,7 @@ def _score_decoded(
 
 
 def _score_cached(
-    rows: pa.Table, storage: Storage, model: Any, batch_size: int, cache: InputCache
+    rows: pa.Table, storage: Storage, model: Any, batch_size: int, cache: InputCache, reading: PoolReading
 ) -> tuple[list[str], np.ndarray, list[str | None], int]:
     """Score the candidates of one pool shard from the input cache, decoding and storing the shard first if no
     pass has yet: (image ids, scores, errors, images decoded)."""
@@ -262,7 +303,7 @@ def _score_cached(
     got = cache.read(shard)
     decoded = 0
     if got is None:  # the first pass over this shard, by any category: decode it whole and keep it
-        images, ok, errs = _decode_all(rows.column("uri").to_pylist(), storage.options, cache.image_size, batch_size)
+        images, ok, errs = _decode_all(rows, storage.options, cache.image_size, batch_size, reading)
         index = pa.table({"image_id": rows.column("image_id"), "ok": ok, "error": errs}, schema=INDEX_SCHEMA)
         cache.write(shard, images, index)
         decoded = rows.num_rows
@@ -349,10 +390,10 @@ def score_candidates(
 ) -> pa.Table:
     """Score ``candidates`` (image_id, uri) on ``client``; return (image_id, score, error) in input order.
 
-    ``score`` is null where the image could not be read or decoded; ``error`` says why. With ``cache``
-    (and the whole ``pool``, whose ``row`` column ``candidates`` then carries, ascending) images are read
-    from the model-input cache where it holds them and decoded into it where not. How many images were
-    decoded is written beside the parts (``stats.json``).
+    ``score`` is null where the image could not be read or decoded, or changed since ingest; ``error`` says
+    why. With ``cache`` (and the whole ``pool``, whose ``row`` column ``candidates`` then carries, ascending)
+    images are read from the model-input cache where it holds them and decoded into it where not. How many
+    images were decoded is written beside the parts (``stats.json``).
     """
     out_dir = storage.path(scores_dir(category, iteration))
     cand_path = f"{out_dir}/candidates.parquet"
@@ -388,6 +429,7 @@ def score_candidates(
         batch_size=batch_size,
         threads=threads,
         cache=cache,
+        reading=pool_reading(storage),
     )
     parts = [storage.read_table(f"{out_dir}/part-{i:05d}.parquet") for i in range(len(sizes))]
     scores = pa.concat_tables(parts)
@@ -544,6 +586,7 @@ def score_pool(
         batch_size=batch_size,
         threads=1 if client is not None else min(4, len(os.sched_getaffinity(0))),
         cache=cache,
+        reading=pool_reading(storage),
     )
     stats = {
         "candidates": sum(c for _, _, c in items),

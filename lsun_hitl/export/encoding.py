@@ -1,7 +1,9 @@
 """Fetching the images of an export and encoding them as each format stores them.
 
 Image files are checked against their content id before export: one that changed or vanished since
-ingest is not converted, and the reason takes its place, so the export leaves it out and lists it.
+ingest is not converted, and the reason takes its place, so the export leaves it out and lists it. Images
+are decoded under the pixel limit the pool was ingested under (``ingest.pool_reading``), and a resize
+that would make an image over that limit (a 100000x1 strip at a shorter side of 256) is refused the same way.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ from typing import Any
 
 import pyarrow as pa
 from fsspec.core import url_to_fs
-from PIL import Image, ImageOps
+from PIL import Image
 
-from ..images import ImageError, open_image, to_rgb
+from ..images import DEFAULT_MAX_PIXELS, SETTING, ImageError, decode_rgb
 from ..ingest import image_id as content_id
+from ..ingest import unreadable
 from ..storage import Storage
 
 # formats torchvision's ImageFolder opens, by PIL format name; anything else is re-encoded as PNG
+JPEG_MAX_SIDE = 65_535  # the JPEG format's largest width or height
 FOLDER_EXT = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp", "PPM": ".ppm"}
 
 
@@ -37,7 +41,7 @@ def fetch(uris: Sequence[str], image_ids: Sequence[str], storage_options: dict[s
     for path, want in zip(paths, image_ids, strict=True):
         data = got.get(path)
         if isinstance(data, BaseException) or data is None:
-            out.append(f"unreadable ({type(data).__name__}: {data})")
+            out.append(unreadable(data))
         elif content_id(data) != want:
             out.append("the file changed since ingest (its content no longer matches its image id)")
         else:
@@ -45,49 +49,57 @@ def fetch(uris: Sequence[str], image_ids: Sequence[str], storage_options: dict[s
     return out
 
 
-def _decode(data: bytes) -> Image.Image:
-    """The image in ``data`` as RGB, upright (EXIF rotation applied), the first frame of an animation."""
-    img = open_image(data)
-    try:
-        img = ImageOps.exif_transpose(img)
-        if getattr(img, "is_animated", False):
-            img.seek(0)
-        return to_rgb(img)
-    except ImageError:
-        raise
-    except Exception as exc:
-        raise ImageError(f"corrupt or truncated image ({type(exc).__name__}: {exc})") from exc
+def resize_short_side(img: Image.Image, short_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Scale so the shorter side is ``short_side`` pixels (up or down), keeping the aspect ratio.
 
-
-def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
-    """Scale so the shorter side is ``short_side`` pixels (up or down), keeping the aspect ratio."""
+    ImageError when the result would be over ``max_pixels`` (an elongated image: 100000x1 at 256 would be
+    25,600,000x256), refused before any pixel of it is made."""
     w, h = img.size
     scale = short_side / min(w, h)
     size = (max(short_side, round(w * scale)), max(short_side, round(h * scale)))
     if size == (w, h):
         return img
+    if size[0] * size[1] > max_pixels:
+        raise ImageError(
+            f"too elongated to export at a shorter side of {short_side} pixels: this {w}x{h} image would become "
+            f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, over the pixel limit of {max_pixels:,} (setting "
+            f"{SETTING}); export it at its own size (imagefolder without --short-side) or crop it first"
+        )
     return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0 if scale < 1 else None)
 
 
-def lsun_jpeg(data: bytes, short_side: int = 256, quality: int = 75) -> bytes:
-    """An image as LSUN released it: RGB JPEG, quality 75, shorter side 256 pixels."""
-    img = resize_short_side(_decode(data), short_side)
+def _jpeg_fits(img: Image.Image) -> Image.Image:
+    if max(img.size) > JPEG_MAX_SIDE:
+        raise ImageError(
+            f"a {img.width}x{img.height} image cannot be stored as a JPEG, whose sides are at most "
+            f"{JPEG_MAX_SIDE:,} pixels"
+        )
+    return img
+
+
+def lsun_jpeg(data: bytes, short_side: int = 256, quality: int = 75, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """An image as LSUN released it: RGB JPEG, quality 75, shorter side 256 pixels; ``max_pixels`` is the pool's
+    pixel limit."""
+    img = _jpeg_fits(resize_short_side(decode_rgb(data, max_pixels), short_side, max_pixels))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
-def folder_file(data: bytes, fmt: str | None, short_side: int | None = None) -> tuple[bytes, str]:
+def folder_file(
+    data: bytes, fmt: str | None, short_side: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[bytes, str]:
     """Bytes and file extension for an ImageFolder tree: the original file when torchvision opens its
-    format and no resizing is asked, else re-encoded (JPEG sources as JPEG quality 90, others PNG)."""
+    format and no resizing is asked, else re-encoded (JPEG sources as JPEG quality 90, others PNG);
+    ``max_pixels`` is the pool's pixel limit."""
     if short_side is None and fmt in FOLDER_EXT:
         return data, FOLDER_EXT[fmt]
-    img = _decode(data)
+    img = decode_rgb(data, max_pixels)
     if short_side is not None:
-        img = resize_short_side(img, short_side)
+        img = resize_short_side(img, short_side, max_pixels)
     buf = io.BytesIO()
     if fmt == "JPEG":
-        img.save(buf, format="JPEG", quality=90)
+        _jpeg_fits(img).save(buf, format="JPEG", quality=90)
         return buf.getvalue(), ".jpg"
     img.save(buf, format="PNG")
     return buf.getvalue(), ".png"

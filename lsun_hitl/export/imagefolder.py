@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..ingest import pool_reading
 from ..progress import Progress
 from ..storage import Storage
 from .dataset import dataset_batches, dataset_files, pool_rows, to_mask
@@ -121,10 +122,11 @@ class _FolderWriter:
         self.report = report
         self.short_side = short_side
         self.threads = threads
+        self.max_pixels = pool_reading(storage).max_pixels  # decode under the limit the images were ingested with
         self.made: set[str] = set()
 
     def _encode(self, data: bytes, fmt: str | None) -> tuple[bytes, str]:
-        return folder_file(data, fmt, self.short_side)
+        return folder_file(data, fmt, self.short_side, self.max_pixels)
 
     def __call__(self, table: pa.Table, folders: list[str]) -> None:
         """Write the images of ``table``, each into its folder in ``folders`` (paths under ``root``)."""

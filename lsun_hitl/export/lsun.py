@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
+from ..ingest import pool_reading
 from ..progress import Progress
 from ..storage import Storage
 from .dataset import SPLITS, dataset_batches
@@ -74,9 +75,10 @@ def export_lsun(
     parts = ["train"] + (["val"] if val_fraction > 0 else [])
     staging = {part: Staging(os.path.join(out, f"{name}_{part}_lmdb")) for part in parts}
     report = ExportReport("lsun", out, skipped_file=f"skipped-{name}.csv")
+    max_pixels = pool_reading(storage).max_pixels  # decode under the limit the images were ingested with
 
     def encode(data: bytes, _fmt: str | None) -> bytes:
-        return lsun_jpeg(data, short_side, quality)
+        return lsun_jpeg(data, short_side, quality, max_pixels)
 
     with timed_export(report, list(staging.values()), skipped_dir=out), _lmdbs(staging) as envs:
         for batch in dataset_batches(storage, category, batch_size=batch_size, progress=progress):
