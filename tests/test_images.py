@@ -112,12 +112,13 @@ def test_very_wide_or_tall_images_become_model_input_without_a_giant_intermediat
     strip = Image.new("RGB", size, (250, 10, 10))
     path = tmp_path / "strip"
     path.write_bytes(encode(strip, "JPEG" if size == (65_000, 3) else "PNG"))
+    # VmHWM is the new process's own peak (ru_maxrss would include this process's, inherited across exec)
     code = (
-        "import resource, sys; import numpy as np; from lsun_hitl.images import load_for_model, probe\n"
+        "import sys; from lsun_hitl.images import load_for_model, probe; from lsun_hitl.steps import peak_rss_mb\n"
         "data = open(sys.argv[1], 'rb').read(); assert probe(data).width == int(sys.argv[2])\n"
         "arr = load_for_model(data, 64); assert arr.shape == (64, 64, 3)\n"
         "assert arr[..., 0].min() > 200 and arr[..., 1].max() < 60, arr.mean((0, 1))\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
+        "print(int(peak_rss_mb()))"
     )
     run = subprocess.run([sys.executable, "-c", code, str(path), str(size[0])], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
