@@ -16,7 +16,7 @@ from lsun_hitl.labels import LabelError, RunEnded, read_request, was_taken
 from lsun_hitl.storage import Storage
 
 if TYPE_CHECKING:
-    from lsun_hitl.crowd import CrowdParams, SimulatedCrowd
+    from lsun_hitl.crowd import CrowdParams, SimulatedCrowd, StoredAnswers
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def resume_decision(storage: Storage, category: str, decision: str, *, wait_s: f
 def simulated_crowd(
     storage: Storage,
     category: str,
-    crowd: SimulatedCrowd,
+    crowd: SimulatedCrowd | StoredAnswers,
     *,
     poll_s: float = 0.5,
     on_resumed: Callable[[str], None] | None = None,

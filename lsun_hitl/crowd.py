@@ -99,8 +99,43 @@ def _stable_hash(text: str) -> int:
 SUBMISSION = "simulated-crowd"
 
 
-def deliver(storage: Storage, category: str, crowd: SimulatedCrowd, request_id: str) -> bool:
+class StoredAnswers:
+    """A crowd that answers each request with the answers another root stored for the request of that name
+    (a replay): every answer file of the request, copied as it is (labelers, gold showings, batches, times).
+
+    A run over a copy of a finished root's pool with these answers, delivered when each request is published
+    as the simulated crowd delivers its own, decides exactly what the first run decided where that run took
+    each request after all of its answers were in (the simulated crowd's runs; ``tests/test_replay.py``).
+    Answers people gave after a live run took the request count in the replay from the start.
+    """
+
+    def __init__(self, source: Storage) -> None:
+        self.source = source
+
+    def deliver_to(self, storage: Storage, category: str, request_id: str) -> bool:
+        """Copy the source's answers to ``request_id`` into ``storage``; False if all were there already.
+
+        Raises ``LookupError`` naming the request if the source holds no answer to it: the replay asked
+        something the first run did not (other settings, another pool), and no one else will answer it."""
+        files = sorted(self.source.glob(self.source.path(votes_dir(category, request_id), "*.parquet")))
+        if not files:
+            raise LookupError(
+                f"{self.source.url} holds no answers to {category} request {request_id!r}: the replay asked what "
+                "the first run did not (replay with that run's settings and pool)"
+            )
+        copied = False
+        for path in files:
+            target = storage.path(votes_dir(category, request_id), path.rstrip("/").rsplit("/", 1)[-1])
+            if not storage.exists(target):
+                storage.write_bytes(target, self.source.read_bytes(path))
+                copied = True
+        return copied
+
+
+def deliver(storage: Storage, category: str, crowd: SimulatedCrowd | StoredAnswers, request_id: str) -> bool:
     """Answer one request and store the answers; False if this crowd had already delivered it."""
+    if isinstance(crowd, StoredAnswers):
+        return crowd.deliver_to(storage, category, request_id)
     path = storage.path(votes_dir(category, request_id), f"{SUBMISSION}.parquet")
     if storage.exists(path):
         return False
@@ -111,7 +146,7 @@ def deliver(storage: Storage, category: str, crowd: SimulatedCrowd, request_id: 
 def serve(
     storage: Storage,
     category: str,
-    crowd: SimulatedCrowd,
+    crowd: SimulatedCrowd | StoredAnswers,
     on_delivered: Callable[[LabelRequest], None],
     stop: threading.Event,
     poll_s: float = 1.0,
