@@ -10,6 +10,7 @@ from typing import Any
 from cli.common import add_qc, add_root, qc_params, storage_from
 from lsun_hitl.config import ConfigError
 from lsun_hitl.crowd import CrowdParams
+from lsun_hitl.storage import Storage
 
 
 def add_commands(sub: Any) -> None:
@@ -62,6 +63,11 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--service", help="URL of the labeling service: answer through it, as people do")
+    p.add_argument(
+        "--replay-from",
+        metavar="ROOT",
+        help="answer each request with the answers this other root stored for it (a replay: same pool and settings)",
+    )
 
 
 def cmd_handout(args: argparse.Namespace) -> None:
@@ -177,13 +183,19 @@ def cmd_crowd(args: argparse.Namespace) -> None:
             stop.set()
         return
     from flows.runner import simulated_crowd
-    from lsun_hitl.crowd import SimulatedCrowd
+    from lsun_hitl.crowd import SimulatedCrowd, StoredAnswers
     from lsun_hitl.truth import read_truth
 
     if len(args.category) != 1:
         raise ConfigError("without --service the crowd answers one category's requests: give one --category")
     (category,) = args.category
-    crowd = SimulatedCrowd(read_truth(storage, category), CrowdParams(seed=args.seed))
+    if args.replay_from:
+        source = Storage(args.replay_from, storage.options)
+        if not source.exists(source.path("labels", category)):
+            raise ConfigError(f"--replay-from {args.replay_from}: no answers for {category!r} stored there")
+        crowd: SimulatedCrowd | StoredAnswers = StoredAnswers(source)
+    else:
+        crowd = SimulatedCrowd(read_truth(storage, category), CrowdParams(seed=args.seed))
     with simulated_crowd(storage, category, crowd, poll_s=1.0) as thread:
         print(f"simulated crowd serving label requests for {category!r} under {storage.url}; Ctrl-C to stop")
         try:

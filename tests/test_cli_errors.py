@@ -75,6 +75,7 @@ CASES = [
     (["truth", "--table", "{files}/truth-bad.csv"], "not yes/no"),
     (["evaluate", "--category", "bag"], "category 'bag' has no finished dataset"),
     (["replay", "--category", "bag"], "no calibrated iteration of 'bag'"),
+    (["crowd", "--category", "bag", "--replay-from", "{files}/no-root"], "no answers for 'bag' stored there"),
     (["export", "--category", "bag", "--format", "parquet", "--out", "{files}/out"], "bag"),
     (["review", "--category", "bag", "--labels", "{files}/review.json"], "has no finished dataset"),
     (["labelers", "add"], "labelers add needs a NAME"),
