@@ -80,18 +80,22 @@ def cmd_handout(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from flows.runner import resume_waiting_run
     from lsun_hitl.service import serve
 
     storage = storage_from(args)
     storage.check_writable()
+    on_complete = None
+    if not args.no_resume:  # the flow's modules (Prefect, the cascade) take ~20 s to import on 2 busy cores
+        from flows.runner import resume_waiting_run
+
+        on_complete = resume_waiting_run(storage)
     print(f"labeling service on http://{args.host}:{args.port}/ over {storage.url} (Ctrl-C to stop)")
     serve(
         storage,
         qc_params(args),
         host=args.host,
         port=args.port,
-        on_complete=None if args.no_resume else resume_waiting_run(storage),
+        on_complete=on_complete,
         cors_origins=args.cors_origin,
         public_url=args.public_url,
     )
