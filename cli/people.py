@@ -64,6 +64,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--service", help="URL of the labeling service: answer through it, as people do")
     p.add_argument(
+        "--accepted-log",
+        metavar="PATH",
+        help="with --service: append a JSON line per submission the service accepted (labeler, batch, answers)",
+    )
+    p.add_argument(
         "--replay-from",
         metavar="ROOT",
         help="answer each request with the answers this other root stored for it (a replay: same pool and settings)",
@@ -170,13 +175,34 @@ def cmd_gold(args: argparse.Namespace) -> None:
     print(f"{write_gold(storage, args.category, gold)} gold images stored for {args.category!r}")
 
 
+def accepted_log(path: str) -> Any:
+    """A thread-safe ``HttpLabeler.on_accepted`` appending one flushed JSON line per accepted submission."""
+    import json
+
+    lock = threading.Lock()
+
+    def record(labeler: str, batch_id: str, response: dict) -> None:
+        line = json.dumps({"labeler": labeler, "batch_id": batch_id, **response})
+        with lock, open(path, "a") as f:
+            f.write(line + "\n")
+
+    return record
+
+
 def cmd_crowd(args: argparse.Namespace) -> None:
     storage = storage_from(args)
     if args.service:
         from lsun_hitl.crowd import http_crowd
 
         stop = threading.Event()
-        workers = http_crowd(args.service, storage, args.category, stop, CrowdParams(seed=args.seed))
+        workers = http_crowd(
+            args.service,
+            storage,
+            args.category,
+            stop,
+            CrowdParams(seed=args.seed),
+            on_accepted=accepted_log(args.accepted_log) if args.accepted_log else None,
+        )
         print(
             f"{len(workers)} simulated labelers answering {args.service} for {', '.join(args.category)}; Ctrl-C to stop"
         )

@@ -234,8 +234,12 @@ class HttpLabeler(threading.Thread):
         poll_s: float = 0.5,
         fetch_images: bool = False,
         name: str = "labeler",
+        on_accepted: Callable[[str, str, dict], None] | None = None,
     ) -> None:
+        """``on_accepted(labeler, batch_id, response)`` is called for each submission the service answered
+        with 200 (the client side of a count audit: ``response["stored"]`` is False for a repeat)."""
         super().__init__(name=f"http-{name}", daemon=True)
+        self.label, self.on_accepted = name, on_accepted
         self.base_url, self.token, self.accuracy, self.truth = base_url, token, accuracy, truth
         self.stop, self.unsure_rate, self.poll_s, self.fetch_images = stop, unsure_rate, poll_s, fetch_images
         self.rng = np.random.default_rng(seed)
@@ -276,8 +280,11 @@ class HttpLabeler(threading.Thread):
                             {"index": item["index"], "answer": self.answer(batch["category"], item["image_id"])}
                         )
                     url = f"/api/batches/{batch['batch_id']}/labels"
-                    client.post(url, json={"answers": answers}).raise_for_status()
+                    r = client.post(url, json={"answers": answers})
+                    r.raise_for_status()
                     self.submitted += 1
+                    if self.on_accepted is not None:
+                        self.on_accepted(self.label, batch["batch_id"], r.json() | {"answers": len(answers)})
                 except httpx.HTTPError as exc:
                     log.warning("%s: %s; retrying", self.name, exc)
                     self.stop.wait(1.0)
