@@ -30,11 +30,14 @@ written to a temporary name in the same directory and renamed; object stores get
 which they apply atomically. Reads and writes that fail for a transient reason (a dropped connection,
 a throttled or failing storage server) are retried with exponential back-off (``retries`` attempts,
 ``backoff_s`` doubling); then a StorageError names the object. A missing object, a permission error
-or bad data is not retried.
+or bad data is not retried, nor is a write that does not fit (a full disk, a used-up quota, a file over the
+filesystem's or the process's size limit): its StorageError names the object and says so; the temporary file
+is removed, the object keeps its previous content, and the step can run again once there is room.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -54,6 +57,15 @@ from fsspec.implementations.local import LocalFileSystem
 log = logging.getLogger(__name__)
 # failures that a retry cannot mend (pyarrow's ArrowInvalid is a ValueError)
 PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError, TypeError)
+# writes that fail for lack of room, what that means and what makes room: retrying cannot
+NO_SPACE = {
+    errno.ENOSPC: ("the disk is full", "free space on it"),
+    errno.EDQUOT: ("the disk quota is used up", "free space or raise the quota"),
+    errno.EFBIG: (
+        "the file is larger than the filesystem or this process's file-size limit (ulimit -f) allows",
+        "raise the limit or use a filesystem that holds larger files",
+    ),
+}
 
 
 class StorageError(RuntimeError):
@@ -132,6 +144,12 @@ class Storage:
             except PERMANENT:
                 raise
             except Exception as exc:  # noqa: BLE001 - connection, throttling and server errors vary by backend
+                if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+                    reason, fix = NO_SPACE[exc.errno]
+                    raise StorageError(
+                        f"cannot {what} {path!r} under {self.url!r}: {reason} ({exc.strerror}). Nothing was "
+                        f"half-written and what was stored there before is unchanged; {fix} and run the step again."
+                    ) from exc
                 if attempt >= self.retries:
                     raise StorageError(
                         f"cannot {what} {path!r} under {self.url!r}: {attempt} attempts failed, the last with "
