@@ -20,10 +20,24 @@ from .storage import Storage, votes_dir
 # A run's results: everything it decides and stores (the pool it read included), not people's answers
 RESULT_FOLDERS = ("pool", "samples", "models", "scores", "calibration", "manifests", "datasets")
 # what may differ between two runs of the same inputs: attempt names (random by design, so two writers never
-# share a folder) and the steps' measurements of themselves (seconds, workers' memory, the input cache's URL)
+# share a folder) and the steps' measurements of themselves (seconds, workers' memory, the input cache's URL,
+# images decoded or read from the cache: a scoring step killed and run again finds some inputs cached)
 NOT_RESULTS = frozenset(
-    {"attempt", "previous", "parts", "file", "manifest_attempt", "seconds", "worker_peak_rss_mb", "cache"}
-)
+    {
+        "attempt", "previous", "parts", "file", "manifest_attempt",
+        "seconds", "worker_peak_rss_mb", "cache", "decoded", "from_cache",
+    }
+)  # fmt: skip
+
+
+# seconds no live write of one small file (an answer batch, a request, a record) takes: a temporary older than
+# this was left by a writer that died
+LIVE_WRITE_S = 5.0
+
+
+def run_folders(category: str) -> list[str]:
+    """The folders only ``category``'s run writes (its results and reports)."""
+    return [f"{f}/{category}" for f in RESULT_FOLDERS if f != "pool"] + [f"reports/{category}"]
 
 
 def _files(storage: Storage, folder: str) -> list[str]:
@@ -50,7 +64,7 @@ def result_files(storage: Storage, category: str) -> dict[str, bytes]:
     Two roots whose runs read the same pool, settings and answers give equal dicts (``tests/test_replay.py``).
     Raises ``ValueError`` if two attempts of one table are left (a run's end sweeps all but the committed).
     """
-    folders = [f if f == "pool" else f"{f}/{category}" for f in RESULT_FOLDERS] + [f"labels/{category}/aggregated"]
+    folders = ["pool", *run_folders(category)[:-1], f"labels/{category}/aggregated"]
     out: dict[str, bytes] = {}
     for folder in folders:
         for path in _files(storage, folder):
@@ -68,6 +82,33 @@ def result_files(storage: Storage, category: str) -> dict[str, bytes]:
 def temporary_files(storage: Storage) -> list[str]:
     """Files a write left half-done: ``Storage``'s temporaries (``.tmp-`` names), anywhere under the root."""
     return [_relative(storage, p) for p in _files(storage, "") if p.rsplit("/", 1)[-1].startswith(".tmp-")]
+
+
+def remove_temporary(storage: Storage, folders: Iterable[str], *, older_than_s: float) -> list[str]:
+    """Remove the temporaries of writes that died (a process killed between writing and renaming) under
+    ``folders``, those last modified more than ``older_than_s`` seconds ago; the paths removed.
+
+    Readers never see them (a write becomes visible by its rename), but they take disk and would be mistaken
+    for torn files. Call it where no other writer of ``folders`` is active, or with an age no live write
+    reaches: a run's end for its own folders, the labeling service's start for the answers it writes.
+    Object stores write in one PUT and leave none."""
+    import time
+
+    protocols = storage.fs.protocol if isinstance(storage.fs.protocol, tuple) else (storage.fs.protocol,)
+    if "file" not in protocols:
+        return []
+    cutoff = time.time() - older_than_s
+    removed = []
+    for folder in folders:
+        for path in _files(storage, folder):
+            if path.rsplit("/", 1)[-1].startswith(".tmp-"):
+                try:
+                    if storage.fs.info(path)["mtime"] <= cutoff:
+                        storage.fs.rm(path)
+                        removed.append(_relative(storage, path))
+                except FileNotFoundError:  # renamed or removed meanwhile by its writer
+                    pass
+    return removed
 
 
 def unreadable_files(storage: Storage, folders: Iterable[str] = RESULT_FOLDERS + ("labels", "reports")) -> list[str]:

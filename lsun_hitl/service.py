@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from .desk import DeskError, LabelingDesk
+from .integrity import LIVE_WRITE_S, remove_temporary
 from .labelers import Labeler, LabelerError, TokenIndex, create_labeler
 from .quality import QCParams
 from .status import HEADER, status, status_rows
@@ -310,6 +311,10 @@ def add_labeler(request: Request, body: NewLabeler, _: Admin) -> dict:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Allow the desk's background work while the app runs; wait for it when the app stops."""
     desk = app.state.service.desk
+    # answers and batches this service wrote when a kill cut their write: none is live at its start
+    removed = remove_temporary(app.state.service.storage, ["labels"], older_than_s=LIVE_WRITE_S)
+    if removed:
+        log.info("removed %d temporary files of writes that died: %s", len(removed), ", ".join(removed[:3]))
     desk.open()
     yield
     await asyncio.to_thread(desk.close)  # background refreshes and resumes end before the process does

@@ -9,6 +9,7 @@ from .. import report
 from ..cluster import run_on_dask
 from ..config import CascadeParams
 from ..dataset_parts import finish_part, reduce_totals
+from ..integrity import LIVE_WRITE_S, remove_temporary, run_folders
 from ..manifest import manifest_counts, manifest_iterations, rows_held, stored_parts
 from ..partitions import Partitioning, commit, commit_record, new_attempt, sweep
 from ..split import Funnel
@@ -122,6 +123,10 @@ def finish(
     last = done[-1]
     for k in done:  # parts of split attempts that died before their commit (a retried step) go
         sweep(storage, manifest_dir(category, k))
+    # and the temporaries of writes killed before their rename: the run's own folders now (no writer of them is
+    # active), people's answers once no live write can be that old
+    remove_temporary(storage, run_folders(category), older_than_s=0)
+    remove_temporary(storage, [f"labels/{category}"], older_than_s=LIVE_WRITE_S)
     totals = write_dataset(storage, category, last, params or CascadeParams(), dask_address)
     fs = funnels(storage, category)
     summary = summarize(category, totals, fs, labels_lib.human_votes_spent(storage, category), last, stop, params)
