@@ -62,6 +62,18 @@ def add_commands(sub: Any) -> None:
         "--category", nargs="+", default=["sneaker"], help="the categories it answers (several with --service)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--accuracy",
+        type=float,
+        default=CrowdParams.accuracy,
+        help="labelers' mean accuracy (each draws its own around it; default: %(default)s)",
+    )
+    p.add_argument(
+        "--spammer-share",
+        type=float,
+        default=CrowdParams.spammer_share,
+        help="share of labelers answering at random (default: %(default)s)",
+    )
     p.add_argument("--service", help="URL of the labeling service: answer through it, as people do")
     p.add_argument(
         "--accepted-log",
@@ -189,6 +201,15 @@ def accepted_log(path: str) -> Any:
     return record
 
 
+def crowd_params(args: argparse.Namespace) -> CrowdParams:
+    for name in ("accuracy", "spammer_share"):
+        value = getattr(args, name)
+        if not 0 <= value <= 1:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} {value}: give a share between 0 and 1")
+    return CrowdParams(seed=args.seed, accuracy=args.accuracy, spammer_share=args.spammer_share)
+
+
 def cmd_crowd(args: argparse.Namespace) -> None:
     storage = storage_from(args)
     if args.service:
@@ -200,7 +221,7 @@ def cmd_crowd(args: argparse.Namespace) -> None:
             storage,
             args.category,
             stop,
-            CrowdParams(seed=args.seed),
+            crowd_params(args),
             on_accepted=accepted_log(args.accepted_log) if args.accepted_log else None,
         )
         print(
@@ -225,7 +246,7 @@ def cmd_crowd(args: argparse.Namespace) -> None:
             raise ConfigError(f"--replay-from {args.replay_from}: no answers for {category!r} stored there")
         crowd: SimulatedCrowd | StoredAnswers = StoredAnswers(source)
     else:
-        crowd = SimulatedCrowd(read_truth(storage, category), CrowdParams(seed=args.seed))
+        crowd = SimulatedCrowd(read_truth(storage, category), crowd_params(args))
     with simulated_crowd(storage, category, crowd, poll_s=1.0) as thread:
         print(f"simulated crowd serving label requests for {category!r} under {storage.url}; Ctrl-C to stop")
         try:

@@ -74,11 +74,19 @@ def peak_rss_mb() -> float:
 CURRENT_STEP = "current-step.json"  # reports/<category>/current-step.json: the step a run started last
 
 
+# fault injection: seconds a run waits after marking each step, so a chaos driver watching the mark can kill
+# the run inside steps that take milliseconds (``benchmarks/chaos.py``); unset in normal runs
+STEP_PAUSE_ENV = "LSUN_HITL_STEP_PAUSE_S"
+
+
 def mark_step(storage: Storage, category: str, iteration: int, step: str) -> None:
     """Record that a run started ``step`` of ``iteration`` now (what ``lsun-hitl status`` shows while it works)."""
     storage.write_json(
         storage.path(report_key(category, CURRENT_STEP)), {"iteration": iteration, "step": step, "since": time.time()}
     )
+    pause = float(os.environ.get(STEP_PAUSE_ENV) or 0)
+    if pause > 0:
+        time.sleep(pause)
 
 
 def step_key(category: str, iteration: int, step: str) -> str:

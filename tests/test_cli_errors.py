@@ -76,6 +76,7 @@ CASES = [
     (["evaluate", "--category", "bag"], "category 'bag' has no finished dataset"),
     (["replay", "--category", "bag"], "no calibrated iteration of 'bag'"),
     (["crowd", "--category", "bag", "--replay-from", "{files}/no-root"], "no answers for 'bag' stored there"),
+    (["crowd", "--category", "bag", "--accuracy", "1.5"], "--accuracy 1.5: give a share between 0 and 1"),
     (["export", "--category", "bag", "--format", "parquet", "--out", "{files}/out"], "bag"),
     (["review", "--category", "bag", "--labels", "{files}/review.json"], "has no finished dataset"),
     (["labelers", "add"], "labelers add needs a NAME"),
