@@ -28,13 +28,13 @@ def test_remove_temporary_takes_only_old_ones_under_the_folders(tmp_path) -> Non
     _leave(storage, "labels/shirt/votes/.tmp-old", LIVE_WRITE_S + 60)
     _leave(storage, "labels/shirt/votes/.tmp-live", 0)
     _leave(storage, "manifests/shirt/.tmp-other-folder", 3600)
-    storage.write_json("labels/shirt/votes/kept.json", {"a": 1})
+    storage.write_json(storage.path("labels/shirt/votes/kept.json"), {"a": 1})
 
     removed = remove_temporary(storage, ["labels"], older_than_s=LIVE_WRITE_S)
 
     assert removed == ["labels/shirt/votes/.tmp-old"]
     assert sorted(temporary_files(storage)) == ["labels/shirt/votes/.tmp-live", "manifests/shirt/.tmp-other-folder"]
-    assert storage.read_json("labels/shirt/votes/kept.json") == {"a": 1}
+    assert storage.read_json(storage.path("labels/shirt/votes/kept.json")) == {"a": 1}
     assert remove_temporary(storage, ["manifests/shirt"], older_than_s=0) == ["manifests/shirt/.tmp-other-folder"]
 
 
