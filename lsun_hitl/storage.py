@@ -305,11 +305,20 @@ class Storage:
     def write_json(self, path: str, value: Any) -> None:
         self.write_bytes(path, json.dumps(value, indent=2, sort_keys=True, default=str).encode())
 
-    def write_table(self, path: str, table: pa.Table, row_group_size: int = 1 << 20) -> None:
-        """Write ``table`` as Parquet (zstd) atomically; local files are streamed, not buffered."""
+    def write_table(
+        self,
+        path: str,
+        table: pa.Table,
+        row_group_size: int = 1 << 20,
+        dictionary: bool | list[str] = True,
+    ) -> None:
+        """Write ``table`` as Parquet (zstd) atomically; local files are streamed, not buffered.
+
+        ``dictionary``: the columns to dictionary-encode (Parquet's ``use_dictionary``; default all).
+        """
 
         def write(f: Any) -> None:
-            pq.write_table(table, f, row_group_size=row_group_size, compression="zstd")
+            pq.write_table(table, f, row_group_size=row_group_size, compression="zstd", use_dictionary=dictionary)
 
         self._retry("write", path, lambda: self._write_once(path, write))
 
