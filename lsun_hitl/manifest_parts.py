@@ -245,8 +245,19 @@ def _aligned(score_ids: pa.ChunkedArray, part_ids: pa.Array, index: np.ndarray, 
     if len(score_ids) != len(index):
         return False
     at = np.unique(np.linspace(0, len(index) - 1, min(checks, len(index))).astype(np.int64)) if len(index) else index
-    got = pc.take(score_ids, pa.array(at, pa.int64())).combine_chunks()
-    return got.equals(pc.take(part_ids, pa.array(index[at], pa.int64())))
+    return _take_sorted(score_ids, at).equals(pc.take(part_ids, pa.array(index[at], pa.int64())))
+
+
+def _take_sorted(column: pa.ChunkedArray, at: np.ndarray) -> pa.Array:
+    """``column``'s values at the ascending positions ``at``, taken chunk by chunk: ``pc.take`` of a chunked
+    array first concatenates its chunks, ~50 MB of ids for a part's scores (0.2 s of a 0.7 s split)."""
+    bounds = np.cumsum([0, *(len(chunk) for chunk in column.chunks)])
+    pieces = [pa.array([], column.type)]
+    for chunk, lo, hi in zip(column.chunks, bounds[:-1], bounds[1:], strict=True):
+        inside = at[(at >= lo) & (at < hi)] - lo
+        if len(inside):
+            pieces.append(chunk.take(pa.array(inside, pa.int64())))
+    return pa.concat_arrays(pieces)
 
 
 def _local(rows: np.ndarray, values: np.ndarray, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
