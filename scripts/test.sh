@@ -6,4 +6,4 @@ bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
 ruff format --check .
-exec python -m pytest -q "$@"
+exec python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder "$@"

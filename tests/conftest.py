@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import tempfile
 
 import numpy as np
 import pytest
@@ -15,6 +16,14 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 # Prefect's temporary server gets 20 s to start by default; on a loaded 2-core machine (an evaluation running
 # beside the suite) a subprocess's server missed it once. Inherited by the subprocesses the tests start.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# `scripts/test.sh` runs the suite in two pytest-xdist workers: each gets its own Prefect home, so processes
+# that start Prefect's ephemeral server never share (and migrate at once) one SQLite database.
+if "PYTEST_XDIST_WORKER" in os.environ and "PREFECT_API_URL" not in os.environ:
+    os.environ.setdefault(
+        "PREFECT_HOME",
+        os.path.join(tempfile.gettempdir(), f"lsun-hitl-tests-{os.getuid()}", os.environ["PYTEST_XDIST_WORKER"]),
+    )
+    os.makedirs(os.environ["PREFECT_HOME"], exist_ok=True)  # Prefect makes the folder, not its parents
 
 # Prefect sets up its logging once, on first import, binding its console handler to the sys.stderr of that
 # moment: imported inside a test that captures output (capsys), the handler would keep writing to a stream
@@ -86,3 +95,23 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# The files that take minutes (the slowest 25 of `--durations`), slowest first: under `-n 2 --dist loadfile
+# --no-loadscope-reorder` (scripts/test.sh) each worker takes the next file in collection order, so starting
+# with these keeps one of them from running alone at the end.
+SLOW_FIRST = (
+    "test_storage_faults.py",
+    "test_chaos.py",
+    "test_export.py",
+    "test_cascade_e2e.py",
+    "test_simulate.py",
+    "test_replay.py",
+    "test_deployments.py",
+    "test_faults.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))
