@@ -15,7 +15,7 @@ from benchmarks import chaos
 def test_a_run_killed_on_every_part_finishes_with_the_uninterrupted_run_s_results(tmp_path):
     out = tmp_path / "chaos.json"
     status = chaos.main(
-        ["--kills", "5", "--min-kills", "5", "--limit", "1500", "--mean-gap", "8", "--seed", "1", "--iterations", "3",
+        ["--kills", "5", "--min-kills", "5", "--limit", "1000", "--mean-gap", "6", "--seed", "1", "--iterations", "2",
          "--step-pause", "0.5", "--work", str(tmp_path / "work"), "--out", str(out), "--timeout", "1500"]
     )  # fmt: skip
     result = json.loads(out.read_text())
