@@ -66,7 +66,7 @@ class Partitioning:
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     """SplitMix64's finalizer over uint64 arrays: a bijective mix whose outputs pass BigCrush as a counter hash."""
     with np.errstate(over="ignore"):  # uint64 arithmetic wraps modulo 2**64, as the algorithm wants
-        x = x + np.uint64(0x9E3779B97F4A7C15)  # a new array: the steps below work in place, one buffer over
+        x = x + np.uint64(0x9E3779B97F4A7C15)  # a new array: the in-place steps below leave the caller's alone
         for shift, factor in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
             x ^= x >> np.uint64(shift)
             x *= np.uint64(factor)
