@@ -2,6 +2,7 @@
 
     python benchmarks/input_cache.py --root /data/scale-1m                  # the whole pool
     python benchmarks/input_cache.py --root /data/scale-1m --rows 200000    # its first 200,000 images
+    python benchmarks/input_cache.py --root /data/scale-1m --frozen         # frozen backbone: feature cache
 
 Every category's every iteration scores the images it has not decided; without the cache each pass reads
 and decodes them again. Measured in one run, on a 2-worker LocalCluster (one thread each), with the same
@@ -15,11 +16,16 @@ model (``--arch``/``--image-size``; untrained: a forward pass costs the same wha
 
 Printed: images/s of each, the first cached pass against the decode ceiling (goal >= 0.8x) and the ten
 passes against one uncached pass (goal <= 2x), and the cache's size on disk.
+
+With ``--frozen`` every category's model is a frozen backbone (the same one, random here: the cost does not
+depend on its weights) with a head of its own: the first cached pass decodes the pool into the input cache and
+stores the backbone's features (``lsun_hitl.features``); the others score from the features alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import shutil
 import sys
@@ -27,6 +33,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -53,16 +60,19 @@ def decode_ceiling(storage: Storage, uris: list[str], size: int) -> float:
         os.sched_setaffinity(0, cpus)
 
 
-def one_pass(storage: Storage, name: str, todo: pa.Table, pool: pa.Table, model_path: str, client, cache) -> float:
-    """Seconds of one scoring pass as category ``name`` (its scores are removed after)."""
+def one_pass(
+    storage: Storage, name: str, todo: pa.Table, pool: pa.Table, model_path: str, client, cache
+) -> tuple[float, dict]:
+    """Seconds of one scoring pass as category ``name``, and its stats (its scores are removed after)."""
     started = time.perf_counter()
     scores = score_candidates(
         storage, name, 1, todo, model_path, client=client, pool=pool if cache else None, cache=cache
     )
     took = time.perf_counter() - started
     assert scores.num_rows == todo.num_rows
+    stats = storage.read_json(storage.path("scores", name, "iteration=1", "stats.json"))
     shutil.rmtree(storage.path("scores", name), ignore_errors=True)
-    return took
+    return took, stats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default="mobilenet_v3_small")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--sample", type=int, default=3000, help="files the decode ceiling reads")
+    ap.add_argument(
+        "--frozen", action="store_true", help="frozen-backbone models, a head per category (the feature cache)"
+    )
     args = ap.parse_args(argv)
     data = Storage(args.root)
     bench = Storage(os.path.join(data.root, "bench-input-cache"))  # scores, model and cache of this benchmark
@@ -82,28 +95,40 @@ def main(argv: list[str] | None = None) -> int:
     pool = full.slice(0, n)
     rows = np.arange(n)
     todo = pool.add_column(0, "row", pa.array(rows, pa.int64()))
-    net = model_lib.build(ModelParams(arch=args.arch, image_size=args.image_size)).eval()
-    model_path = bench.path("model.pt")
-    bench.write_bytes(model_path, model_lib.save(net))
+    model_paths = [bench.path(f"model-{k}.pt") for k in range(args.categories)]
+    backbone = io.BytesIO()
+    torch.save(model_lib.Classifier(args.arch, args.image_size).net.state_dict(), backbone)
+    for k, path in enumerate(model_paths):
+        torch.manual_seed(k)  # each category its own head (and, without --frozen, its own network)
+        params = ModelParams(arch=args.arch, image_size=args.image_size, freeze_backbone=args.frozen)
+        net = model_lib.build(params, backbone.getvalue() if args.frozen else None).eval()
+        bench.write_bytes(path, model_lib.save(net))
+    model_path = model_paths[0]
     cores = len(os.sched_getaffinity(0))
     sample = pool.column("uri").to_pylist()[:: max(1, n // args.sample)][: args.sample]
     ceiling = decode_ceiling(data, sample, args.image_size) * min(2, cores)
     cache = InputCache.of_pool(bench, pool.column("image_id"), args.image_size)
-    print(f"pool rows {n:,}; {args.arch} at {args.image_size} px; decode ceiling {ceiling:,.0f} img/s ({cores} cores)")
+    kind = "frozen backbone, a head per category" if args.frozen else "a network per category"
+    print(
+        f"pool rows {n:,}; {args.arch} at {args.image_size} px ({kind}); decode ceiling {ceiling:,.0f} img/s"
+        f" ({cores} cores)"
+    )
     with dask_client(n_workers=2) as client:
         warm = todo.slice(0, 512)
         one_pass(bench, "warm-up", warm.drop_columns(["row"]), pool, model_path, client, None)
-        plain = one_pass(bench, "plain", todo.drop_columns(["row"]), pool, model_path, client, None)
+        plain, _ = one_pass(bench, "plain", todo.drop_columns(["row"]), pool, model_path, client, None)
         print(f"one category, no cache: {plain:,.1f} s ({n / plain:,.0f} img/s)", flush=True)
         cached = []
         for k in range(args.categories):
-            cached.append(one_pass(bench, f"category-{k}", todo, pool, model_path, client, cache))
+            took, stats = one_pass(bench, f"category-{k}", todo, pool, model_paths[k], client, cache)
+            cached.append(took)
             what = "first (decodes into the cache)" if k == 0 else "reads the cache"
             print(
-                f"category {k + 1} with the cache, {what}: {cached[-1]:,.1f} s ({n / cached[-1]:,.0f} img/s)",
+                f"category {k + 1} with the cache, {what}: {took:,.1f} s ({n / took:,.0f} img/s; decoded"
+                f" {stats['decoded']:,}, from stored features {stats.get('from_features', 0):,})",
                 flush=True,
             )
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(bench.path(cache.key)) for f in fs)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(bench.path("cache")) for f in fs)
     rest = float(np.mean(cached[1:])) if len(cached) > 1 else float("nan")
     table = [
         ("decode ceiling (cores x one core's rate)", None, ceiling, "1.00x"),
@@ -133,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         secs_s = "-" if secs is None else f"{secs:,.1f}"
         rate_s = "-" if rate is None else f"{rate:,.0f}"
         print(f"| {name} | {secs_s} | {rate_s} | {ratio} |")
-    print(f"cache on disk: {size / 1e9:.2f} GB ({size / n:,.0f} bytes an image)")
+    print(f"caches on disk: {size / 1e9:.2f} GB ({size / n:,.0f} bytes an image)")
     shutil.rmtree(bench.root, ignore_errors=True)
     return 0
 

@@ -114,7 +114,11 @@ class ModelParams:
         "pretrained torchvision weights for arch: a local file or a URL on the storage root (read with its storage"
         " options), or 'pool' (the backbone `lsun-hitl pretrain` learns from the unlabeled pool)",
     )
-    freeze_backbone: bool = setting(False, "with weights: train only the new head (a linear probe)")
+    freeze_backbone: bool = setting(
+        False,
+        "with weights: keep the backbone as loaded and fit only a linear head on its features (a linear probe);"
+        " scoring then keeps each image's features, shared by every category on that backbone",
+    )
     threads: int = setting(2, "torch threads for training in the flow process", flag="train-threads")
 
 

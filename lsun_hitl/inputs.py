@@ -102,6 +102,11 @@ class InputCache:
         paths = self.storage.glob(self.storage.path(self.key, "shard-*.parquet"))
         return {int(p.rsplit("shard-", 1)[1].split(".", 1)[0]) for p in paths}
 
+    def read_index(self, shard: int) -> pa.Table | None:
+        """The index (image_id, ok, error) of ``shard``, or None if it is not complete; no pixels are read."""
+        index_path = self._path(shard, "parquet")
+        return self.storage.read_table(index_path) if self.storage.exists(index_path) else None
+
     def read(self, shard: int) -> tuple[np.ndarray, pa.Table] | None:
         """``(images (rows, s, s, 3) uint8, index table)`` of ``shard``, or None if it is not complete."""
         index_path = self._path(shard, "parquet")

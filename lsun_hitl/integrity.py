@@ -21,11 +21,11 @@ from .storage import Storage, votes_dir
 RESULT_FOLDERS = ("pool", "samples", "models", "scores", "calibration", "manifests", "datasets")
 # what may differ between two runs of the same inputs: attempt names (random by design, so two writers never
 # share a folder) and the steps' measurements of themselves (seconds, workers' memory, the input cache's URL,
-# images decoded or read from the cache: a scoring step killed and run again finds some inputs cached)
+# images decoded or read from the caches: a scoring step killed and run again finds some inputs cached)
 NOT_RESULTS = frozenset(
     {
         "attempt", "previous", "parts", "file", "manifest_attempt",
-        "seconds", "worker_peak_rss_mb", "cache", "decoded", "from_cache",
+        "seconds", "worker_peak_rss_mb", "cache", "decoded", "from_cache", "from_features",
     }
 )  # fmt: skip
 

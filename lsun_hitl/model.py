@@ -8,11 +8,15 @@ Inputs are uint8 images ``(N, H, W, 3)``; normalisation (ImageNet mean/std) live
 so a saved model scores raw decoded images. Pretrained weights come from a local file (for example
 torchvision's ``~/.cache/torch/hub/checkpoints/mobilenet_v3_small-047dcff4.pth``): every tensor
 whose name and shape match is loaded, except the last linear layer (the head), which is trained from
-scratch; ``freeze_backbone`` trains the head alone.
+scratch. With ``freeze_backbone`` the backbone stays exactly as loaded (batch-norm statistics included) and
+only the head is fit, on the backbone's features (``train_head``): a linear probe. Such a model carries its
+backbone's id (``backbone_id``), so scoring can keep each pool image's features and a later model on the
+same backbone, of any category, scores from them without reading an image (``lsun_hitl.features``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from collections.abc import Sequence
@@ -68,6 +72,7 @@ class Classifier(nn.Module):
     def __init__(self, arch: str, image_size: int) -> None:
         super().__init__()
         self.arch, self.image_size = arch, image_size
+        self.backbone_id: str | None = None  # set on frozen-backbone models: the features' cache key
         if arch in LOCAL_ARCHITECTURES:
             self.net = LOCAL_ARCHITECTURES[arch](num_classes=1)
         else:
@@ -103,9 +108,32 @@ def build(params: ModelParams, pretrained: bytes | None = None) -> Classifier:
     if source:
         loaded = load_pretrained(model, source)
         if params.freeze_backbone:
-            for name, tensor in model.net.named_parameters():
-                tensor.requires_grad_(name not in loaded)
+            head = head_name(model.net)
+            missing = sorted(k for k in model.net.state_dict() if k not in loaded and not k.startswith(head + "."))
+            if missing:
+                raise ValueError(
+                    f"weights {source if isinstance(source, str) else '<bytes>'!r} do not provide {len(missing)} "
+                    f"tensors of {params.arch!r} (first: {missing[0]!r}); a frozen backbone needs every tensor but "
+                    "the head: pass a full checkpoint, or set freeze_backbone=false to train what is missing"
+                )
+            for tensor in model.net.parameters():
+                tensor.requires_grad_(False)
+            for tensor in model.net.get_submodule(head).parameters():
+                tensor.requires_grad_(True)
+            model.backbone_id = backbone_id(model)
     return model
+
+
+def backbone_id(model: Classifier) -> str:
+    """16 hex digits of BLAKE2b over the architecture, input size and every tensor but the head's (names and
+    bytes): two models with the same id compute the same features for any image."""
+    head = head_name(model.net) + "."
+    digest = hashlib.blake2b(f"{model.arch}/{model.image_size}".encode(), digest_size=8)
+    for name, tensor in sorted(model.net.state_dict().items()):
+        if not name.startswith(head):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def read_weights(source: str, **storage_options: object) -> bytes:
@@ -157,7 +185,10 @@ def replace_head(net: nn.Module, outputs: int) -> None:
 
 def save(model: Classifier) -> bytes:
     buf = io.BytesIO()
-    torch.save({"arch": model.arch, "image_size": model.image_size, "state_dict": model.state_dict()}, buf)
+    blob = {"arch": model.arch, "image_size": model.image_size, "state_dict": model.state_dict()}
+    if model.backbone_id:
+        blob["backbone_id"] = model.backbone_id
+    torch.save(blob, buf)
     return buf.getvalue()
 
 
@@ -165,6 +196,7 @@ def load(data: bytes) -> Classifier:
     blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     model = Classifier(blob["arch"], blob["image_size"])
     model.load_state_dict(blob["state_dict"])
+    model.backbone_id = blob.get("backbone_id")
     return model.eval()
 
 
@@ -253,10 +285,13 @@ def train(
         Targets may be soft (the aggregated human posterior), so label noise the crowd model knows of
         is not learned as certainty. AdamW with a one-cycle schedule, ``params.epochs`` passes (fewer when
     they would exceed ``params.max_steps``). ``pretrained`` (a state dict's bytes) overrides
-    ``params.weights`` as the backbone's start.
+    ``params.weights`` as the backbone's start. With ``params.freeze_backbone`` only the head is fit
+    (``train_head``).
     """
     if len(images) != len(targets) or len(images) == 0:
         raise ValueError(f"need equally many images and targets, got {len(images)} and {len(targets)}")
+    if params.freeze_backbone:
+        return train_head(images, targets, params, seed=seed, progress=progress, pretrained=pretrained)
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, params.threads))
     generator = torch.Generator().manual_seed(seed)
@@ -323,3 +358,81 @@ def predict(model: Classifier, images: np.ndarray, batch_size: int = 256) -> np.
             logits = model(torch.from_numpy(images[start : start + batch_size]).to(dev, non_blocking=True))
         out.append(torch.sigmoid(logits.float()).cpu())
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+def train_head(
+    images: np.ndarray,
+    targets: np.ndarray,
+    params: ModelParams,
+    *,
+    seed: int = 0,
+    progress: Progress | None = None,
+    pretrained: bytes | None = None,
+) -> Classifier:
+    """Fit only the head of a frozen-backbone classifier (``params.freeze_backbone``) on ``images``' features.
+
+    The backbone stays exactly as loaded, in eval mode, so every image's features are a fixed function of
+    its pixels that scoring may store and reuse. Each image is embedded as it is and flipped left to right
+    (the one augmentation fixed features keep); the head is a logistic regression on the standardised
+    features with an L2 penalty of ``1 / (2 n)`` (scikit-learn's ``C = 1``), soft targets as in ``train``,
+    fit on all of them at once by L-BFGS (deterministic, no learning rate to tune). The standardisation is
+    folded into the head's weights, so the model scores raw images like any other.
+    """
+    torch.manual_seed(seed)
+    torch.set_num_threads(max(1, params.threads))
+    model = build(params, pretrained)
+    if model.backbone_id is None:
+        raise ValueError("a frozen backbone needs weights: set model.weights (or freeze_backbone=false)")
+    model = model.to(device()).eval()
+    y = torch.from_numpy(np.concatenate([targets, targets]).astype(np.float32))
+    feats = torch.from_numpy(np.concatenate([embed(model, images), embed(model, images[:, :, ::-1])]))
+    if progress:
+        progress(1, 2)
+    mean, std = feats.mean(0), feats.std(0).clamp_min(1e-6)
+    z = (feats - mean) / std
+    prior = float(y.mean().clamp(1e-4, 1 - 1e-4))
+    w = torch.zeros(z.shape[1], requires_grad=True)
+    b = torch.full((1,), math.log(prior / (1 - prior)), requires_grad=True)
+    l2 = 1.0 / (2 * len(images))
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=500, history_size=20, line_search_fn="strong_wolfe")
+    loss_fn = nn.BCEWithLogitsLoss()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_fn(z @ w + b, y) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    head = model.net.get_submodule(head_name(model.net))
+    with torch.no_grad():
+        head.weight.copy_((w / std).view(1, -1).to(head.weight.device))
+        head.bias.copy_((b - (w * mean / std).sum()).to(head.bias.device))
+    if progress:
+        progress(2, 2)
+    return model.cpu().eval()
+
+
+@torch.inference_mode()
+def embed(model: Classifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """What the head of ``model`` (in eval mode) sees for each of ``images`` (N, H, W, 3) uint8: ``(N, D)``
+    float32, D the head's inputs. ``predict_features`` of these equals ``predict`` of the images."""
+    head = model.net.get_submodule(head_name(model.net))
+    dev = next(model.parameters()).device
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].float().cpu()))
+    try:
+        for start in range(0, len(images), batch_size):
+            with autocast(dev):
+                model(torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(dev))
+    finally:
+        hook.remove()
+    return torch.cat(seen).numpy() if seen else np.zeros((0, head.in_features), np.float32)
+
+
+@torch.inference_mode()
+def predict_features(model: Classifier, features: np.ndarray) -> np.ndarray:
+    """Scores in [0, 1] from ``embed``'s features ``(N, D)``: the head alone, then the sigmoid."""
+    head = model.net.get_submodule(head_name(model.net))
+    logits = head(torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(head.weight.device))
+    return torch.sigmoid(logits.float().squeeze(1)).cpu().numpy().astype(np.float32)

@@ -45,6 +45,7 @@ from distributed import Client
 from fsspec.core import url_to_fs
 
 from .cluster import run_on_dask
+from .features import FeatureCache
 from .images import DEFAULT_MAX_PIXELS
 from .ingest import PoolReading, image_id, pool_reading, read_pool_rows, take_pool, unreadable
 from .inputs import INDEX_SCHEMA, InputCache
@@ -234,6 +235,7 @@ def _stored_part(storage: Storage, out_path: str) -> dict[str, Any]:
         "valid": len(scores) - scores.null_count,
         "decoded": 0,
         "from_cache": 0,
+        "from_features": 0,
         "worker": _worker_name(),
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -255,11 +257,12 @@ def _score_part(
     torch.set_num_threads(threads)
     _tune_malloc()
     model = _model(storage, model_path)
+    from_features = 0
     if cache is None:
         ids, scores, errors = _score_decoded(rows, storage, model, batch_size, reading)
         decoded = len(ids)
     else:
-        ids, scores, errors, decoded = _score_cached(rows, storage, model, batch_size, cache, reading)
+        ids, scores, errors, decoded, from_features = _score_cached(rows, storage, model, batch_size, cache, reading)
     table = pa.table(
         {"image_id": ids, "score": pa.array(scores, from_pandas=True), "error": errors}, schema=SCORE_SCHEMA
     )
@@ -269,6 +272,7 @@ def _score_part(
         "valid": int(np.isfinite(scores).sum()),
         "decoded": decoded,
         "from_cache": table.num_rows if cache is not None and not decoded else 0,
+        "from_features": from_features,
         "worker": _worker_name(),
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -294,21 +298,30 @@ def _score_decoded(
 
 def _score_cached(
     rows: pa.Table, storage: Storage, model: Any, batch_size: int, cache: InputCache, reading: PoolReading
-) -> tuple[list[str], np.ndarray, list[str | None], int]:
+) -> tuple[list[str], np.ndarray, list[str | None], int, int]:
     """Score the candidates of one pool shard from the input cache, decoding and storing the shard first if no
-    pass has yet: (image ids, scores, errors, images decoded)."""
-    from .model import predict
+    pass has yet: (image ids, scores, errors, images decoded, images scored from stored features).
+
+    A frozen-backbone model (one with a ``backbone_id``) scores from the shard's features in the feature cache
+    when some pass stored them, reading no pixels; otherwise it computes them for the whole shard from its
+    inputs and stores them first, for every later model on that backbone."""
+    from .model import embed, predict, predict_features
 
     shard = int(rows.column("row")[0].as_py()) // cache.shard_rows
-    got = cache.read(shard)
+    backbone = getattr(model, "backbone_id", None)
+    features = FeatureCache.beside(cache, backbone) if backbone else None
+    images: np.ndarray | None = None
+    index = cache.read_index(shard) if features is not None and features.has(shard) else None
     decoded = 0
-    if got is None:  # the first pass over this shard, by any category: decode it whole and keep it
-        images, ok, errs = _decode_all(rows, storage.options, cache.image_size, batch_size, reading)
-        index = pa.table({"image_id": rows.column("image_id"), "ok": ok, "error": errs}, schema=INDEX_SCHEMA)
-        cache.write(shard, images, index)
-        decoded = rows.num_rows
-    else:
-        images, index = got
+    if index is None:
+        got = cache.read(shard)
+        if got is None:  # the first pass over this shard, by any category: decode it whole and keep it
+            images, ok, errs = _decode_all(rows, storage.options, cache.image_size, batch_size, reading)
+            index = pa.table({"image_id": rows.column("image_id"), "ok": ok, "error": errs}, schema=INDEX_SCHEMA)
+            cache.write(shard, images, index)
+            decoded = rows.num_rows
+        else:
+            images, index = got
     want = rows.filter(rows.column("candidate"))
     offsets = want.column("row").to_numpy() - shard * cache.shard_rows
     if pc.any(pc.not_equal(index.column("image_id").take(pa.array(offsets)), want.column("image_id"))).as_py():
@@ -317,15 +330,28 @@ def _score_cached(
             "that folder and score again"
         )
     ids = want.column("image_id").to_pylist()
-    ok = index.column("ok").to_numpy(zero_copy_only=False)[offsets]
+    usable = index.column("ok").to_numpy(zero_copy_only=False)
+    ok = usable[offsets]
     scores = np.full(len(ids), np.nan, np.float32)
-    if ok.any():
+    from_features = 0
+    if features is not None and images is None:  # stored features: no pixels, no backbone
+        if ok.any():
+            scores[ok] = predict_features(model, features.take(shard, offsets[ok]))
+        from_features = len(ids)
+    elif features is not None:  # the first pass on this backbone: the whole shard's features, kept
+        embedded = embed(model, images[usable], batch_size)
+        every = np.zeros((len(usable), embedded.shape[1]), np.float32)
+        every[usable] = embedded
+        features.write(shard, every)
+        if ok.any():
+            scores[ok] = predict_features(model, every[offsets[ok]])
+    elif ok.any():
         scores[ok] = predict(model, images[offsets[ok]], batch_size)
     errors = [
         e if e is not None or k else "not a decodable image"
         for e, k in zip(index.column("error").take(pa.array(offsets)).to_pylist(), ok, strict=True)
     ]
-    return ids, scores, errors, decoded
+    return ids, scores, errors, decoded, from_features
 
 
 def _peaks(counts: list[dict]) -> dict[str, float]:
@@ -443,6 +469,7 @@ def score_candidates(
         "part_rows": [len(p) for p in parts],
         "decoded": sum(c["decoded"] for c in counts),
         "from_cache": sum(c["from_cache"] for c in counts),
+        "from_features": sum(c.get("from_features", 0) for c in counts),
         "seconds": time.perf_counter() - started,
         "cache": storage.url_of(cache.key) if cache is not None else None,
         "worker_peak_rss_mb": _peaks(counts),
@@ -594,6 +621,7 @@ def score_pool(
         "part_rows": [r["scored"] for r in results],
         "decoded": sum(r["decoded"] for r in results),
         "from_cache": sum(r["from_cache"] for r in results),
+        "from_features": sum(r.get("from_features", 0) for r in results),
         "seconds": time.perf_counter() - started,
         "cache": storage.url_of(cache.key) if cache is not None else None,
         "worker_peak_rss_mb": _peaks(results),

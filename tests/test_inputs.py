@@ -160,3 +160,59 @@ def test_the_scoring_step_planned_per_range_gives_the_same_scores_for_any_partit
     )
     assert again["decoded"] == again["part_rows"][2] and again["part_rows"] == runs["four"][1]["part_rows"]
     assert {f: os.stat(f).st_ino for f in files if f != files[2]} == {f: i for f, i in kept.items() if f != files[2]}
+
+
+def _frozen_model(storage: Storage, name: str, backbone: bytes, seed: int) -> str:
+    """A frozen-backbone small_convnet on ``backbone`` (state-dict bytes) with a head fit to random targets."""
+    params = ModelParams(arch="small_convnet", image_size=SIZE, freeze_backbone=True, threads=1)
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 255, (64, SIZE, SIZE, 3), dtype=np.uint8)
+    net = model_lib.train(images, (rng.random(64) < 0.5).astype(np.float32), params, seed=seed, pretrained=backbone)
+    path = storage.path(f"models/{name}.pt")
+    storage.write_bytes(path, model_lib.save(net))
+    return path
+
+
+def test_a_frozen_backbone_s_features_are_computed_once_per_pool_and_every_category_scores_from_them(
+    pool, dask_cluster
+):
+    import io
+
+    import torch
+
+    storage, table, _ = pool
+    cache = InputCache(storage, pool_fingerprint(table.column("image_id")), SIZE, shard_rows=512)
+
+    def backbone(seed: int) -> bytes:
+        torch.manual_seed(seed)
+        buf = io.BytesIO()
+        torch.save(model_lib.Classifier("small_convnet", SIZE).net.state_dict(), buf)
+        return buf.getvalue()
+
+    shared = backbone(1)
+    first, second = _frozen_model(storage, "first", shared, 0), _frozen_model(storage, "second", shared, 1)
+    other = _frozen_model(storage, "other", backbone(2), 2)
+    ids = {p: model_lib.load(storage.read_bytes(p)).backbone_id for p in (first, second, other)}
+    assert ids[first] == ids[second] != ids[other] and ids[first] is not None
+
+    rows = np.union1d(np.random.default_rng(3).choice(1300, 800, replace=False), [700])
+    plain = {p: _score(storage, table, p, f"plain-{i}", rows, dask_cluster, None)[0] for i, p in enumerate(ids)}
+    got_1, stats_1 = _score(storage, table, first, "one", rows, dask_cluster, cache)
+    assert stats_1["decoded"] == 1300 and stats_1["from_features"] == 0, "the first pass decodes and embeds"
+    features = storage.path("cache/features", f"pool={cache.fingerprint}", f"backbone={ids[first]}")
+    assert sorted(os.listdir(features)) == [f"shard-{k:06d}.npy" for k in range(3)]
+    got_2, stats_2 = _score(storage, table, second, "two", rows, dask_cluster, cache)
+    assert stats_2["decoded"] == 0 and stats_2["from_features"] == len(rows), "another category reads features"
+    got_3, stats_3 = _score(storage, table, other, "three", rows, dask_cluster, cache)
+    assert stats_3["decoded"] == 0 and stats_3["from_features"] == 0, "another backbone embeds from the inputs"
+
+    for got, path in ((got_1, first), (got_2, second), (got_3, other)):
+        s, ref = (t.column("score").to_numpy(zero_copy_only=False) for t in (got, plain[path]))
+        assert np.array_equal(np.isnan(s), np.isnan(ref)) and np.isnan(s).sum() == 1, "row 700 only"
+        np.testing.assert_allclose(s[~np.isnan(s)], ref[~np.isnan(ref)], rtol=0, atol=1e-5)
+    assert not np.allclose(
+        got_1.column("score").to_numpy(zero_copy_only=False)[:50],
+        got_2.column("score").to_numpy(zero_copy_only=False)[:50],
+    ), "two heads on one backbone score differently"
+    bad = int(np.searchsorted(rows, 700))
+    assert got_2.column("error")[bad].as_py() == plain[second].column("error")[bad].as_py()

@@ -49,17 +49,54 @@ def test_frozen_backbone_trains_only_the_head(tmp_path, fashion):
     """A pretrained backbone from a local file with a trained head (linear probe), versus fine-tuning."""
     images, classes = fashion
     source = model_lib.Classifier("mobilenet_v3_small", 32).net  # stands in for a downloaded checkpoint
+    for m in source.modules():  # statistics a real checkpoint would bring, which the probe must keep
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
     path = tmp_path / "backbone.pth"
     torch.save(source.state_dict(), path)
     x, y = prep(images[:256], 32), (classes[:256] == 7).astype(np.float32)
     base = dict(arch="mobilenet_v3_small", image_size=32, epochs=1, batch_size=64, weights=str(path))
     probe = model_lib.train(x, y, ModelParams(**base, freeze_backbone=True), seed=0)
     tuned = model_lib.train(x, y, ModelParams(**base), seed=0)
-    first, head = "features.0.0.weight", "classifier.3.weight"
-    assert torch.equal(probe.net.state_dict()[first], source.state_dict()[first])  # backbone untouched
+    head = "classifier.3."
+    for name, tensor in source.state_dict().items():  # every backbone tensor as loaded, statistics included
+        if not name.startswith(head):
+            assert torch.equal(probe.net.state_dict()[name], tensor), name
+    first = "features.0.0.weight"
     assert not torch.equal(tuned.net.state_dict()[first], source.state_dict()[first])  # fine-tuned
-    assert probe.net.state_dict()[head].shape == (1, 1024)
-    assert probe.net.state_dict()[head].abs().sum() > 0
+    assert probe.net.state_dict()[head + "weight"].shape == (1, 1024)
+    assert probe.net.state_dict()[head + "weight"].abs().sum() > 0
+    assert tuned.backbone_id is None and probe.backbone_id == model_lib.load(model_lib.save(probe)).backbone_id
+
+
+def test_a_frozen_backbone_s_head_is_fit_on_its_features_and_scores_from_them(tmp_path, fashion):
+    """The probe learns a category on fixed features, and scores from features equal scores from images."""
+    images, classes = fashion
+    torch.manual_seed(0)
+    source = model_lib.Classifier("small_convnet", 32).net  # random features: enough for trousers
+    path = tmp_path / "backbone.pth"
+    torch.save(source.state_dict(), path)
+    params = ModelParams(arch="small_convnet", image_size=32, weights=str(path), freeze_backbone=True)
+    x_train, y_train = prep(images[:1500], 32), (classes[:1500] == 1).astype(np.float32)
+    x_test, y_test = prep(images[50000:51000], 32), classes[50000:51000] == 1
+    probe = model_lib.train(x_train, y_train, params, seed=0)
+    again = model_lib.train(x_train, y_train, params, seed=5)
+    np.testing.assert_allclose(
+        probe.net[-1].weight.detach().numpy(), again.net[-1].weight.detach().numpy(), rtol=1e-4, atol=1e-6
+    )  # a convex fit: the seed does not matter
+    scores = model_lib.predict(probe, x_test)
+    assert roc_auc_score(y_test, scores) > 0.95
+    for net in (probe, model_lib.for_inference(model_lib.load(model_lib.save(probe)))):
+        features = model_lib.embed(net, x_test)
+        assert features.shape == (1000, 128) and features.dtype == np.float32
+        np.testing.assert_allclose(model_lib.predict_features(net, features), scores, rtol=0, atol=1e-5)
+    other = model_lib.train(x_train, (classes[:1500] == 7).astype(np.float32), params, seed=0)
+    assert other.backbone_id == probe.backbone_id, "another category, the same backbone: the same features"
+
+    partial = tmp_path / "partial.pth"  # a checkpoint without some backbone tensor cannot be frozen
+    torch.save({k: v for k, v in source.state_dict().items() if not k.startswith("0.")}, partial)
+    with pytest.raises(ValueError, match=r"partial\.pth.*do not provide.*freeze_backbone=false"):
+        model_lib.build(ModelParams(arch="small_convnet", image_size=32, weights=str(partial), freeze_backbone=True))
 
 
 def test_freezing_without_weights_is_a_config_error():

@@ -115,3 +115,55 @@ def test_pool_backbone_is_stored_once_and_the_cascade_trains_from_it(tmp_path, d
     gap = (trained.net.state_dict()["0.weight"] - start["0.weight"]).abs().mean()
     scratch = model_lib.Classifier("small_convnet", 32).net.state_dict()["0.weight"]
     assert gap < (scratch - start["0.weight"]).abs().mean() / 4
+
+
+def test_frozen_pool_backbone_every_category_scores_from_the_features_the_first_one_stored(tmp_path, dask_cluster):
+    """Two category runs on one pool with ``--weights pool --freeze-backbone``: each iteration fits a head only;
+    the first scoring pass decodes the pool and stores its features, the other category's reads them."""
+    storage = Storage(str(tmp_path / "root"))
+    build_pool(storage, import_fashion_mnist(storage, limit=400, seed=6), client=dask_cluster)
+    model = ModelParams(arch="small_convnet", image_size=32, weights="pool", freeze_backbone=True)
+    params = CascadeParams(
+        train_sample=100,
+        calibration_sample=100,
+        first_calibration_sample=100,
+        target_false_omission=0.05,
+        max_iterations=2,
+        large_remainder="people",
+        allow_small_pool=True,
+        model=model,
+    )
+    backbone = cascade.pretrain(storage, params)[0]
+    stats = {}
+    for category in ("bag", "trouser"):
+        cascade.start(storage, category, params)
+        request = cascade.publish_iteration(storage, category, params, 1)
+        crowd = SimulatedCrowd(read_truth(storage, category), CrowdParams(seed=1))
+        assert deliver(storage, category, crowd, request.request_id)
+        cascade.train(storage, category, params, 1)
+        assert cascade.score(storage, category, params, 1) == 400 - 100  # all but the training images
+        stats[category] = storage.read_json(storage.path("scores", category, "iteration=1", "stats.json"))
+    assert stats["bag"]["decoded"] == 400 and stats["bag"]["from_features"] == 0
+    assert stats["trouser"]["decoded"] == 0 and stats["trouser"]["from_features"] == 300
+
+    nets = {c: model_lib.load(storage.read_bytes(cascade.model_key_path(storage, c, 1))) for c in ("bag", "trouser")}
+    start = torch.load(backbone, weights_only=True)
+    for c, net in nets.items():  # the backbone is the pool's, untouched; only the heads differ
+        assert torch.equal(net.net.state_dict()["0.weight"], start["0.weight"]), c
+        assert torch.equal(net.net.state_dict()["1.running_mean"], start["1.running_mean"]), c
+    assert nets["bag"].backbone_id == nets["trouser"].backbone_id
+    assert not torch.equal(nets["bag"].net[-1].weight, nets["trouser"].net[-1].weight)
+    # the trouser head, scored from features another category's pass stored, still finds trousers
+    import pyarrow as pa
+
+    from lsun_hitl.cascade.score import score_parts
+    from lsun_hitl.ingest import read_pool
+
+    paths, _ = score_parts(storage, "trouser", 1)
+    scored = pa.concat_tables([storage.read_table(p) for p in paths]).to_pydict()
+    pool = read_pool(storage, columns=["image_id", "uri"]).to_pydict()
+    uri = dict(zip(pool["image_id"], pool["uri"], strict=True))
+    truth = read_truth(storage, "trouser")
+    is_trouser = np.array([truth[uri[i]] for i in scored["image_id"]])
+    score = np.array(scored["score"], np.float32)
+    assert is_trouser.any() and score[is_trouser].mean() > score[~is_trouser].mean() + 0.3
