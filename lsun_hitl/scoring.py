@@ -8,7 +8,9 @@ is not scored again, so a retried or resumed step does only the missing work.
 
 With the model-input cache (``lsun_hitl.inputs``, the cascade's default) a partition is one shard of
 the pool: a shard some earlier pass of any category stored is read instead of its images; the first
-pass decodes the whole shard, stores it, then scores its candidates.
+pass decodes the whole shard, stores it, then scores its candidates. A frozen-backbone model goes one step
+further (``lsun_hitl.features``): the first pass on its backbone also stores the shard's features, and every
+later model on that backbone scores the shard from them.
 
 What ingest recorded about the pool (``ingest.pool_reading``) is read once by the driver and passed to the
 tasks: every decode applies the pixel limit the pool was ingested under, and each image's bytes are checked

@@ -216,3 +216,20 @@ def test_a_frozen_backbone_s_features_are_computed_once_per_pool_and_every_categ
     ), "two heads on one backbone score differently"
     bad = int(np.searchsorted(rows, 700))
     assert got_2.column("error")[bad].as_py() == plain[second].column("error")[bad].as_py()
+
+
+def test_the_input_cache_benchmark_runs_small_and_a_frozen_backbone_s_later_passes_read_features(pool, capsys):
+    """benchmarks/input_cache.py on 1,300 images, three categories (CI's small version; figures are not checked)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import input_cache
+
+    storage, _, _ = pool
+    argv = ["--root", storage.root, "--categories", "3", "--arch", "small_convnet", "--image-size", "16"]
+    assert input_cache.main([*argv, "--sample", "100", "--frozen"]) == 0
+    out = capsys.readouterr().out
+    assert "decoded 1,300, from stored features 0" in out, "the first pass decodes and stores features"
+    assert out.count("decoded 0, from stored features 1,300") == 2, "the other two read them"
+    assert "| 3 categories, cache |" in out and "x one uncached pass (goal <= 2x)" in out
+    assert not os.path.exists(os.path.join(storage.root, "bench-input-cache")), "the benchmark cleans up"
