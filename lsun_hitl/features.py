@@ -9,15 +9,17 @@ pass of the backbone.
 
 Layout (under the storage root, beside the model-input cache whose shards these follow row for row)::
 
-    cache/features/pool=<fingerprint>/backbone=<id>/shard-<n>.npy   (rows, D) float32, pool rows
-                                                                    n * shard_rows ... (n + 1) * shard_rows - 1
+    cache/features/pool=<fingerprint>/backbone=<id>/precision=<p>/shard-<n>.npy
+        (rows, D) float32, pool rows n * shard_rows ... (n + 1) * shard_rows - 1
 
-``<fingerprint>`` is the pool's (``inputs.pool_fingerprint``) and ``<id>`` the backbone's
-(``model.backbone_id``: its architecture, input size and tensors), so another pool or another backbone never
-reads these. Which images were usable is the input cache's index (``shard-<n>.parquet`` there); a row that
-was not holds zeros here. A shard is written whole and atomically; it is complete when it exists.
-Float32 keeps scores from features equal to scores from the images; at D = 1,024 (mobilenet_v3_small) that
-is 4 KB an image, a third of the 64-px input cache.
+``<fingerprint>`` is the pool's (``inputs.pool_fingerprint``), ``<id>`` the backbone's (``model.backbone_id``:
+its architecture, input size and tensors) and ``<p>`` how they were computed (``model.precision_of``: fp32 on
+a CPU, bf16 under CUDA's autocast), so another pool, backbone or precision never reads these. Like the input
+cache, the key does not cover code: a new torchvision forward pass or decoder needs ``cache/`` deleted.
+Which images were usable is the input cache's index (``shard-<n>.parquet`` there); a row that was not holds
+zeros here. A shard is written whole and atomically; it is complete when it exists.
+Float32 keeps scores from features equal to scores from the images on the same device; at D = 1,024
+(mobilenet_v3_small) that is 4 KB an image, a third of the 64-px input cache.
 """
 
 from __future__ import annotations
@@ -40,16 +42,17 @@ class FeatureCache:
     storage: Storage
     fingerprint: str
     backbone: str
+    precision: str
     shard_rows: int
 
     @classmethod
-    def beside(cls, inputs: InputCache, backbone: str) -> FeatureCache:
-        """The features of ``backbone`` for the pool of ``inputs``, shard for shard."""
-        return cls(inputs.storage, inputs.fingerprint, backbone, inputs.shard_rows)
+    def beside(cls, inputs: InputCache, backbone: str, precision: str) -> FeatureCache:
+        """The features of ``backbone`` computed in ``precision`` for the pool of ``inputs``, shard for shard."""
+        return cls(inputs.storage, inputs.fingerprint, backbone, precision, inputs.shard_rows)
 
     @property
     def key(self) -> str:
-        return f"{FEATURES_DIR}/pool={self.fingerprint}/backbone={self.backbone}"
+        return f"{FEATURES_DIR}/pool={self.fingerprint}/backbone={self.backbone}/precision={self.precision}"
 
     def _path(self, shard: int) -> str:
         return self.storage.path(self.key, f"shard-{shard:06d}.npy")
@@ -57,17 +60,18 @@ class FeatureCache:
     def has(self, shard: int) -> bool:
         return self.storage.exists(self._path(shard))
 
-    def take(self, shard: int, offsets: np.ndarray) -> np.ndarray:
-        """The features of rows ``offsets`` of ``shard`` (which must be complete): ``(N, D)`` float32. A local
-        shard is memory-mapped, so only those rows are read; a remote one is read whole."""
+    def take(self, shard: int, offsets: np.ndarray, rows: int) -> np.ndarray:
+        """The features of rows ``offsets`` of ``shard`` (which must be complete and hold ``rows`` rows, as its
+        input-cache index does): ``(N, D)`` float32. A local shard is memory-mapped, so only those rows are
+        read; a remote one is read whole."""
         path = self._path(shard)
         if self.storage.is_local:
             features = np.load(path, mmap_mode="r", allow_pickle=False)
         else:
             features = np.load(io.BytesIO(self.storage.read_bytes(path)), allow_pickle=False)
-        if features.ndim != 2 or features.dtype != np.float32:
+        if features.ndim != 2 or features.dtype != np.float32 or features.shape[0] != rows:
             raise ValueError(
-                f"cached features {path} hold {features.dtype} {features.shape}, not (rows, D) float32; delete "
+                f"cached features {path} hold {features.dtype} {features.shape}, not ({rows}, D) float32; delete "
                 f"{self.storage.url_of(self.key)} and score again"
             )
         return np.asarray(features[np.asarray(offsets, np.int64)])

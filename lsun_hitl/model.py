@@ -101,25 +101,25 @@ def autocast(dev: torch.device) -> torch.autocast:
 
 def build(params: ModelParams, pretrained: bytes | None = None) -> Classifier:
     """A new classifier; with ``pretrained`` (a state dict's bytes) or else ``params.weights`` (a file) its
-    backbone starts from them, and with ``params.freeze_backbone`` only the tensors they did not provide
-    (the head) will train."""
+    backbone starts from them. With ``params.freeze_backbone`` they must provide every tensor but the head's
+    (the backbone is then a fixed function, named by ``backbone_id``)."""
     model = Classifier(params.arch, params.image_size)
     source = pretrained if pretrained is not None else params.weights
     if source:
         loaded = load_pretrained(model, source)
         if params.freeze_backbone:
             head = head_name(model.net)
-            missing = sorted(k for k in model.net.state_dict() if k not in loaded and not k.startswith(head + "."))
+            missing = sorted(
+                k
+                for k in model.net.state_dict()
+                if k not in loaded and not k.startswith(head + ".") and not k.endswith("num_batches_tracked")
+            )  # older checkpoints lack the batch norms' step counters, which eval mode never reads
             if missing:
                 raise ValueError(
                     f"weights {source if isinstance(source, str) else '<bytes>'!r} do not provide {len(missing)} "
                     f"tensors of {params.arch!r} (first: {missing[0]!r}); a frozen backbone needs every tensor but "
                     "the head: pass a full checkpoint, or set freeze_backbone=false to train what is missing"
                 )
-            for tensor in model.net.parameters():
-                tensor.requires_grad_(False)
-            for tensor in model.net.get_submodule(head).parameters():
-                tensor.requires_grad_(True)
             model.backbone_id = backbone_id(model)
     return model
 
@@ -374,7 +374,8 @@ def train_head(
     The backbone stays exactly as loaded, in eval mode, so every image's features are a fixed function of
     its pixels that scoring may store and reuse. Each image is embedded as it is and flipped left to right
     (the one augmentation fixed features keep); the head is a logistic regression on the standardised
-    features with an L2 penalty of ``1 / (2 n)`` (scikit-learn's ``C = 1``), soft targets as in ``train``,
+    features, the mean loss over the 2n rows plus an L2 penalty of ``|w|^2 / (2 n)`` (scikit-learn's ``C = 1``
+    on the n images; ``C = 0.5`` on the 2n rows), soft targets as in ``train``,
     fit on all of them at once by L-BFGS (deterministic, no learning rate to tune). The standardisation is
     folded into the head's weights, so the model scores raw images like any other.
     """
@@ -432,7 +433,16 @@ def embed(model: Classifier, images: np.ndarray, batch_size: int = 256) -> np.nd
 
 @torch.inference_mode()
 def predict_features(model: Classifier, features: np.ndarray) -> np.ndarray:
-    """Scores in [0, 1] from ``embed``'s features ``(N, D)``: the head alone, then the sigmoid."""
+    """Scores in [0, 1] from ``embed``'s features ``(N, D)``: the head alone, then the sigmoid, in the precision
+    ``predict`` runs it (bfloat16 autocast on CUDA)."""
     head = model.net.get_submodule(head_name(model.net))
-    logits = head(torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(head.weight.device))
+    dev = head.weight.device
+    with autocast(dev):
+        logits = head(torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(dev))
     return torch.sigmoid(logits.float().squeeze(1)).cpu().numpy().astype(np.float32)
+
+
+def precision_of(dev: torch.device) -> str:
+    """How ``embed`` computes features on ``dev``: ``fp32`` on the CPU, ``bf16`` under CUDA's autocast. Features
+    made one way are not the other's, so the feature cache keeps them apart."""
+    return "bf16" if dev.type == "cuda" else "fp32"

@@ -307,11 +307,12 @@ def _score_cached(
     A frozen-backbone model (one with a ``backbone_id``) scores from the shard's features in the feature cache
     when some pass stored them, reading no pixels; otherwise it computes them for the whole shard from its
     inputs and stores them first, for every later model on that backbone."""
-    from .model import embed, predict, predict_features
+    from .model import embed, precision_of, predict, predict_features
 
     shard = int(rows.column("row")[0].as_py()) // cache.shard_rows
     backbone = getattr(model, "backbone_id", None)
-    features = FeatureCache.beside(cache, backbone) if backbone else None
+    precision = precision_of(next(model.parameters()).device)
+    features = FeatureCache.beside(cache, backbone, precision) if backbone else None
     images: np.ndarray | None = None
     index = cache.read_index(shard) if features is not None and features.has(shard) else None
     decoded = 0
@@ -338,7 +339,7 @@ def _score_cached(
     from_features = 0
     if features is not None and images is None:  # stored features: no pixels, no backbone
         if ok.any():
-            scores[ok] = predict_features(model, features.take(shard, offsets[ok]))
+            scores[ok] = predict_features(model, features.take(shard, offsets[ok], index.num_rows))
         from_features = len(ids)
     elif features is not None:  # the first pass on this backbone: the whole shard's features, kept
         embedded = embed(model, images[usable], batch_size)

@@ -199,7 +199,7 @@ def test_a_frozen_backbone_s_features_are_computed_once_per_pool_and_every_categ
     plain = {p: _score(storage, table, p, f"plain-{i}", rows, dask_cluster, None)[0] for i, p in enumerate(ids)}
     got_1, stats_1 = _score(storage, table, first, "one", rows, dask_cluster, cache)
     assert stats_1["decoded"] == 1300 and stats_1["from_features"] == 0, "the first pass decodes and embeds"
-    features = storage.path("cache/features", f"pool={cache.fingerprint}", f"backbone={ids[first]}")
+    features = storage.path("cache/features", f"pool={cache.fingerprint}", f"backbone={ids[first]}", "precision=fp32")
     assert sorted(os.listdir(features)) == [f"shard-{k:06d}.npy" for k in range(3)]
     got_2, stats_2 = _score(storage, table, second, "two", rows, dask_cluster, cache)
     assert stats_2["decoded"] == 0 and stats_2["from_features"] == len(rows), "another category reads features"
