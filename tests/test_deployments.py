@@ -239,7 +239,11 @@ model = {{ image_size = 32, epochs = 1, batch_size = 32 }}
             assert final.is_completed(), final
     finally:
         worker.terminate()
-        worker.wait(30)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:  # seen under load: its shutdown waiting on the busy sqlite database
+            worker.kill()
+            worker.wait(30)
     for c, run_id in runs.items():
         assert manifest_iterations(storage, c) == [0, 1]
         with get_client(sync_client=True) as client:
