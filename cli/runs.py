@@ -264,6 +264,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
         stack.callback(lambda: [w.join(10) for w in workers])
         stack.callback(stop.set)
         print(f"== cascade for {args.category!r}: {len(workers)} simulated labelers answer through the service")
+        from flows.runner import simulated_operator
+
+        stack.enter_context(simulated_operator(storage, args.category, "people"))
         summary = run_cascade(
             args.category, storage.url, params=params, dask_address=args.dask_address, storage_options=storage.options
         )

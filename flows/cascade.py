@@ -70,7 +70,12 @@ def decide_remainder(
             f"{category} --remainder people|unresolved`)."
         )
         get_run_logger().warning(
-            "waiting for an operator: %s images (%.1f%% of the pool) left undecided", question["n_images"], 100 * share
+            "waiting for an operator: %s images (%.1f%% of the pool) left undecided; answer with `lsun-hitl decide"
+            " --category %s --remainder people` (or `unresolved`), or the Resume form of this paused run in the"
+            " Prefect UI",
+            question["n_images"],
+            100 * share,
+            category,
         )
         got = wait(
             params,

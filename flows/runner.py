@@ -80,7 +80,7 @@ def resume(storage: Storage, category: str, request_id: str, *, wait_s: float = 
     while True:
         if was_taken(storage, category, request_id):
             return Resumed(request.flow_run_id, "taken")
-        state = _run_state(request.flow_run_id)
+        state = run_state(request.flow_run_id)
         key = state.state_details.pause_key if state is not None else None
         # resume only a pause for this request (keys are "<request>-<attempt>"): "iteration-1" must not
         # resume the pause of "iteration-1-recheck"
@@ -127,7 +127,7 @@ def resume_decision(storage: Storage, category: str, decision: str, *, wait_s: f
     run_id = question.get("flow_run_id")
     deadline = time.monotonic() + wait_s
     while run_id:
-        state = _run_state(run_id)
+        state = run_state(run_id)
         key = (state.state_details.pause_key or "") if state is not None else ""
         if state is not None and state.is_paused() and pause_is_for_remainder(key):
             resume_flow_run(run_id, run_input=RemainderDecision(people=decision == "people").model_dump())
@@ -137,6 +137,37 @@ def resume_decision(storage: Storage, category: str, decision: str, *, wait_s: f
             return None
         time.sleep(1.0)
     return None
+
+
+@contextmanager
+def simulated_operator(storage: Storage, category: str, decision: str = "people") -> Iterator[threading.Thread]:
+    """While the block runs, a daemon thread answers the run's question about a large remainder with
+    ``decision``, as an operator would with ``lsun-hitl decide``: the demo's stand-in, beside its simulated
+    crowd. The thread is stopped when the block ends."""
+    from lsun_hitl.storage import decision_key
+
+    stop = threading.Event()
+
+    def answer() -> None:
+        path = storage.path(decision_key(category, "remainder"))
+        while not stop.wait(1.0):
+            question = storage.read_json(path) if storage.exists(path) else None
+            if question and question.get("decision") is None and question.get("flow_run_id"):
+                print(
+                    f"== the demo's operator answers {decision!r} (lsun-hitl decide --category {category}"
+                    f" --remainder {decision})",
+                    flush=True,
+                )
+                resume_decision(storage, category, decision)
+                return
+
+    thread = threading.Thread(target=answer, name="simulated-operator", daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        stop.set()
+        thread.join(10)
 
 
 @contextmanager
@@ -191,7 +222,7 @@ def resume_waiting_run(storage: Storage) -> Callable[[str, str], None]:
     return on_complete
 
 
-def _run_state(flow_run_id: str) -> Any:
+def run_state(flow_run_id: str) -> Any:
     from prefect import get_client
 
     with get_client(sync_client=True) as client:

@@ -1,8 +1,10 @@
 """How a cascade run waits for people: pause (or suspend) until resumed with a run input.
 
 Each wait has a pause key, so that whoever resumes knows what the run waits for: ``<request>-<attempt>``
-while it waits for a label request's answers, ``remainder-<attempt>`` while it asks an operator whether
-people label a large remainder. ``flows.runner`` resumes a run only for the key it waits on.
+while it waits for a label request's answers, ``remainder-decision-<attempt>`` while it asks an operator
+whether people label a large remainder. No two waits share a key: Prefect hands a run the input stored under
+its pause key, so a labels wait that reused the decision's key (the remainder's request is ``remainder``) was
+handed the stored decision. ``flows.runner`` resumes a run only for the key it waits on.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from lsun_hitl.status import labeling_url, waiting_description
 from lsun_hitl.storage import Storage
 from tasks.cascade import collect_labels, labels_complete
 
-REMAINDER_KEY = "remainder"
+REMAINDER_KEY = "remainder-decision"  # not a request id: the remainder's labels wait under "remainder-<attempt>"
 
 
 class LabelsDelivered(RunInput):

@@ -130,6 +130,15 @@ def test_a_resume_matches_only_its_own_requests_pause():
     assert not pause_is_for("audit-recheck-1", "audit") and pause_is_for("audit-1", "audit")
     assert not pause_is_for("iteration-12-1", "iteration-1")
     assert pause_is_for_remainder(remainder_pause_key(3)) and not pause_is_for_remainder("iteration-1-1")
+    # no labels wait shares a key with the decision's (Prefect would hand it the stored decision)
+    from lsun_hitl.cascade import AUDIT, REMAINDER, recheck_id_for, request_id_for
+
+    requests = [request_id_for(1), recheck_id_for(request_id_for(1)), REMAINDER, AUDIT, recheck_id_for(AUDIT)]
+    for attempt in (1, 2):
+        labels_keys = {labels_pause_key(r, attempt) for r in requests}
+        assert len(labels_keys) == len(requests) and remainder_pause_key(attempt) not in labels_keys
+        assert not any(pause_is_for_remainder(k) for k in labels_keys)
+        assert pause_is_for(labels_pause_key(REMAINDER, attempt), REMAINDER)
 
 
 def test_crowd_answers_do_not_depend_on_what_it_answered_before():

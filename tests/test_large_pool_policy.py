@@ -92,3 +92,49 @@ def test_a_large_remainder_waits_for_an_operator_and_stays_unresolved_on_no(tmp_
     workers = rows["score"]["workers"]
     assert workers["decoded"] == 2000 and workers["candidates"] == 2000 - 300 and workers["worker_peak_rss_mb"]
     assert "| 1 | score |" in steps_markdown(category, read_steps(storage, category))
+
+
+def test_a_yes_from_the_prefect_ui_s_resume_form_sends_the_remainder_to_people_and_the_run_completes(
+    tmp_path, dask_cluster, prefect_harness
+):
+    """The operator answers yes the way the Prefect UI's Resume form does (``resume_flow_run`` with the form's
+    input, no decision stored first): the run stores it, publishes the remainder, waits for its labels under a
+    key of its own (it once waited under the decision's key and was handed the decision: a failed run) and
+    completes with nothing unresolved."""
+    from prefect.flow_runs import resume_flow_run
+
+    from flows.runner import run_state
+    from flows.waiting import pause_is_for_remainder
+
+    storage = Storage(str(tmp_path / "root"))
+    build_pool(storage, import_fashion_mnist(storage, limit=1500, seed=7), client=dask_cluster)
+    category = "shirt"
+    params = dataclasses.replace(PARAMS, max_iterations=1, large_remainder_share=0.01, large_remainder="ask")
+    resumed: list[str] = []
+
+    def operator() -> None:  # waits for the run to pause on the question, then posts the form's input
+        path = storage.path(decision_key(category, "remainder"))
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            run_id = storage.read_json(path).get("flow_run_id") if storage.exists(path) else None
+            state = run_state(run_id) if run_id else None
+            if state is not None and state.is_paused() and pause_is_for_remainder(state.state_details.pause_key):
+                resume_flow_run(run_id, run_input={"people": True})
+                resumed.append(run_id)
+                return
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=operator, daemon=True)
+    thread.start()
+    crowd = SimulatedCrowd(read_truth(storage, category), CrowdParams(seed=4))
+    with simulated_crowd(storage, category, crowd):
+        summary = Summary(
+            **run_cascade(category, storage.url, params=params, dask_address=dask_cluster.scheduler.address)
+        )
+    thread.join(30)
+    question = storage.read_json(storage.path(decision_key(category, "remainder")))
+    assert resumed == [question["flow_run_id"]] and question["decision"] == "people"
+    assert run_state(resumed[0]).is_completed()
+    remainder = [r for r in list_requests(storage, category) if r.request_id == "remainder"]
+    assert len(remainder) == 1 and remainder[0].n_images == question["n_images"] > 15
+    assert summary.unresolved == 0 and summary.positive + summary.negative == 1500
