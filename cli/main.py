@@ -32,6 +32,7 @@ COMMANDS = {
     "serve": people.cmd_serve,
     "labelers": people.cmd_labelers,
     "gold": people.cmd_gold,
+    "seed-positives": people.cmd_seed_positives,
     "crowd": people.cmd_crowd,
     "evaluate": datasets.cmd_evaluate,
     "export": datasets.cmd_export,

@@ -42,6 +42,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--replace", action="store_true", help="issue a new token for an existing labeler")
     p.add_argument("--category", help="stats of one category only")
 
+    p = sub.add_parser("seed-positives", help="store images known to be positives, for the first model to learn from")
+    add_root(p)
+    p.add_argument("--category", required=True)
+    p.add_argument("file", help="CSV with a column image_id or uri: images of the category (people confirm them)")
+
     p = sub.add_parser("gold", help="store the gold images (known answers) mixed into labelers' batches")
     add_root(p)
     p.add_argument("--category", required=True)
@@ -145,6 +150,14 @@ def cmd_labelers(args: argparse.Namespace) -> None:
             stats = labeler_stats(read_votes(storage, category), read_gold(storage, category), qc)
             print(f"== {category}")
             print(stats.to_string(index=False, float_format=lambda x: f"{x:.3f}") if len(stats) else "(no answers)")
+
+
+def cmd_seed_positives(args: argparse.Namespace) -> None:
+    from lsun_hitl.seed_positives import read_seed_file, write_seed_positives
+
+    storage = storage_from(args)
+    n = write_seed_positives(storage, args.category, read_seed_file(args.file))
+    print(f"{n} seed positives stored for {args.category!r}; the first iteration trains on them")
 
 
 def cmd_gold(args: argparse.Namespace) -> None:

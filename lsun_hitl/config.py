@@ -28,6 +28,7 @@ ConfidenceScope = Literal["run", "threshold"]
 Remainder = Literal["people", "unresolved"]
 LargeRemainder = Literal["ask", "people", "unresolved"]
 Wait = Literal["auto", "pause", "suspend"]
+TrainDraw = Literal["active", "uniform"]
 LARGE_REMAINDER: tuple[str, ...] = get_args(LargeRemainder)
 CONFIDENCE_SCOPES: tuple[str, ...] = get_args(ConfidenceScope)
 
@@ -106,6 +107,11 @@ class ModelParams:
     epochs: int = setting(10, "passes over the training labels (fewer when they would exceed max_steps)")
     max_steps: int = setting(
         4000, "cap on training steps: training time grows with the labels up to it, then stays bounded"
+    )
+    min_steps: int = setting(
+        0,
+        "fewest training steps: more passes over few labels (ten passes over a few hundred labels are a few dozen"
+        " steps, from which a network learns little)",
     )
     batch_size: int = setting(128, "training batch", flag="train-batch-size")
     learning_rate: float = setting(2e-3, "AdamW's peak learning rate (one-cycle schedule)")
@@ -194,6 +200,12 @@ class CascadeParams:
         " trains on this many times more new labels",
     )
     train_sample_max: int = setting(10_000, "cap on the new training labels train_growth reaches")
+    train_draw: TrainDraw = setting(
+        "active",
+        "how training images are chosen after the first iteration: active draws half in proportion to the last"
+        " model's score (likely positives and the negatives it confuses with them), half uniformly from what is"
+        " open; uniform draws them all uniformly. Calibration images are a uniform draw either way",
+    )
     large_remainder_share: float = setting(
         0.05, "a remainder above this share of the pool goes to people only as large_remainder says"
     )
@@ -366,6 +378,7 @@ def _model_checks(m: ModelParams, name: str) -> list[tuple[bool, str, str]]:
     return [
         (16 <= m.image_size <= 1024, f"{name}.image_size", "between 16 and 1024 pixels"),
         (m.epochs >= 1, f"{name}.epochs", "at least 1"),
+        (0 <= m.min_steps <= m.max_steps, f"{name}.min_steps", "zero or more steps, at most max_steps"),
         (not m.freeze_backbone or bool(m.weights), f"{name}.freeze_backbone", "weights too (or freeze_backbone=false)"),
     ]
 

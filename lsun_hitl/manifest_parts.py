@@ -44,6 +44,7 @@ from .partitions import (
     merge_bottom_k,
     new_attempt,
     sample_keys,
+    score_keys,
     write_part,
 )
 from .split import apply_human_labels, apply_thresholds
@@ -77,9 +78,16 @@ class IterationUpdate:
     # (seed, k): also draw each part's share of the next iteration's sample, its ``k`` smallest-keyed rows
     # still unlabeled after this one, while the new part is in memory (``store_next_sample``)
     next_sample: tuple[int, int] | None = None
+    # (seed, k): also the parts' share of the next iteration's training draws (``train_draws``), from the scores
+    # this iteration's model gave the rows left open
+    next_train: tuple[int, int] | None = None
 
 
 NEXT_SAMPLE_FILE = "next-sample.parquet"
+NEXT_TRAIN_FILE = "next-train.parquet"
+# the streams of the training draws, apart from the calibration stream (the category's name, which holds no '/')
+UNIFORM_TRAIN_STREAM = "/train-uniform"
+SCORE_TRAIN_STREAM = "/train-by-score"
 
 
 # thresholds that decide nothing: what an iteration whose bounds all failed applies
@@ -195,6 +203,37 @@ def sample_part(
     column = _state_table(storage, category, iteration - 1, partitioning, p, columns=["state"])  # one column
     rows = np.flatnonzero(column_is(column, "state", "unlabeled")).astype(np.int64) + start
     return bottom_k(rows, sample_keys(rows, seed=seed, iteration=iteration, category=category), k)
+
+
+def train_draws(
+    rows: np.ndarray, scores: np.ndarray, *, seed: int, iteration: int, category: str, k: int
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The map of an iteration's training draws over one part's open ``rows`` (global) and their latest
+    ``scores``: ``(uniform, by_score)``, each ``(rows, keys)`` of its ``k`` smallest keys.
+
+    ``uniform`` is bottom-k of a uniform stream of its own; ``by_score`` a sample without replacement weighted
+    by the score (rows with no finite positive score are never drawn). Both merge over parts as the calibration
+    draw does (``partitions.merge_bottom_k``), and neither uses the calibration stream (``sampling.compose_sample``
+    says why that keeps the bounds valid)."""
+    rows = np.asarray(rows, np.int64)
+    scores = np.asarray(scores, np.float64)
+    uniform_keys = sample_keys(rows, seed=seed, iteration=iteration, category=category + UNIFORM_TRAIN_STREAM)
+    uniform = bottom_k(rows, uniform_keys, k)
+    ok = np.isfinite(scores) & (scores > 0)
+    keys = score_keys(rows[ok], scores[ok], seed=seed, iteration=iteration, stream=category + SCORE_TRAIN_STREAM)
+    return uniform, bottom_k(rows[ok], keys, k)
+
+
+def train_part(
+    storage: Storage, category: str, iteration: int, partitioning: Partitioning, p: int, k: int, seed: int
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The map of ``iteration``'s training draws where the split before it stored none: ``train_draws`` of
+    partition ``p``'s rows unlabeled after ``iteration - 1`` (reads the ``state`` and ``score`` columns)."""
+    start, _ = partitioning.rows(p)
+    table = _state_table(storage, category, iteration - 1, partitioning, p, columns=["state", "score"])
+    index = np.flatnonzero(column_is(table, "state", "unlabeled"))
+    scores = table.column("score").to_numpy(zero_copy_only=False)[index]
+    return train_draws(index.astype(np.int64) + start, scores, seed=seed, iteration=iteration, category=category, k=k)
 
 
 def _candidates(unlabeled: np.ndarray, train_local: np.ndarray) -> np.ndarray:
@@ -332,14 +371,74 @@ def advance_part(
         rows = np.flatnonzero(after.state == UNLABELED).astype(np.int64) + start
         keys = sample_keys(rows, seed=seed, iteration=update.iteration + 1, category=category)
         counts[NEXT_SAMPLE_FILE] = bottom_k(rows, keys, k)
+    if update.next_train is not None:
+        seed, k = update.next_train
+        rows = np.flatnonzero(after.state == UNLABELED)
+        counts[NEXT_TRAIN_FILE] = train_draws(
+            rows.astype(np.int64) + start,
+            after.score[rows],
+            seed=seed,
+            iteration=update.iteration + 1,
+            category=category,
+            k=k,
+        )
     return counts
 
 
 def split_off_next_sample(counts: list[dict]) -> tuple[list[dict[str, int]], list[tuple[np.ndarray, np.ndarray]]]:
     """``advance_part``'s results as ``(counts, each part's bottom-k of the next sample)`` (the latter empty
-    when the update drew none)."""
+    when the update drew none); the parts' training draws, if any, stay under ``NEXT_TRAIN_FILE``
+    (``split_off_next_train``)."""
     mapped = [c.pop(NEXT_SAMPLE_FILE) for c in counts if NEXT_SAMPLE_FILE in c]
     return counts, mapped
+
+
+def split_off_next_train(counts: list[dict]) -> list:
+    """The parts' training draws of the next iteration out of ``advance_part``'s results (empty if none)."""
+    return [c.pop(NEXT_TRAIN_FILE) for c in counts if NEXT_TRAIN_FILE in c]
+
+
+def merge_train_draws(mapped: list, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The reduce of ``train_draws``: the ``k`` first rows of the uniform and of the score-weighted draw."""
+    uniform, _ = merge_bottom_k([m[0] for m in mapped], k)
+    by_score, _ = merge_bottom_k([m[1] for m in mapped], k)
+    return uniform, by_score
+
+
+def store_next_train(
+    storage: Storage, directory: str, attempt: str, mapped: list, *, iteration: int, seed: int, k: int
+) -> dict:
+    """Write the reduce of the parts' training draws of ``iteration`` into ``attempt``'s folder (committed with
+    the manifest, as ``store_next_sample``); return the commit's ``next_train`` entry. The file holds each
+    draw's ``k`` first rows in draw order (``draw``: 0 uniform, 1 by score)."""
+    uniform, by_score = merge_train_draws(mapped, k)
+    name = f"attempt={attempt}/{NEXT_TRAIN_FILE}"
+    storage.write_table(
+        storage.path(directory.strip("/"), name),
+        pa.table(
+            {
+                "row": pa.array(np.concatenate([uniform, by_score]), pa.int64()),
+                "draw": pa.array(np.repeat(np.array([0, 1], np.int8), [len(uniform), len(by_score)]), pa.int8()),
+            }
+        ),
+    )
+    return {"file": name, "iteration": iteration, "seed": seed, "k": k}
+
+
+def stored_next_train(
+    storage: Storage, category: str, iteration: int, *, seed: int, k: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """``iteration``'s training draws (uniform, by score), each's first ``k`` rows in draw order, as the split
+    before it stored them (``store_next_train``), or None where none was stored for this seed and ``k``."""
+    directory = manifest_dir(category, iteration - 1)
+    record = commit_record(storage, directory)
+    entry = None if record is None else record.get("next_train")
+    if not entry or entry["iteration"] != iteration or entry["seed"] != seed or entry["k"] < k:
+        return None
+    table = storage.read_table(storage.path(directory, entry["file"]))
+    rows = table.column("row").to_numpy()
+    draw = table.column("draw").to_numpy()
+    return rows[draw == 0][:k], rows[draw == 1][:k]
 
 
 def store_next_sample(

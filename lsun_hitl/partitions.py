@@ -101,15 +101,50 @@ def bottom_k(rows: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np
     ``sample_keys`` gives distinct rows distinct keys (an injective mix of the row), so the result is unique.
 
     The map of a partitioned draw (each partition's unlabeled rows) and its reduce (the concatenated results),
-    in O(n) time: ``np.argpartition``, then a sort of the ``k`` kept.
+    in O(n) time: ``np.argpartition``, then a sort of the ``k`` kept. ``keys`` are ``sample_keys`` (uint64) or
+    ``score_keys`` (float64, finite).
     """
-    rows, keys = np.asarray(rows, np.int64), np.asarray(keys, np.uint64)
+    rows = np.asarray(rows, np.int64)
+    keys = np.asarray(keys, np.float64 if np.asarray(keys).dtype.kind == "f" else np.uint64)
     k = max(0, min(int(k), len(rows)))
     if k < len(rows):
         keep = np.argpartition(keys, k - 1)[:k] if k else np.zeros(0, np.int64)
         rows, keys = rows[keep], keys[keep]
     order = np.argsort(keys, kind="stable")
     return rows[order], keys[order]
+
+
+def unit_floats(keys: np.ndarray) -> np.ndarray:
+    """``sample_keys`` as uniform floats in (0, 1): the top 53 bits, centred in their interval (never 0 or 1)."""
+    return ((np.asarray(keys, np.uint64) >> np.uint64(11)).astype(np.float64) + 0.5) / 2.0**53
+
+
+def score_keys(rows: np.ndarray, weights: np.ndarray, *, seed: int, iteration: int, stream: str) -> np.ndarray:
+    """Keys whose bottom-k is a weighted sample without replacement (Efraimidis and Spirakis' exponential keys).
+
+    Parameters
+    ----------
+    rows : array of int, shape (n,)
+        Global pool row indices.
+    weights : array of float, shape (n,)
+        Positive, finite weights: each draw picks a row with probability proportional to its weight among the
+        rows not yet picked. Rows whose weight is not positive get an infinite key (never drawn: leave them out).
+    seed, iteration, stream
+        As ``sample_keys``'s ``seed``, ``iteration`` and ``category``: the uniform variate of each row is that
+        stream's key, so the draw is a pure function of the rows, their weights and the stream.
+
+    Returns
+    -------
+    keys : array of float64, shape (n,)
+        ``-log(u) / w``: exponential with rate ``w``; the ``k`` smallest are the sample, in draw order, and like
+        ``sample_keys`` they merge over partitions (``merge_bottom_k``).
+    """
+    u = unit_floats(sample_keys(rows, seed=seed, iteration=iteration, category=stream))
+    w = np.asarray(weights, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        keys = -np.log(u) / w
+    keys[~(w > 0) | ~np.isfinite(w)] = np.inf
+    return keys
 
 
 def draw_bottom_k(

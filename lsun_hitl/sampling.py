@@ -93,3 +93,61 @@ def draw_sample_partitioned(
 
     rows, _ = draw_bottom_k(parts, n_calibration + n_train, seed=seed, iteration=iteration, category=category)
     return Sample(train=np.sort(rows[n_calibration:]), calibration=np.sort(rows[:n_calibration]))
+
+
+# The share of an active training sample drawn in proportion to the last model's score; the rest is uniform
+# over what is open (docs/tuning.md says why).
+SCORE_SHARE = 0.5
+
+
+def compose_sample(
+    calibration_order: np.ndarray,
+    uniform_order: np.ndarray,
+    score_order: np.ndarray,
+    *,
+    n_train: int,
+    n_calibration: int,
+    score_share: float = SCORE_SHARE,
+) -> Sample:
+    """An iteration's sample from three independent draws over the open images: training chosen for learning,
+    calibration a uniform draw over what training leaves open.
+
+    Parameters
+    ----------
+    calibration_order : array of int, shape (>= n_train + n_calibration,) or every open row
+        Open rows in the order of the calibration stream's uniform keys (``partitions.sample_keys``).
+    uniform_order : array of int
+        Open rows in the order of a second, independent uniform stream (the training sample's uniform part).
+    score_order : array of int
+        Open rows in the draw order of a weighted sample without replacement, each row weighted by the last
+        model's score (``partitions.score_keys``); empty where no model has scored the open rows yet.
+    n_train, n_calibration
+        The sample's sizes (``sample_sizes``).
+    score_share
+        Share of the training sample taken from ``score_order``; the rest comes from ``uniform_order``.
+
+    Returns
+    -------
+    Sample
+        ``train``: the first ``round(score_share * n_train)`` rows of ``score_order``, then the first rows of
+        ``uniform_order`` not already taken up to ``n_train``. ``calibration``: the first ``n_calibration``
+        rows of ``calibration_order`` not in ``train``. The training rows depend on the scores and two streams
+        the calibration stream is independent of, so given the training sample the calibration sample is a
+        uniform draw from the open rows it leaves: exactly the rows the model then decides, which is what the
+        bounds need (docs/active-sampling.md). Where ``score_order`` is empty or ``score_share`` is 0, the
+        sample is the uniform one: calibration the first ``n_calibration`` rows of ``calibration_order``,
+        training the next ``n_train`` (``draw_sample_partitioned``).
+    """
+    calibration_order = np.asarray(calibration_order, np.int64)
+    n_score = min(int(round(score_share * n_train)), len(score_order))
+    if n_score == 0:
+        return Sample(
+            train=np.sort(calibration_order[n_calibration : n_calibration + n_train]),
+            calibration=np.sort(calibration_order[:n_calibration]),
+        )
+    by_score = np.asarray(score_order, np.int64)[:n_score]
+    uniform = np.asarray(uniform_order, np.int64)
+    uniform = uniform[~np.isin(uniform, by_score)][: n_train - n_score]
+    train = np.concatenate([by_score, uniform])
+    calibration = calibration_order[~np.isin(calibration_order, train)][:n_calibration]
+    return Sample(train=np.sort(train), calibration=np.sort(calibration))

@@ -38,7 +38,8 @@ from .truth import read_truth
 # dask_address) -> the run's summary (``Summary.to_dict()``)
 Runner = Callable[[Storage, str, CascadeParams, CrowdParams, "str | None"], dict]
 
-SHARED = ("images", "pool", "groundtruth", "cache")  # cache: the pool's model inputs, decoded once for every run
+# cache: the pool's model inputs, decoded once for every run; seed-positives: what the user knows of each category
+SHARED = ("images", "pool", "groundtruth", "cache", "seed-positives")
 
 
 def run_root(

@@ -13,9 +13,10 @@ from ..cluster import run_on_dask
 from ..config import CascadeParams
 from ..ingest import take_pool
 from ..manifest import manifest_counts, rows_held, stored_parts
-from ..manifest_parts import sample_part, stored_next_sample
+from ..manifest_parts import merge_train_draws, sample_part, stored_next_sample, stored_next_train, train_part
 from ..partitions import Partitioning, merge_bottom_k
-from ..sampling import Sample, sample_sizes
+from ..sampling import SCORE_SHARE, Sample, compose_sample, sample_sizes
+from ..seed_positives import seed_rows
 from ..split import stalled, train_size
 from ..storage import Storage, calibration_key, calibration_set_key, sample_key
 from .common import funnels, request_id_for, stored_or, thresholds_from_dict
@@ -75,42 +76,55 @@ def _draw(storage: Storage, category: str, params: CascadeParams, iteration: int
         budget_left=budget_left,
     )
     k = n_train + n_calibration
+    seeds = seed_rows(storage, category) if iteration == 1 else np.zeros(0, np.int64)
+    # the first iteration has no model's scores: its training sample takes the seed positives, if any
+    active = (params.train_draw == "active" and iteration > 1) or len(seeds) > 0
     drawn = stored_next_sample(storage, category, iteration, seed=params.seed, k=k)  # drawn by the last split
-    if drawn is None:  # a root written before the draw was stored with the manifest, or other settings
+    trains = stored_next_train(storage, category, iteration, seed=params.seed, k=n_train) if active else None
+    if drawn is None or (active and trains is None):  # not stored with the manifest before, or other settings
         partitioning = Partitioning(rows_held(counts), stored_parts(storage, category, iteration - 1))
+        kw = dict(storage=storage, category=category, iteration=iteration, partitioning=partitioning, seed=params.seed)
         with executor(dask_address, params, partitioning) as client:
-            mapped = run_on_dask(
-                client,
-                _sample_map,
-                list(range(partitioning.n_partitions)),
-                storage=storage,
-                category=category,
-                iteration=iteration,
-                partitioning=partitioning,
-                k=k,
-                seed=params.seed,
-            )
-        drawn, _ = merge_bottom_k(mapped, k)  # key order: the first n_calibration calibrate, the rest train
-    rows = np.concatenate([np.sort(drawn[n_calibration:]), np.sort(drawn[:n_calibration])])
+            parts = list(range(partitioning.n_partitions))
+            if drawn is None:
+                drawn, _ = merge_bottom_k(run_on_dask(client, _sample_map, parts, k=k, **kw), k)
+            if active and trains is None:
+                trains = merge_train_draws(run_on_dask(client, _train_map, parts, k=n_train, **kw), n_train)
+    uniform, by_score = trains if trains is not None else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    share = SCORE_SHARE
+    if len(seeds):  # every seed (at most the whole training sample), then the uniform training draw
+        by_score, share = seeds, min(1.0, len(seeds) / max(1, n_train))
+    drawn = compose_sample(drawn, uniform, by_score, n_train=n_train, n_calibration=n_calibration, score_share=share)
+    rows = np.concatenate([drawn.train, drawn.calibration])
     return pa.table(
         {
             "row": pa.array(rows, pa.int64()),
             "image_id": take_pool(storage, rows, columns=["image_id"]).column("image_id"),
-            "role": ["train"] * n_train + ["calibration"] * n_calibration,
+            "role": ["train"] * len(drawn.train) + ["calibration"] * len(drawn.calibration),
         }
     )
+
+
+def largest_train(params: CascadeParams) -> int:
+    """The most training images any iteration's sample can hold: how many rows of each training draw a split
+    stores with its manifest."""
+    return max(params.train_sample, params.train_sample_max)
 
 
 def largest_sample(params: CascadeParams) -> int:
     """The most images any iteration's sample can hold under ``params`` (grown training sample, largest
     calibration top-up): how many rows of the next draw a split stores with its manifest."""
-    return max(params.train_sample, params.train_sample_max) + max(
+    return largest_train(params) + max(
         params.first_calibration_sample, params.calibration_sample, params.calibration_min_new
     )
 
 
 def _sample_map(p: int, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
     return sample_part(p=p, **kwargs)
+
+
+def _train_map(p: int, **kwargs: Any) -> tuple:
+    return train_part(p=p, **kwargs)
 
 
 def train_sample_size(storage: Storage, category: str, params: CascadeParams, iteration: int) -> int:
