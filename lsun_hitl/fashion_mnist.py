@@ -69,7 +69,7 @@ def load_arrays(source_dir: str = DEFAULT_DIR) -> list[tuple[str, np.ndarray, np
     return out
 
 
-def _png(pixels: np.ndarray) -> bytes:
+def png_bytes(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels, "L").save(buf, format="PNG")
     return buf.getvalue()
@@ -107,7 +107,7 @@ def import_fashion_mnist(
     with ThreadPoolExecutor(max_workers=8) as pool:
         for start in range(0, len(items), chunk):
             part = items[start : start + chunk]
-            blobs = list(pool.map(lambda it: _png(it[2]), part))
+            blobs = list(pool.map(lambda it: png_bytes(it[2]), part))
             paths = [storage.path(k) for k in keys[start : start + chunk]]
             if storage.is_local:
                 for p, b in zip(paths, blobs, strict=True):

@@ -264,10 +264,11 @@ def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def schedule(n_images: int, params: ModelParams) -> tuple[int, int]:
-    """``(epochs, steps)`` training runs on ``n_images``: ``params.epochs`` passes, fewer when they would exceed
-    ``params.max_steps`` (one at least)."""
+    """``(epochs, steps)`` training runs on ``n_images``: ``params.epochs`` passes, more when they would be fewer
+    than ``params.min_steps``, fewer when they would exceed ``params.max_steps`` (one at least)."""
     steps_per_epoch = max(1, math.ceil(n_images / params.batch_size))
-    epochs = max(1, min(params.epochs, params.max_steps // steps_per_epoch))
+    epochs = max(params.epochs, math.ceil(params.min_steps / steps_per_epoch))
+    epochs = max(1, min(epochs, params.max_steps // steps_per_epoch))
     return epochs, steps_per_epoch * epochs
 
 

@@ -150,3 +150,92 @@ def _smaller_samples(p: Plan, params: CascadeParams) -> str | None:
         flags = f"--train-sample {train} --first-calibration-sample {first} --calibration-sample {later}"
         return flags + (f" --max-iterations {iterations}" if iterations != params.max_iterations else "")
     return None
+
+
+# a forecast above this share of the pool labeled by people comes with a warning and the fix
+FORECAST_WARN_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """What people are expected to label in all, once a model exists: the honest update of the plan."""
+
+    human: int  # images people will have labeled when the run ends, the remainder included
+    pool: int
+    decided_share: float  # share of its scored images the last model decided: the rate the projection assumes
+    iterations: int  # iterations still to come in the projection
+
+    @property
+    def share(self) -> float:
+        return self.human / max(1, self.pool)
+
+    @property
+    def warning(self) -> str | None:
+        return forecast_warning(self.share)
+
+    def __str__(self) -> str:
+        return forecast_line(self.human, self.share, self.decided_share)
+
+
+def forecast_line(human: int, share: float, decided_share: float | None = None) -> str:
+    """The forecast as the run's log prints it, with ``forecast_warning``'s line when there is one."""
+    rate = "" if decided_share is None else f" if each later model decides {decided_share:.0%} of what it scores"
+    line = f"forecast: people will label ~{human:,} images in all ({share:.1%} of the pool){rate}"
+    warning = forecast_warning(share)
+    return line if warning is None else f"{line}\nWARNING: {warning}"
+
+
+def forecast_warning(share: float) -> str | None:
+    """The warning with its fix when people are expected to label over ``FORECAST_WARN_SHARE`` of the pool."""
+    if share <= FORECAST_WARN_SHARE:
+        return None
+    return (
+        f"at this rate people will label ~{share:.0%} of the pool: give the model known positives (lsun-hitl"
+        " seed-positives, for a new run) or a pretrained backbone (--weights), or accept the cost"
+    )
+
+
+def forecast(
+    *,
+    pool: int,
+    human: int,
+    open_: int,
+    scored: int,
+    decided: int,
+    iteration: int,
+    next_sample: int,
+    params: CascadeParams,
+) -> Forecast:
+    """Project the run to its end at the last model's rate (pure: no storage).
+
+    Parameters
+    ----------
+    pool, human, open_
+        The pool's size, the images people labeled so far, and those still open after ``iteration``.
+    scored, decided
+        What the last model scored and how many of those it decided: each later iteration is assumed to decide
+        the same share of the images it scores.
+    next_sample
+        Images each later iteration sends to people (capped at ``params.max_sample_fraction`` of what is open).
+
+    Each projected iteration sends its sample to people and decides ``decided / scored`` of the rest, until the
+    loop's stop rules hold (few images left, fewer than another sample, the iteration limit); people then label
+    what is left when ``params.remainder`` is "people". A stalled model (rate 0) forecasts that people label
+    everything still open.
+    """
+    rate = decided / scored if scored else 0.0
+    human_f, open_f, more = float(human), float(open_), 0
+    for it in range(iteration + 1, params.max_iterations + 1):
+        if open_f <= max(params.stop_unlabeled, params.stop_unlabeled_fraction * pool):
+            break
+        ask = min(next_sample, int(params.max_sample_fraction * open_f), open_f)
+        if params.stop_when_cheaper and open_f <= ask:
+            break
+        if params.human_budget is not None and human_f + ask > params.human_budget:
+            break
+        human_f += ask
+        open_f = (open_f - ask) * (1 - rate)
+        more = it - iteration
+    if params.remainder == "people" and (params.human_budget is None or human_f + open_f <= params.human_budget):
+        human_f += open_f
+    return Forecast(human=int(round(human_f)), pool=pool, decided_share=rate, iterations=more)

@@ -18,6 +18,7 @@ from .manifest import (
     UNLABELED,
     CascadeState,
 )
+from .plan import forecast_line
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class Funnel:
     precision_low: float | None
     false_omission: float | None
     false_omission_high: float | None
+    # what people are expected to label in all when the run ends, projected at this model's rate (``plan.forecast``)
+    forecast_human: int | None = None
+    forecast_share: float | None = None
+    decided_share: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +66,10 @@ class Funnel:
             f"({self.human_positive:,} yes); the model scored {self.scored:,} and decided "
             f"{self.model_positive:,} positive [{pos}] and {self.model_negative:,} negative [{neg}]; "
             f"{self.unlabeled_after:,} open"
+        ) + (
+            ""
+            if self.forecast_human is None
+            else "\n  " + forecast_line(self.forecast_human, self.forecast_share or 0.0, self.decided_share)
         )
 
 

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -159,3 +161,12 @@ def test_folded_batch_norm_scores_as_the_model_does():
         folded = model_lib.for_inference(model_lib.load(model_lib.save(net)))
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()), arch
         np.testing.assert_allclose(model_lib.predict(folded, x), model_lib.predict(net, x), atol=1e-5, err_msg=arch)
+
+
+def test_min_steps_gives_few_labels_more_passes_and_max_steps_still_caps():
+    from lsun_hitl.model import schedule
+
+    p = ModelParams(batch_size=128, epochs=10, max_steps=4000)
+    assert schedule(300, p) == (10, 30)  # ten passes over 300 labels: 30 steps
+    assert schedule(300, replace(p, min_steps=400)) == (134, 402)  # whole passes up to at least 400 steps
+    assert schedule(60_000, replace(p, min_steps=400)) == (8, 3752)  # many labels: max_steps binds as before

@@ -75,3 +75,68 @@ def test_summary_says_which_target_its_estimates_miss_and_the_fix():
     both = target_warnings(0.9, 0.0113, 0.5, p)
     assert len(both) == 2 and "estimated false omission 0.0113 is above the target 0.01" in both[1]
     assert "lsun-hitl gold" in both[1] and "(50% here)" in both[1]
+
+
+def test_the_forecast_projects_the_run_at_the_last_model_s_rate_and_warns_with_the_fix():
+    """After an iteration: people's labels so far, plus each later sample, plus the remainder, with the model
+    deciding the same share of what it scores as the last did; a stall forecasts that people label the rest."""
+    from lsun_hitl.plan import FORECAST_WARN_SHARE, forecast
+    from lsun_hitl.split import Funnel
+
+    params = CascadeParams(max_iterations=10, stop_unlabeled=1000)
+    # 70,000 images; iteration 1 labeled 5,500 and decided 90% of the 64,500 it scored: 6,450 open
+    f = forecast(
+        pool=70_000,
+        human=5_500,
+        open_=6_450,
+        scored=64_500,
+        decided=58_050,
+        iteration=1,
+        next_sample=4_000,
+        params=params,
+    )
+    # iteration 2 asks min(4,000, 25% of 6,450) = 1,612 and decides 90% of the other 4,838: 484 left for people
+    assert f.decided_share == pytest.approx(0.9) and f.iterations == 1
+    assert f.human == round(5_500 + 1_612 + (6_450 - 1_612) * 0.1)
+    assert f.warning is None and "forecast: people will label ~7,596 images in all (10.9% of the pool)" in str(f)
+    stalled = forecast(
+        pool=6_000, human=1_118, open_=4_882, scored=5_700, decided=0, iteration=1, next_sample=1_400, params=params
+    )
+    assert stalled.human == 6_000 and stalled.share == 1.0
+    assert stalled.warning.startswith("at this rate people will label ~100% of the pool: give the model known")
+    assert "lsun-hitl seed-positives" in stalled.warning and "--weights" in stalled.warning
+    # an unresolved remainder is no label; the iteration limit ends the projection
+    unresolved = forecast(
+        pool=6_000,
+        human=1_118,
+        open_=4_882,
+        scored=5_700,
+        decided=0,
+        iteration=1,
+        next_sample=1_400,
+        params=CascadeParams(remainder="unresolved", max_iterations=2),
+    )
+    assert unresolved.human == 1_118 + 1_220 and unresolved.iterations == 1
+    # the funnel the run prints carries the forecast, and its warning past the share
+    funnel = Funnel(
+        1,
+        4_882,
+        1_118,
+        50,
+        5_700,
+        0,
+        0,
+        4_882,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        forecast_human=6_000,
+        forecast_share=1.0,
+        decided_share=0.0,
+    )
+    lines = str(funnel).splitlines()
+    assert lines[1].strip().startswith("forecast: people will label ~6,000 images in all (100.0% of the pool)")
+    assert lines[2].startswith("WARNING: at this rate") and FORECAST_WARN_SHARE == 0.5

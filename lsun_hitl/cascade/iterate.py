@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from ..calibration import zero_error_size
 from ..cluster import run_on_dask
 from ..config import CascadeParams
 from ..manifest import manifest_counts, rows_held
-from ..manifest_parts import IterationUpdate, advance_part, split_off_next_sample, store_next_sample
+from ..manifest_parts import (
+    IterationUpdate,
+    advance_part,
+    split_off_next_sample,
+    split_off_next_train,
+    store_next_sample,
+    store_next_train,
+)
 from ..partitions import commit, new_attempt
-from ..split import Funnel, remainder_to_people, stop_reason
+from ..plan import forecast
+from ..split import Funnel, remainder_to_people, stalled, stop_reason, train_size
 from ..storage import Storage, manifest_dir
 from .calibrate import calibrate
 from .candidates import executor, locate, partitioning_before
-from .common import request_id_for, stored_funnel
+from .common import funnels, request_id_for, stored_funnel
 from .people import checked_posteriors, posteriors
-from .sample import carried_calibration, largest_sample, new_calibration_size, sample, sample_ids, train_sample_size
+from .sample import (
+    carried_calibration,
+    largest_sample,
+    largest_train,
+    new_calibration_size,
+    sample,
+    sample_ids,
+    train_sample_size,
+)
 
 
 def split(
@@ -52,6 +69,7 @@ def _split(storage: Storage, category: str, params: CascadeParams, iteration: in
             score_files=where.score_files,
             score_sizes=where.score_sizes,
             next_sample=(params.seed, largest_sample(params)),  # drawn while each part is in memory
+            next_train=(params.seed, largest_train(params)) if params.train_draw == "active" else None,
         )
         attempt = new_attempt()
         counts = run_on_dask(
@@ -64,6 +82,7 @@ def _split(storage: Storage, category: str, params: CascadeParams, iteration: in
             update=update,
             attempt=attempt,
         )
+    next_trains = split_off_next_train(counts)
     counts, next_draws = split_off_next_sample(counts)
     total = {k: int(sum(c[k] for c in counts)) for k in counts[0]}
     held = rows_held(total)
@@ -85,6 +104,7 @@ def _split(storage: Storage, category: str, params: CascadeParams, iteration: in
         false_omission=thresholds.false_omission.estimate if thresholds.false_omission else None,
         false_omission_high=thresholds.false_omission.high if thresholds.false_omission else None,
     )
+    funnel = with_forecast(storage, category, params, funnel, pool=held, human=total["human"])
     keep = ("unlabeled", "positive", "negative", "human", "human_positive")
     meta = {"counts": [{k: c[k] for k in keep} for c in counts], "funnel": funnel.to_dict()}
     meta["next_sample"] = store_next_sample(
@@ -96,10 +116,40 @@ def _split(storage: Storage, category: str, params: CascadeParams, iteration: in
         seed=params.seed,
         k=largest_sample(params),
     )
+    if next_trains:
+        meta["next_train"] = store_next_train(
+            storage,
+            manifest_dir(category, iteration),
+            attempt,
+            next_trains,
+            iteration=iteration + 1,
+            seed=params.seed,
+            k=largest_train(params),
+        )
     commit(
         storage, manifest_dir(category, iteration), attempt, partitioning.n_partitions, partitioning.n_rows, meta=meta
     )
     return funnel
+
+
+def with_forecast(
+    storage: Storage, category: str, params: CascadeParams, funnel: Funnel, *, pool: int, human: int
+) -> Funnel:
+    """``funnel`` with what people are expected to label in all (``plan.forecast``), projected at its rate with
+    the next iteration's sample size (grown after stalls, as ``train_sample_size`` grows it)."""
+    earlier = [f for f in funnels(storage, category) if f.iteration < funnel.iteration]
+    n_train = train_size(params.train_sample, params.train_growth, params.train_sample_max, stalled([*earlier, funnel]))
+    ahead = forecast(
+        pool=pool,
+        human=human,
+        open_=funnel.unlabeled_after,
+        scored=funnel.scored,
+        decided=funnel.model_positive + funnel.model_negative,
+        iteration=funnel.iteration,
+        next_sample=n_train + new_calibration_size(params, 0, funnel.iteration + 1),
+        params=params,
+    )
+    return replace(funnel, forecast_human=ahead.human, forecast_share=ahead.share, decided_share=ahead.decided_share)
 
 
 def _advance(item: tuple[int, int], **kwargs: Any) -> dict:
