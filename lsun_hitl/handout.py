@@ -12,6 +12,8 @@ yes and no closer than ``min_margin``, below ``max_labels_per_image``) are asked
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -62,6 +64,12 @@ def handout(storage: Storage, category: str, request_id: str, gold: int = 20, se
     return pa.table({"image_id": [ids[i] for i in order], "uri": [uris[i] for i in order]})
 
 
+def text_cell(value: str) -> str:
+    """``value`` as a spreadsheet shows it as text: a cell starting with ``= + - @``, a tab or a carriage return
+    would be read as a formula, so it gets a leading apostrophe (OWASP's advice for CSV injection)."""
+    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
 def write_handout(table: pa.Table, path: str, category: str) -> None:
     """A CSV (``image_id, uri, labeler, answer``, the last two to fill in) or, for ``.json``, Label Studio tasks."""
     if path.endswith(".json"):
@@ -71,11 +79,12 @@ def write_handout(table: pa.Table, path: str, category: str) -> None:
         ]
         text = json.dumps(tasks, indent=1)
     else:
-        rows = ["image_id,uri,labeler,answer"] + [
-            f"{i},{u},,"
-            for i, u in zip(table.column("image_id").to_pylist(), table.column("uri").to_pylist(), strict=True)
-        ]
-        text = "\n".join(rows) + "\n"
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")  # quotes fields holding commas, quotes or newlines
+        writer.writerow(["image_id", "uri", "labeler", "answer"])
+        for i, u in zip(table.column("image_id").to_pylist(), table.column("uri").to_pylist(), strict=True):
+            writer.writerow([text_cell(i), text_cell(u), "", ""])
+        text = buffer.getvalue()
     out = Storage(os.path.dirname(os.path.abspath(path)))
     out.write_bytes(out.path(os.path.basename(path)), text.encode())  # atomic: the old file or the whole new one
 

@@ -42,6 +42,10 @@ def read_label_file(path: str, request: pa.Table, category: str) -> pd.DataFrame
     missing = {"image_id", "labeler", "answer"} - set(frame.columns)
     if missing:
         raise LabelError(f"label file {path!r} lacks column(s) {sorted(missing)}; need image_id, labeler, answer")
+    # a handout's cells that looked like formulas were written with a leading apostrophe (handout.text_cell)
+    frame["image_id"] = frame["image_id"].map(
+        lambda v: v[1:] if isinstance(v, str) and v[:1] == "'" and v[1:2] in ("=", "+", "-", "@", "\t", "\r") else v
+    )
     return frame
 
 

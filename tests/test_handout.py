@@ -91,3 +91,23 @@ def test_noisy_file_crowd_gets_quality_control(tmp_path, dask_cluster, capsys):
     uri = dict(zip(pool.column("image_id").to_pylist(), pool.column("uri").to_pylist(), strict=True))
     pairs = zip(agg["image_id"].to_pylist(), agg["p_positive"].to_pylist(), strict=True)
     assert np.mean([(p >= 0.5) == truth[uri[i]] for i, p in pairs]) >= 0.98  # the random labeler left out
+
+
+def test_a_handout_of_hostile_file_names_is_one_row_an_image_and_no_formula(tmp_path):
+    """An image whose name holds a newline, a comma and ``=1+2`` (and ids that start like formulas) stays one
+    row of the handout, read back whole, with no cell a spreadsheet would run as a formula."""
+    import csv
+
+    from lsun_hitl.handout import write_handout
+
+    uris = ["file:///p/a\nb,=1+2.png", 'file:///p/"quoted",x.png', "file:///p/plain.png", "=HYPERLINK(1)"]
+    ids = ["=1+2", "+cmd", "-2", "@SUM(A1)"]
+    path = tmp_path / "handout.csv"
+    write_handout(pa.table({"image_id": ids, "uri": uris}), str(path), "bag")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["image_id", "uri", "labeler", "answer"] and len(rows) == 1 + len(ids)
+    assert [r[0] for r in rows[1:]] == ["'" + i for i in ids]
+    assert [r[1] for r in rows[1:]] == [*uris[:3], "'=HYPERLINK(1)"]
+    assert all(r[2:] == ["", ""] for r in rows[1:])  # nothing pre-filled
+    assert not any(cell[:1] in "=+-@" for r in rows[1:] for cell in r if cell)
