@@ -36,10 +36,12 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("labelers", help="create labelers and their tokens, list them, show their figures")
     add_root(p)
-    p.add_argument("action", choices=("add", "list", "stats"))
-    p.add_argument("name", nargs="?", help="labeler name (add)")
+    p.add_argument("action", choices=("add", "remove", "list", "stats"))
+    p.add_argument("name", nargs="?", help="labeler name (add, remove)")
     p.add_argument("--admin", action="store_true", help="the new labeler may call admin endpoints")
-    p.add_argument("--replace", action="store_true", help="issue a new token for an existing labeler")
+    p.add_argument(
+        "--replace", action="store_true", help="issue a new token for an existing labeler (the old one stops working)"
+    )
     p.add_argument("--category", help="stats of one category only")
 
     p = sub.add_parser("seed-positives", help="store images known to be positives, for the first model to learn from")
@@ -134,6 +136,13 @@ def cmd_labelers(args: argparse.Namespace) -> None:
         token = create_labeler(storage, args.name, role="admin" if args.admin else "labeler", replace=args.replace)
         print(f"labeler {args.name!r} created; its token (shown once, keep it secret):\n{token}")
         print(f"it opens the page at http://<service>/#token={token}")
+    elif args.action == "remove":
+        from lsun_hitl.labelers import remove_labeler
+
+        if not args.name:
+            raise ConfigError("labelers remove needs a NAME")
+        remove_labeler(storage, args.name)
+        print(f"labeler {args.name!r} removed; a running service refuses its token within seconds")
     elif args.action == "list":
         for who in list_labelers(storage):
             print(f"{who.name}\t{who.role}")

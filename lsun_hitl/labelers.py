@@ -57,11 +57,14 @@ def create_labeler(storage: Storage, name: str, *, role: str = "labeler", replac
     return token
 
 
-def deactivate_labeler(storage: Storage, name: str) -> None:
+def remove_labeler(storage: Storage, name: str) -> None:
+    """Remove ``name`` and its token: a running service refuses the token within ``TokenIndex.reload_s``
+    (its answers so far stay stored, under its name)."""
     registry = _read(storage)
     if name not in registry:
-        raise LabelerError(f"no labeler {name!r}")
-    registry[name]["active"] = False
+        known = ", ".join(sorted(registry)) or "none"
+        raise LabelerError(f"no labeler {name!r} (labelers: {known}); `lsun-hitl labelers list` names them")
+    del registry[name]
     storage.write_json(storage.path(LABELERS_KEY), registry)
 
 
@@ -70,9 +73,10 @@ def list_labelers(storage: Storage) -> list[Labeler]:
 
 
 class TokenIndex:
-    """Token hash -> labeler, loaded once from storage (``reload()`` after the registry changes)."""
+    """Token hash -> labeler, read again from storage when older than ``reload_s`` seconds, so labelers added,
+    removed or given a new token (the old one revoked) take effect in a running service within that time."""
 
-    def __init__(self, storage: Storage, reload_s: float = 0.5) -> None:
+    def __init__(self, storage: Storage, reload_s: float = 1.0) -> None:
         self.storage = storage
         self.reload_s = reload_s
         self.reload()
@@ -83,14 +87,16 @@ class TokenIndex:
             v["token_sha256"]: Labeler(n, v["role"]) for n, v in _read(self.storage).items() if v.get("active", True)
         }
 
+    def stale(self) -> bool:
+        """Whether the registry was read more than ``reload_s`` seconds ago (``authenticate`` reads it again)."""
+        return time.monotonic() - self._loaded > self.reload_s
+
     def lookup(self, token: str | None) -> Labeler | None:
         """The labeler for ``token`` among those loaded (no storage access)."""
         return self._by_hash.get(token_hash(token)) if token else None
 
     def authenticate(self, token: str | None) -> Labeler | None:
         # A dict lookup by the hash of a 256-bit secret: timing reveals nothing usable about other tokens.
-        who = self.lookup(token)
-        if who is None and token and time.monotonic() - self._loaded > self.reload_s:
-            self.reload()  # labelers created since the last look (by an admin command)
-            who = self.lookup(token)
-        return who
+        if token and self.stale():
+            self.reload()  # the registry as an admin command left it: new labelers in, revoked tokens out
+        return self.lookup(token)

@@ -140,9 +140,10 @@ async def labeler(request: Request, authorization: Annotated[str | None, Header(
     """The caller, from its bearer token (401 without a valid one)."""
     tokens = service_state(request).tokens
     token = authorization[7:] if authorization and authorization.lower().startswith("bearer ") else None
-    who = tokens.lookup(token)
-    if who is None and token:
-        who = await run_in_threadpool(tokens.authenticate, token)  # may re-read the registry
+    if token and tokens.stale():  # re-read the registry (off the event loop): added, removed, replaced tokens
+        who = await run_in_threadpool(tokens.authenticate, token)
+    else:
+        who = tokens.lookup(token)
     if who is None:
         raise HTTPException(
             401,

@@ -387,3 +387,41 @@ def test_desk_takes_an_ended_run_as_final_and_close_waits_for_its_background_wor
     assert calls == ["iteration-1"]
     assert not [t for t in threading.enumerate() if t.name.startswith("desk-refresh")]
     assert "re-reading the answers" not in caplog.text
+
+
+def test_a_removed_labeler_or_a_replaced_token_is_refused_by_the_running_service_within_seconds(service):
+    """``lsun-hitl labelers add --replace`` and ``labelers remove``, run as a user does beside a running service:
+    the old token answered 200 until an unknown token happened to be seen; now it gets 401 within seconds."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    storage, _, url, tokens, _ = service
+    repo = Path(__file__).resolve().parents[1]
+
+    def labelers(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "cli", "labelers", *args, "--root", storage.url]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=repo, timeout=120, stdin=subprocess.DEVNULL)
+
+    def refused_within(token: str, seconds: float = 5.0) -> float | None:
+        start = time.monotonic()
+        while time.monotonic() - start < seconds:
+            if client(url, token).post("/api/batches/next").status_code == 401:
+                return time.monotonic() - start
+            time.sleep(0.1)
+        return None
+
+    assert client(url, tokens["ann"]).post("/api/batches/next").status_code == 200
+    assert client(url, tokens["bob"]).post("/api/batches/next").status_code == 200
+    done = labelers("add", "ann", "--replace")
+    assert done.returncode == 0, done.stderr
+    new_token = done.stdout.splitlines()[1].strip()
+    assert refused_within(tokens["ann"]) is not None  # the old token stops working ...
+    assert client(url, new_token).post("/api/batches/next").status_code == 200  # ... the new one works
+    done = labelers("remove", "bob")
+    assert done.returncode == 0 and "labeler 'bob' removed" in done.stdout, done.stderr
+    assert refused_within(tokens["bob"]) is not None
+    assert "bob" not in labelers("list").stdout
+    done = labelers("remove", "carol")
+    assert done.returncode == 2 and "no labeler 'carol'" in done.stderr and "Traceback" not in done.stderr
