@@ -19,9 +19,12 @@ labeler looks at the first one. FastAPI's built-in OpenTelemetry middleware is o
 """
 
 import asyncio
+import base64
+import hashlib
 import inspect
 import io
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -86,6 +89,47 @@ class BodyLimit:
                 await refused(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def page_policy(page: str) -> str:
+    """The Content-Security-Policy for every answer: the page's own inline script and style by their SHA-256
+    (nothing else runs), images from the service or the page's blob URLs, calls to the service only, and no
+    framing (clickjacking a labeler's answers)."""
+
+    def hashes(tag: str) -> str:
+        bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'" for b in bodies)
+
+    return (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; img-src 'self' blob:;"
+        " connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
+class SecurityHeaders:
+    """Add the page's Content-Security-Policy, ``X-Frame-Options: DENY``, ``X-Content-Type-Options: nosniff``
+    and ``Referrer-Policy: no-referrer`` to every answer (a plain ASGI middleware, as ``BodyLimit``)."""
+
+    def __init__(self, app: Any, policy: str) -> None:
+        self.app = app
+        self.headers = [
+            (b"content-security-policy", policy.encode()),
+            (b"x-frame-options", b"DENY"),
+            (b"x-content-type-options", b"nosniff"),
+            (b"referrer-policy", b"no-referrer"),
+        ]
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *self.headers]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 class ImageCache:
@@ -359,7 +403,10 @@ def create_app(
         extra["telemetry"] = {"tracing": False, "metrics": False, "logs": False}
     desk = LabelingDesk(storage, qc, on_complete=on_complete)
     page = resources.files("lsun_hitl").joinpath("static/label.html").read_text()
-    app = FastAPI(title="lsun-hitl labeling", docs_url=None, redoc_url=None, lifespan=lifespan, **extra)
+    # no /docs, /redoc or /openapi.json: the API is this page's, and its schema is nobody else's business
+    app = FastAPI(
+        title="lsun-hitl labeling", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan, **extra
+    )
     app.state.service = ServiceState(
         storage=storage,
         desk=desk,
@@ -372,8 +419,14 @@ def create_app(
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],  # the page's bearer token and JSON bodies
+        )
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(SecurityHeaders, policy=page_policy(app.state.service.page))
     app.add_exception_handler(StorageError, storage_unavailable)
     for router in (page_routes, labeler_routes, admin_routes):
         app.include_router(router)

@@ -4,6 +4,7 @@ and the paused cascade run resumes through the Prefect API and finishes its iter
 from __future__ import annotations
 
 import os
+import re
 import threading
 
 import httpx
@@ -62,11 +63,14 @@ def test_keyboard_labeling_resumes_the_waiting_run(tmp_path, dask_cluster, prefe
         api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         page = browser.new_page()
+        blocked: list[str] = []  # what the page's Content-Security-Policy refused: nothing of the page's own
+        page.on("console", lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None)
         page.goto(f"{url}/#token={token}")
         expect(page.locator("#who")).to_have_text("ann")
         answered = 0
         for _ in range(2):  # 70 images in batches of 35
-            page.wait_for_function("document.getElementById('count').textContent.startsWith('0 /')", timeout=120_000)
+            # a locator, not wait_for_function: the page's Content-Security-Policy forbids evaluating strings
+            expect(page.locator("#count")).to_contain_text(re.compile(r"^0 /"), timeout=120_000)
             batch = api.post("/api/batches/next").json()["batch"]
             expect(page.locator("#question")).to_have_text(f"Is this a {CATEGORY}?")
             n = len(batch["items"])
@@ -86,6 +90,7 @@ def test_keyboard_labeling_resumes_the_waiting_run(tmp_path, dask_cluster, prefe
                 answered += 1
         expect(page.locator("#status")).to_contain_text("Nothing to label", timeout=60_000)
         browser.close()
+        assert blocked == [], blocked
         flow.join(300)
     assert not flow.is_alive(), "the flow run did not finish after the labels arrived"
 

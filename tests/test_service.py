@@ -425,3 +425,38 @@ def test_a_removed_labeler_or_a_replaced_token_is_refused_by_the_running_service
     assert "bob" not in labelers("list").stdout
     done = labelers("remove", "carol")
     assert done.returncode == 2 and "no labeler 'carol'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_security_headers_no_schema_and_a_cors_preflight_that_allows_the_token(tmp_path, fashion):
+    """Every answer carries a Content-Security-Policy that admits the page's own inline script and style by
+    hash only, no framing and no sniffing; the API's schema is not served; with --cors-origin a browser on that
+    origin may send the bearer token (its preflight asking for ``authorization`` was refused with 400)."""
+    import base64
+    import hashlib
+    import re
+
+    storage, _ = make_root(tmp_path, fashion)
+    token = create_labeler(storage, "ann")
+    app = create_app(storage, QCParams(batch_size=10), cors_origins=["https://labels.example"])
+    with ServiceThread(app) as url:
+        page = client(url).get("/")
+        for r in (page, client(url, token).post("/api/batches/next"), client(url).get("/api/batches/next")):
+            assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
+            assert "frame-ancestors 'none'" in r.headers["content-security-policy"]
+        policy = page.headers["content-security-policy"]
+        script = re.search(r"<script>(.*?)</script>", page.text, flags=re.S).group(1)
+        digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+        assert f"script-src 'sha256-{digest}';" in policy and "unsafe-inline" not in policy
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert client(url).get(path).status_code == 404
+        preflight = client(url).options(
+            "/api/batches/next",
+            headers={
+                "Origin": "https://labels.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
+        assert preflight.status_code == 200, preflight.text
+        assert preflight.headers["access-control-allow-origin"] == "https://labels.example"
+        assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
