@@ -9,7 +9,9 @@ labeler's choice (``Yes``/``No``/``Unsure``, or the category's name for yes).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -20,11 +22,27 @@ YES = {"yes", "y", "true", "1", "positive"}
 NO = {"no", "n", "false", "0", "negative"}
 
 
+MAX_LABEL_FILE_ENV = "LSUN_HITL_MAX_LABEL_FILE_MB"
+MAX_LABEL_FILE_MB = 256  # a label file is read whole into memory: a few million answers fit well under this
+
+
+def max_label_file_bytes() -> int:
+    """The largest label file read: ``$LSUN_HITL_MAX_LABEL_FILE_MB`` megabytes, else ``MAX_LABEL_FILE_MB``."""
+    value = os.environ.get(MAX_LABEL_FILE_ENV, "")
+    return int(float(value) * 2**20) if value.replace(".", "", 1).isdigit() else MAX_LABEL_FILE_MB * 2**20
+
+
 def read_label_file(path: str, request: pa.Table, category: str) -> pd.DataFrame:
     """Rows ``image_id, labeler, answer`` from a label file; LabelError naming the file and the fix."""
     p = Path(path)
     if not p.is_file():
         raise LabelError(f"label file {path!r} does not exist")
+    limit = max_label_file_bytes()
+    if p.stat().st_size > limit:
+        raise LabelError(
+            f"label file {path!r} is {p.stat().st_size:,} bytes, over the limit of {limit:,}: split it by labeler or"
+            f" image, or raise {MAX_LABEL_FILE_ENV} (MB)"
+        )
     try:
         if p.suffix in (".jsonl", ".ndjson"):
             frame = pd.read_json(p, lines=True, dtype=False)
@@ -47,6 +65,26 @@ def read_label_file(path: str, request: pa.Table, category: str) -> pd.DataFrame
         lambda v: v[1:] if isinstance(v, str) and v[:1] == "'" and v[1:2] in ("=", "+", "-", "@", "\t", "\r") else v
     )
     return frame
+
+
+def _typed(value: object, kind: type, where: str, what: str) -> Any:
+    """``value`` when it is None or a ``kind``; else a LabelError naming ``where`` (the task and field)."""
+    if value is not None and not isinstance(value, kind):
+        raise LabelError(
+            f"{where} is {type(value).__name__} {str(value)[:40]!r}, not {what}: is this a Label Studio export?"
+        )
+    return value
+
+
+def _choices(annotation: dict, where: str) -> list:
+    """The choices of an annotation's ``choices`` results, each field's type checked (``_typed``)."""
+    choices: list = []
+    for r, result in enumerate(_typed(annotation.get("result"), list, f"{where}, field result", "a list") or []):
+        result = _typed(result, dict, f"{where}, result {r}", "an object")
+        if result.get("type") == "choices":
+            value = _typed(result.get("value"), dict, f"{where}, result {r}, field value", "an object") or {}
+            choices += _typed(value.get("choices"), list, f"{where}, result {r}, field value.choices", "a list") or []
+    return choices
 
 
 def label_studio_answers(tasks: object, request: pa.Table, category: str) -> pd.DataFrame:
@@ -82,21 +120,21 @@ def label_studio_answers(tasks: object, request: pa.Table, category: str) -> pd.
         if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
             raise LabelError(f"task {n} has no 'data' object")
         data = task["data"]
-        image_id = data.get("image_id") or by_uri.get(data.get("image", ""))
+        image_id = _typed(data.get("image_id"), str, f"task {n}, field data.image_id", "a string")
+        image = _typed(data.get("image"), str, f"task {n}, field data.image", "an image URL string")
+        image_id = image_id or by_uri.get(image or "")
         if not image_id:
             raise LabelError(f"task {n} names no image_id and its data.image is not an image of the request")
-        for annotation in task.get("annotations") or []:
+        annotations = _typed(task.get("annotations"), list, f"task {n}, field annotations", "a list") or []
+        for a, annotation in enumerate(annotations):
+            where = f"task {n}, annotation {a}"
+            annotation = _typed(annotation, dict, where, "an object")
             if annotation.get("was_cancelled"):
                 continue
             who = annotation.get("completed_by")
             if isinstance(who, dict):
                 who = who.get("email") or who.get("id")
-            choices = [
-                c
-                for r in annotation.get("result") or []
-                if r.get("type") == "choices"
-                for c in (r.get("value") or {}).get("choices") or []
-            ]
+            choices = _choices(annotation, where)
             if not choices:
                 continue
             choice = str(choices[0]).strip().lower()

@@ -71,6 +71,16 @@ def test_label_studio_round_trip(tmp_path):
         ("l.json", '[{"data": {"image": "s3://elsewhere.jpg"}, "annotations": []}]', "not an image of the request"),
         ("l.json", '[{"data": {"image_id": "a1"}, "annotations": []}]', "no choice annotations"),
         ("l.json", "[", "cannot parse label file"),
+        # Label Studio exports with the wrong types: one message naming the file, the task and the field
+        ("l.json", '[{"data": {"image_id": "a1"}, "annotations": "yes"}]', "task 0, field annotations is str"),
+        ("l.json", '[{"data": {"image": ["a.png"]}, "annotations": []}]', "task 0, field data.image is list"),
+        ("l.json", '[{"data": {"image_id": 7}, "annotations": []}]', "task 0, field data.image_id is int"),
+        ("l.json", '[{"data": {"image_id": "a1"}, "annotations": ["x"]}]', "task 0, annotation 0 is str"),
+        (
+            "l.json",
+            '[{"data": {"image_id": "a1"}, "annotations": [{"result": [{"type": "choices", "value": "yes"}]}]}]',
+            "task 0, annotation 0, result 0, field value is str",
+        ),
     ],
 )
 def test_malformed_label_files_are_named(tmp_path, name, text, message):
@@ -126,3 +136,13 @@ def test_label_imports_unknown_ids_repeats_and_closed_batches_change_nothing_wro
     assert first["stored"] is True and again["stored"] is False
     bob = labels.read_votes(storage, "bag").to_pandas().query("labeler == 'bob'")
     assert len(bob) == len(batch.image_ids) and set(bob.answer) == {"yes"}, "the closed batch kept its answers"
+
+
+def test_a_label_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    path = tmp_path / "big.csv"
+    path.write_text("image_id,labeler,answer\n" + "a1,ann,yes\n" * 200_000)  # 2.2 MB
+    monkeypatch.setenv("LSUN_HITL_MAX_LABEL_FILE_MB", "1")
+    with pytest.raises(LabelError, match=r"big.csv' is 2,200,024 bytes, over the limit of 1,048,576: split it"):
+        read_label_file(str(path), REQUEST, "bag")
+    monkeypatch.setenv("LSUN_HITL_MAX_LABEL_FILE_MB", "3")
+    assert len(read_label_file(str(path), REQUEST, "bag")) == 200_000
