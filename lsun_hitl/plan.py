@@ -20,8 +20,6 @@ from .config import CascadeParams, ConfigError, validate
 
 # a first sample above this share of the pool leaves too little for the model to save people anything
 SMALL_POOL_SHARE = 0.3
-# the fewest training steps suggested with a small pool's samples (docs/tuning.md)
-SMALL_POOL_MIN_STEPS = 400
 # the share of a class a model puts beyond a threshold it can certify (the rule of thumb above)
 BEYOND_THRESHOLD = 0.5
 
@@ -150,10 +148,7 @@ def _smaller_samples(p: Plan, params: CascadeParams) -> str | None:
         except ConfigError:
             continue
         flags = f"--train-sample {train} --first-calibration-sample {first} --calibration-sample {later}"
-        flags += f" --max-iterations {iterations}" if iterations != params.max_iterations else ""
-        # a few hundred labels at ten passes are a few dozen steps: too few for a network to learn from
-        steps = params.model.epochs * math.ceil(train / params.model.batch_size)
-        return flags + (f" --min-steps {SMALL_POOL_MIN_STEPS}" if steps < SMALL_POOL_MIN_STEPS else "")
+        return flags + (f" --max-iterations {iterations}" if iterations != params.max_iterations else "")
     return None
 
 
