@@ -57,11 +57,15 @@ def _draw(storage: Storage, category: str, params: CascadeParams, iteration: int
     """Draw the sample of ``iteration`` from what is unlabeled after ``iteration - 1``: row, image_id, role.
 
     Bottom-k of keyed row hashes (``partitions``): each manifest part gives its ``k`` smallest-keyed unlabeled
-    rows (a map, on the cluster when there are several parts) and the ``k`` smallest of those are the sample,
-    the same for any partition count. The split that wrote the manifest before drew it already, while each
-    part was in memory (``manifest_parts.store_next_sample``): then only that small file is read. The sizes
-    come from the previous commit's counts; this process holds the parts' candidates and the sample, never
-    the pool's state."""
+    rows (a map, on the cluster when there are several parts) and the ``k`` smallest of those are the
+    calibration stream's order, the same for any partition count. With ``train_draw="active"`` (from the second
+    iteration), or seed positives (the first), the training sample comes from two more draws, by the last
+    model's score and uniform (``manifest_parts.train_draws``), and the calibration sample is the calibration
+    stream's first rows that training left (``sampling.compose_sample``); otherwise the stream's first rows
+    calibrate and the next train. The split that wrote the manifest before drew all of them already, while each
+    part was in memory (``manifest_parts.store_next_sample``, ``store_next_train``): then only those small files
+    are read. The sizes come from the previous commit's counts; this process holds the parts' candidates and
+    the sample, never the pool's state."""
     from .candidates import executor  # here: candidates imports the scoring step, which imports this module
 
     counts = manifest_counts(storage, category, iteration - 1)
