@@ -12,6 +12,7 @@ exports' errors): a sentence naming the problem, never a Python object's repr.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import warnings
@@ -21,7 +22,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+
+from .storage import POOL, Storage
 
 # Refuse images above 64 megapixels unless the pool allows more (``IngestParams.max_image_pixels``): bigger ones
 # are mostly hostile or broken, and a genuine large scan can be let in by raising the setting.
@@ -223,3 +227,39 @@ def load_for_model(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS)
     box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
     img = img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=2.0)
     return np.asarray(img, dtype=np.uint8)
+
+
+# -- what ingest records about a pool's files, and how every later step reads them again ------------------------
+
+PIXEL_LIMIT_KEY = b"lsun_hitl.max_image_pixels"
+ID_KEY = b"lsun_hitl.image_id"
+CONTENT_ID = b"blake2b-128 of the file's bytes"
+
+
+def image_id(data: bytes) -> str:
+    """The content id of an image file: 32 hex digits of BLAKE2b-128 over its bytes."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class PoolReading:
+    """How the pool's images are read again after ingest (scoring, training, export), from what ingest recorded
+    in the pool manifest's metadata.
+
+    ``max_pixels`` is the pixel limit its images were accepted under (``IngestParams.max_image_pixels``);
+    ``content_ids`` says its ids are ``image_id`` of each file's bytes, so a file that no longer hashes to its
+    id changed since ingest. A pool written without them (an older root, a pool written by hand) or a root
+    without a pool reads at the default limit, its ids unchecked."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    content_ids: bool = False
+
+
+def pool_reading(storage: Storage) -> PoolReading:
+    """What ingest recorded about the pool under ``storage`` (its manifest's footer only)."""
+    path = storage.path(POOL)
+    if not storage.exists(path):
+        return PoolReading()
+    with storage.fs.open(path, "rb") as f:
+        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+    return PoolReading(int(meta.get(PIXEL_LIMIT_KEY, DEFAULT_MAX_PIXELS)), meta.get(ID_KEY) == CONTENT_ID)

@@ -21,7 +21,6 @@ are, instead of carrying every URL (52 MiB at a million files).
 from __future__ import annotations
 
 import errno
-import hashlib
 import inspect
 import os
 from collections.abc import Sequence
@@ -38,7 +37,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .cluster import run_on_dask
 from .config import IngestParams
-from .images import DEFAULT_MAX_PIXELS, ImageError, cause, probe
+from .images import CONTENT_ID, DEFAULT_MAX_PIXELS, ID_KEY, PIXEL_LIMIT_KEY, ImageError, cause, image_id, probe
+from .images import PoolReading as PoolReading  # re-exported: where every step reads them
+from .images import pool_reading as pool_reading
 from .progress import Progress
 from .storage import LISTING, POOL, REJECTS, Storage
 
@@ -56,17 +57,9 @@ POOL_SCHEMA = pa.schema(
 POOL_ROW_GROUP = 64 * 1024
 REJECT_SCHEMA = pa.schema([("uri", pa.string()), ("reason", pa.string())])
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp", ".jfif")
+
+
 # the pool manifest's schema metadata: the pixel limit its images were accepted under, and how its ids were made
-PIXEL_LIMIT_KEY = b"lsun_hitl.max_image_pixels"
-ID_KEY = b"lsun_hitl.image_id"
-CONTENT_ID = b"blake2b-128 of the file's bytes"
-
-
-def image_id(data: bytes) -> str:
-    """The content id of an image file: 32 hex digits of BLAKE2b-128 over its bytes."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
 def unreadable(error: BaseException | None) -> str:
     """Why a file could not be read (what fsspec's ``cat`` returned in place of its bytes), as a sentence:
     ingest's rejects, the scores' errors and the exports' skipped lists say it the same way."""
@@ -340,30 +333,6 @@ def pool_size(storage: Storage) -> int:
     """How many images the pool holds (its footer only)."""
     with storage.fs.open(_pool_path(storage), "rb") as f:
         return pq.ParquetFile(f).metadata.num_rows
-
-
-@dataclass(frozen=True)
-class PoolReading:
-    """How the pool's images are read again after ingest (scoring, training, export), from what ingest recorded
-    in the pool manifest's metadata.
-
-    ``max_pixels`` is the pixel limit its images were accepted under (``IngestParams.max_image_pixels``);
-    ``content_ids`` says its ids are ``image_id`` of each file's bytes, so a file that no longer hashes to its
-    id changed since ingest. A pool written without them (an older root, a pool written by hand) or a root
-    without a pool reads at the default limit, its ids unchecked."""
-
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    content_ids: bool = False
-
-
-def pool_reading(storage: Storage) -> PoolReading:
-    """What ingest recorded about the pool under ``storage`` (its manifest's footer only)."""
-    path = storage.path(POOL)
-    if not storage.exists(path):
-        return PoolReading()
-    with storage.fs.open(path, "rb") as f:
-        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
-    return PoolReading(int(meta.get(PIXEL_LIMIT_KEY, DEFAULT_MAX_PIXELS)), meta.get(ID_KEY) == CONTENT_ID)
 
 
 def _pool_path(storage: Storage) -> str:

@@ -41,6 +41,8 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from .desk import DeskError, LabelingDesk
+from .images import DEFAULT_MAX_PIXELS, PoolReading, pool_reading
+from .images import image_id as content_id
 from .integrity import LIVE_WRITE_S, remove_temporary
 from .labelers import Labeler, LabelerError, TokenIndex, create_labeler
 from .quality import QCParams
@@ -172,6 +174,7 @@ class ServiceState:
     images: ImageCache
     readahead: ThreadPoolExecutor  # reads a new batch's images into ``images``
     page: str  # the labeling page's HTML
+    reading: PoolReading = PoolReading()  # how the pool's files are checked when read again (ingest's record)
 
 
 def service_state(request: Request) -> ServiceState:
@@ -219,20 +222,22 @@ def desk_call(fn: Callable[..., T], *args: Any) -> T:
         raise HTTPException(exc.status, str(exc)) from exc
 
 
-def fetch_cached(state: ServiceState, uri: str) -> tuple[bytes, str]:
-    """An image's bytes and media type, from the cache or else from storage (then cached)."""
+def fetch_cached(state: ServiceState, uri: str, image_id: str) -> tuple[bytes, str]:
+    """An image's bytes and media type, from the cache or else from storage, checked as scoring checks it (the
+    pool's content id and pixel limit), then cached."""
     data = state.images.get(uri)
     if data is None:
-        data = _fetch(uri, state.storage)
+        expected = image_id if state.reading.content_ids else None
+        data = fetch_image(uri, state.storage, expected, state.reading.max_pixels)
         state.images.put(uri, data)
     return data
 
 
-def read_ahead(state: ServiceState, uris: list[str]) -> None:
+def read_ahead(state: ServiceState, uris: list[str], image_ids: list[str]) -> None:
     """Read images into the cache before the labeler asks for them."""
-    for uri in uris:
+    for uri, image_id in zip(uris, image_ids, strict=True):
         try:
-            fetch_cached(state, uri)
+            fetch_cached(state, uri, image_id)
         except HTTPException:
             pass  # the labeler's own request reports it
 
@@ -290,7 +295,7 @@ async def next_batch(request: Request, who: Caller) -> dict:
             desk.refresh_in_background()
     if batch is not None and not batch.persisted:
         await run_in_threadpool(desk_call, desk.persist, batch)
-        state.readahead.submit(read_ahead, state, list(batch.uris))
+        state.readahead.submit(read_ahead, state, list(batch.uris), list(batch.image_ids))
     return {"batch": batch.public() if batch else None, "retry_after_s": 5}
 
 
@@ -306,7 +311,7 @@ async def image(request: Request, batch_id: str, index: int, who: Caller) -> Res
     if not 0 <= index < len(batch.uris):
         raise HTTPException(404, f"batch {batch_id!r} has no image {index}")
     uri = batch.uris[index]
-    data = state.images.get(uri) or await run_in_threadpool(fetch_cached, state, uri)
+    data = state.images.get(uri) or await run_in_threadpool(fetch_cached, state, uri, batch.image_ids[index])
     return Response(data[0], media_type=data[1], headers={"Cache-Control": "private, max-age=3600"})
 
 
@@ -414,6 +419,7 @@ def create_app(
         images=ImageCache(image_cache_bytes),
         readahead=ThreadPoolExecutor(max_workers=4, thread_name_prefix="image-readahead"),
         page=page.replace("__PRELOAD__", str(int(preload))),
+        reading=pool_reading(storage),
     )
     app.state.desk = desk  # for callers: the demo reads labeler figures, ServiceThread closes it
     if cors_origins:
@@ -433,15 +439,30 @@ def create_app(
     return app
 
 
-def _fetch(uri: str, storage: Storage) -> tuple[bytes, str]:
-    """Image bytes for a browser: browser formats as stored, others (TIFF, CMYK, ...) as PNG."""
+def fetch_image(
+    uri: str, storage: Storage, image_id: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[bytes, str]:
+    """Image bytes for a browser: browser formats as stored, others (TIFF, CMYK, ...) as PNG.
+
+    With ``image_id`` (a pool whose ids are content hashes) a file whose bytes no longer hash to it changed since
+    ingest and is refused (409), as scoring refuses it; so is an image over ``max_pixels`` (from its header,
+    before it is decoded)."""
     import fsspec
     from PIL import Image
 
     try:
         with fsspec.open(uri, "rb", **storage.options) as f:
             data = f.read()
+    except Exception as exc:  # noqa: BLE001 - a bad file must not take the page down
+        log.warning("cannot serve %s: %s", uri, exc)
+        raise HTTPException(502, f"the image could not be read from storage ({type(exc).__name__})") from exc
+    if image_id is not None and content_id(data) != image_id:
+        log.warning("not serving %s: its bytes changed since ingest (no longer %s)", uri, image_id)
+        raise HTTPException(409, "this image's file changed since the pool was built; it is not shown")
+    try:
         with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > max_pixels:
+                raise HTTPException(409, f"this image is over the pool's limit of {max_pixels:,} pixels")
             fmt = im.format or ""
             if fmt in BROWSER_FORMATS and im.mode in ("1", "L", "LA", "P", "RGB", "RGBA"):
                 return data, BROWSER_FORMATS[fmt]
@@ -451,6 +472,8 @@ def _fetch(uri: str, storage: Storage) -> tuple[bytes, str]:
             out = io.BytesIO()
             rgb.save(out, "PNG")
             return out.getvalue(), "image/png"
+    except HTTPException:
+        raise
     except Exception as exc:  # noqa: BLE001 - a bad file must not take the page down
         log.warning("cannot serve %s: %s", uri, exc)
         raise HTTPException(502, f"the image could not be read from storage ({type(exc).__name__})") from exc

@@ -460,3 +460,30 @@ def test_security_headers_no_schema_and_a_cors_preflight_that_allows_the_token(t
         assert preflight.status_code == 200, preflight.text
         assert preflight.headers["access-control-allow-origin"] == "https://labels.example"
         assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+
+
+def test_an_image_changed_since_ingest_or_over_the_pixel_limit_is_not_served(tmp_path, fashion, dask_cluster):
+    """The service checks image bytes as scoring does: a file whose bytes no longer hash to its pool id (replaced
+    after ingest) is refused with 409, the others are served; an image over the pool's pixel limit too."""
+    from lsun_hitl.fashion_mnist import import_fashion_mnist
+    from lsun_hitl.ingest import build_pool, read_pool
+    from lsun_hitl.service import fetch_image
+
+    storage = Storage(str(tmp_path / "root"))
+    build_pool(storage, import_fashion_mnist(storage, limit=40, seed=3), client=dask_cluster)
+    pool = read_pool(storage, columns=["image_id", "uri"])
+    labels.publish_request(storage, CATEGORY, "iteration-1", 1, pool.slice(0, 10), None)
+    token = create_labeler(storage, "ann")
+    with ServiceThread(create_app(storage, QCParams(batch_size=10))) as url, client(url, token) as ann:
+        batch = ann.post("/api/batches/next").json()["batch"]
+        uri_of = dict(zip(pool.column("image_id").to_pylist(), pool.column("uri").to_pylist(), strict=True))
+        changed = batch["items"][3]
+        path = uri_of[changed["image_id"]].removeprefix("file://")
+        with open(path, "wb") as f:  # replaced after ingest by another image
+            f.write(png_bytes(fashion[0][0]))
+        got = {i["index"]: ann.get(f"/api/batches/{batch['batch_id']}/images/{i['index']}") for i in batch["items"]}
+    assert got[3].status_code == 409 and "changed since the pool was built" in got[3].text
+    assert all(r.status_code == 200 and r.content[:4] == b"\x89PNG" for i, r in got.items() if i != 3)
+    other = uri_of[batch["items"][0]["image_id"]]
+    with pytest.raises(Exception, match="over the pool's limit of 100 pixels"):
+        fetch_image(other, storage, None, max_pixels=100)  # 28 x 28 = 784
