@@ -56,7 +56,7 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 def ingest(storage: Storage, images: str, dask_address: str | None = None, params: IngestParams | None = None) -> None:
     from lsun_hitl.cluster import dask_client
-    from lsun_hitl.ingest import build_pool, check_prefix
+    from lsun_hitl.ingest import allowed_schemes, build_pool, check_prefix, check_schemes
     from lsun_hitl.progress import Bar
 
     params = (params or IngestParams()).validate()  # before a cluster starts
@@ -64,6 +64,7 @@ def ingest(storage: Storage, images: str, dask_address: str | None = None, param
     if images.startswith("@"):
         with open(images[1:]) as f:
             sources = [line.strip() for line in f if line.strip()]
+        check_schemes(sources, allowed_schemes(storage, params))  # before a cluster starts, before any fetch
     else:
         check_prefix(images, storage.options)  # before a cluster starts
     with dask_client(dask_address) as client:

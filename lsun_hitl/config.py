@@ -87,6 +87,17 @@ class IngestParams:
         " 144,000,000); decoding one takes about 4 bytes a pixel of memory",
     )
 
+    links_outside: bool = setting(
+        False,
+        "ingest files a symbolic link under the image prefix leads to outside it (else they are left out and"
+        " counted: a link can reach any file the ingesting user can read)",
+    )
+    url_schemes: str = setting(
+        "",
+        "with --images @FILE: URL schemes allowed beside the storage root's, comma-separated (e.g. 's3,gs'); a"
+        " list naming http or another scheme is refused without it (the workers would fetch what it names)",
+    )
+
     def validate(self) -> IngestParams:
         """These settings, or a ConfigError naming the one that cannot work and the fix."""
         ok = isinstance(self.max_image_pixels, int) and not isinstance(self.max_image_pixels, bool)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from .cluster import run_on_dask
-from .config import IngestParams
+from .config import ConfigError, IngestParams
 from .images import CONTENT_ID, DEFAULT_MAX_PIXELS, ID_KEY, PIXEL_LIMIT_KEY, ImageError, cause, image_id, probe
 from .images import PoolReading as PoolReading  # re-exported: where every step reads them
 from .images import pool_reading as pool_reading
@@ -78,6 +79,9 @@ def unreadable(error: BaseException | None) -> str:
     return f"unreadable: {what}"
 
 
+log = logging.getLogger(__name__)
+
+
 @dataclass(frozen=True)
 class IngestReport:
     files: int
@@ -102,8 +106,9 @@ def check_prefix(prefix: str, storage_options: dict[str, Any] | None = None) -> 
     return fs, path
 
 
-def list_prefix(prefix: str, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Every file under ``prefix`` (recursively) as a full URL, sorted; hidden files skipped.
+def list_prefix(prefix: str, storage_options: dict[str, Any] | None = None, *, links_outside: bool = True) -> list[str]:
+    """Every file under ``prefix`` (recursively) as a full URL, sorted; hidden files skipped. Without
+    ``links_outside``, local files whose real path (symbolic links resolved) is outside the prefix are left out.
 
     A local folder is walked with ``os.walk``, which reads directory entries only, where fsspec's
     ``find`` would stat every file and build a dict for each; the result is the same (a symbolic
@@ -113,11 +118,45 @@ def list_prefix(prefix: str, storage_options: dict[str, Any] | None = None) -> l
     fs, path = check_prefix(prefix, storage_options)
     if isinstance(fs, LocalFileSystem):
         files = _walk_local(path)
+        if not links_outside:
+            files = inside(path, files)
     else:
         files = fs.find(path)
         fs.invalidate_cache(path)
     urls = [fs.unstrip_protocol(p) for p in files if not p.rsplit("/", 1)[-1].startswith(".")]
     return sorted(urls)
+
+
+def inside(prefix: str, files: list[str]) -> list[str]:
+    """The local ``files`` whose real path lies under ``prefix``'s real path (a symbolic link to a file
+    elsewhere is not the prefix's)."""
+    root = os.path.realpath(prefix)
+    base = root if os.path.isdir(root) else os.path.dirname(root)
+    kept = [f for f in files if os.path.commonpath([base, os.path.realpath(f)]) == base]
+    if len(kept) < len(files):
+        log.warning(
+            "%d file(s) under %s are symbolic links to files outside it and are left out (--links-outside takes them)",
+            len(files) - len(kept),
+            prefix,
+        )
+    return kept
+
+
+def check_schemes(urls: Sequence[str], allowed: set[str]) -> None:
+    """Raise ConfigError naming the first URL whose scheme is not in ``allowed`` (a bare path is ``file``)."""
+    for url in urls:
+        scheme = url.split("://", 1)[0] if "://" in url else "file"
+        if scheme not in allowed:
+            raise ConfigError(
+                f"{url!r} is a {scheme}:// URL; this list may name {', '.join(sorted(allowed))} URLs only."
+                f" Pass --url-schemes {scheme} to ingest it"
+            )
+
+
+def allowed_schemes(storage: Storage, params: IngestParams) -> set[str]:
+    """The URL schemes a list of images may name: the storage root's and ``params.url_schemes``."""
+    root = storage.url.split("://", 1)[0] if "://" in storage.url else "file"
+    return {root, *(s.strip() for s in params.url_schemes.split(",") if s.strip())}
 
 
 def _walk_local(path: str) -> list[str]:
@@ -283,7 +322,11 @@ def build_pool(
     """
     params = (params or IngestParams()).validate()
     options = storage.options if source_options is None else source_options
-    urls = list_prefix(sources, options) if isinstance(sources, str) else sorted(set(sources))
+    if isinstance(sources, str):
+        urls = list_prefix(sources, options, links_outside=params.links_outside)
+    else:
+        check_schemes(sources, allowed_schemes(storage, params))
+        urls = sorted(set(sources))
     if not urls:
         raise ValueError(f"no files found in {sources!r}: nothing to ingest")
     files = len(urls)

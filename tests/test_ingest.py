@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -61,3 +63,39 @@ def test_image_ids_are_content_hashes(tmp_path, fashion):
     build_pool(s2, str(tmp_path / "b"))
     assert read_pool(s1).column("image_id").to_pylist() == read_pool(s2).column("image_id").to_pylist()
     assert np.all(read_pool(s1).column("bytes").to_numpy() > 0)
+
+
+def test_ingest_keeps_to_its_prefix_and_a_list_to_the_root_s_schemes(tmp_path, fashion, dask_cluster):
+    """A symbolic link under the prefix that leads outside it is left out unless --links-outside says so; a URL
+    list naming another scheme than the root's (http to an internal host, say) is refused with one message
+    naming the URL and the flag, before anything is fetched."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lsun_hitl.config import IngestParams
+
+    secret = tmp_path / "elsewhere" / "secret.png"
+    secret.parent.mkdir()
+    secret.write_bytes(png_bytes(fashion[0][0]))
+    src = tmp_path / "images"
+    src.mkdir()
+    (src / "a.png").write_bytes(png_bytes(fashion[0][1]))
+    os.symlink(secret, src / "b.png")  # a link to a file outside the prefix
+    os.symlink(src / "a.png", src / "c.png")  # a link that stays inside it
+    storage = Storage(str(tmp_path / "root"))
+    report = build_pool(storage, str(src), client=dask_cluster)
+    uris = read_pool(storage, columns=["uri"]).column("uri").to_pylist()
+    assert report.files == 2 and not any(u.endswith("b.png") for u in uris)
+    allowed = Storage(str(tmp_path / "root2"))
+    build_pool(allowed, str(src), client=dask_cluster, params=IngestParams(links_outside=True))
+    assert any(u.endswith("b.png") for u in read_pool(allowed, columns=["uri"]).column("uri").to_pylist())
+
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{src}/a.png\nhttp://169.254.169.254/latest/meta-data/x.png\n")
+    cmd = [sys.executable, "-m", "cli", "ingest", "--root", str(tmp_path / "root3"), "--images", f"@{listing}"]
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "'http://169.254.169.254/latest/meta-data/x.png' is a http:// URL" in done.stderr
+    assert "--url-schemes http" in done.stderr and not (tmp_path / "root3" / "pool").exists()
