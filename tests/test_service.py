@@ -474,16 +474,17 @@ def test_an_image_changed_since_ingest_or_over_the_pixel_limit_is_not_served(tmp
     pool = read_pool(storage, columns=["image_id", "uri"])
     labels.publish_request(storage, CATEGORY, "iteration-1", 1, pool.slice(0, 10), None)
     token = create_labeler(storage, "ann")
+    uri_of = dict(zip(pool.column("image_id").to_pylist(), pool.column("uri").to_pylist(), strict=True))
+    changed = pool.column("image_id")[3].as_py()
+    # replaced after ingest by another image, before the service reads it (it reads a batch's images ahead, and
+    # serves the bytes it checked then)
+    with open(uri_of[changed].removeprefix("file://"), "wb") as f:
+        f.write(png_bytes(fashion[0][0]))
     with ServiceThread(create_app(storage, QCParams(batch_size=10))) as url, client(url, token) as ann:
         batch = ann.post("/api/batches/next").json()["batch"]
-        uri_of = dict(zip(pool.column("image_id").to_pylist(), pool.column("uri").to_pylist(), strict=True))
-        changed = batch["items"][3]
-        path = uri_of[changed["image_id"]].removeprefix("file://")
-        with open(path, "wb") as f:  # replaced after ingest by another image
-            f.write(png_bytes(fashion[0][0]))
-        got = {i["index"]: ann.get(f"/api/batches/{batch['batch_id']}/images/{i['index']}") for i in batch["items"]}
-    assert got[3].status_code == 409 and "changed since the pool was built" in got[3].text
-    assert all(r.status_code == 200 and r.content[:4] == b"\x89PNG" for i, r in got.items() if i != 3)
-    other = uri_of[batch["items"][0]["image_id"]]
+        got = {i["image_id"]: ann.get(f"/api/batches/{batch['batch_id']}/images/{i['index']}") for i in batch["items"]}
+    assert len(got) == 10 and got[changed].status_code == 409 and "changed since the pool" in got[changed].text
+    assert all(r.status_code == 200 and r.content[:4] == b"\x89PNG" for i, r in got.items() if i != changed)
+    other = uri_of[pool.column("image_id")[0].as_py()]
     with pytest.raises(Exception, match="over the pool's limit of 100 pixels"):
         fetch_image(other, storage, None, max_pixels=100)  # 28 x 28 = 784
