@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from .labelfile import text_cell
 from .labels import LabelError, publish_request, read_request, read_votes, usable_votes
 from .quality import QCParams, flagged_in, image_done, labeler_stats, read_gold, read_qc
 from .storage import Storage
@@ -62,12 +63,6 @@ def handout(storage: Storage, category: str, request_id: str, gold: int = 20, se
     uris = images.column("uri").to_pylist() + [by_id[g] for g in chosen]
     order = np.random.default_rng([seed, 7]).permutation(len(ids))
     return pa.table({"image_id": [ids[i] for i in order], "uri": [uris[i] for i in order]})
-
-
-def text_cell(value: str) -> str:
-    """``value`` as a spreadsheet shows it as text: a cell starting with ``= + - @``, a tab or a carriage return
-    would be read as a formula, so it gets a leading apostrophe (OWASP's advice for CSV injection)."""
-    return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
 
 
 def write_handout(table: pa.Table, path: str, category: str) -> None:

@@ -22,6 +22,23 @@ YES = {"yes", "y", "true", "1", "positive"}
 NO = {"no", "n", "false", "0", "negative"}
 
 
+# what a spreadsheet reads as the start of a formula in a CSV cell
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def text_cell(value: str) -> str:
+    """``value`` as a spreadsheet shows it as text: a cell starting like a formula (``FORMULA_STARTS``) gets a
+    leading apostrophe (OWASP's advice for CSV injection); ``from_text_cell`` undoes it."""
+    return "'" + value if value[:1] in FORMULA_STARTS else value
+
+
+def from_text_cell(value: object) -> object:
+    """A cell ``text_cell`` wrote, as it was (other values unchanged)."""
+    if isinstance(value, str) and value[:1] == "'" and value[1:2] in FORMULA_STARTS:
+        return value[1:]
+    return value
+
+
 MAX_LABEL_FILE_ENV = "LSUN_HITL_MAX_LABEL_FILE_MB"
 MAX_LABEL_FILE_MB = 256  # a label file is read whole into memory: a few million answers fit well under this
 
@@ -60,10 +77,8 @@ def read_label_file(path: str, request: pa.Table, category: str) -> pd.DataFrame
     missing = {"image_id", "labeler", "answer"} - set(frame.columns)
     if missing:
         raise LabelError(f"label file {path!r} lacks column(s) {sorted(missing)}; need image_id, labeler, answer")
-    # a handout's cells that looked like formulas were written with a leading apostrophe (handout.text_cell)
-    frame["image_id"] = frame["image_id"].map(
-        lambda v: v[1:] if isinstance(v, str) and v[:1] == "'" and v[1:2] in ("=", "+", "-", "@", "\t", "\r") else v
-    )
+    # a handout's cells that looked like formulas were written with a leading apostrophe (text_cell)
+    frame["image_id"] = frame["image_id"].map(from_text_cell)
     return frame
 
 
